@@ -1,0 +1,13 @@
+//! onnxopt: makes trained transformer ONNX models smaller and faster, and checks
+//! every rewrite numerically by running the original and the rewritten model in tract.
+//!
+//! Layers, each using only those below it:
+//! - [`ir`]: the graph every pass works on (no files, no protobuf);
+//! - [`onnx`]: ONNX files <-> IR, zero-copy weights, external data, atomic writes;
+//! - [`verify`]: runs two models in tract on the same inputs and compares outputs;
+//! - [`inspect`]: what a model holds, for humans and JSON.
+
+pub mod inspect;
+pub mod ir;
+pub mod onnx;
+pub mod verify;

@@ -1,0 +1,227 @@
+//! The `onnxopt` command line. Exit codes: 0 success, 1 verification failed,
+//! 2 bad input or usage. Logic lives in the library; this file only wires it.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use onnxopt::{inspect, ir::Model, onnx, verify};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "onnxopt",
+    version,
+    about = "Makes transformer ONNX models smaller and faster, checking every result numerically in tract.",
+    after_help = "Examples:\n  onnxopt inspect model.onnx\n  onnxopt convert model.onnx -o copy.onnx --external-data\n  onnxopt verify model.onnx rewritten.onnx --atol 1e-4\n\nExit codes: 0 ok, 1 verification failed, 2 bad input or usage."
+)]
+struct Cli {
+    /// No progress output on stderr.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print what a model holds: versions, inputs and outputs, ops, parameters, architecture.
+    #[command(after_help = "Examples:\n  onnxopt inspect model.onnx\n  onnxopt inspect model.onnx --json\n  onnxopt inspect model.onnx --graph")]
+    Inspect {
+        model: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Print the whole graph as text, one node a line.
+        #[arg(long, conflicts_with = "json")]
+        graph: bool,
+    },
+    /// Read a model and write it back unchanged (a lossless round trip), moving
+    /// tensor data to or from an external file.
+    #[command(after_help = "Examples:\n  onnxopt convert model.onnx -o copy.onnx\n  onnxopt convert big.onnx -o big-external.onnx --external-data\n  onnxopt convert external.onnx -o inline.onnx --inline")]
+    Convert {
+        input: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Run two models in tract on the same inputs and compare every output.
+    #[command(after_help = "Examples:\n  onnxopt verify model.onnx optimized.onnx\n  onnxopt verify a.onnx b.onnx --inputs batch.npz --atol 1e-3\n\nRandom inputs are seeded: token ids below the embedding table size, attention\nmasks of ones with the second half of the batch padded, floats N(0,1).")]
+    Verify {
+        reference: PathBuf,
+        candidate: PathBuf,
+        /// Inputs as an .npz of arrays named after the model inputs.
+        #[arg(long)]
+        inputs: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 1e-4)]
+        atol: f32,
+        #[arg(long, default_value_t = 1e-3)]
+        rtol: f32,
+        /// Size given to an open batch dim.
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        /// Size given to every other open dim.
+        #[arg(long, default_value_t = 16)]
+        seq: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct OutputArgs {
+    /// Where to write the model (never the input itself).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Put every tensor of 1 KiB or more in OUTPUT.data.
+    #[arg(long, conflicts_with = "inline")]
+    external_data: bool,
+    /// Put every tensor inline (fails past protobuf's 2 GiB limit).
+    #[arg(long)]
+    inline: bool,
+}
+
+impl OutputArgs {
+    fn options(&self) -> onnx::SaveOptions {
+        let external_data = if self.external_data {
+            onnx::ExternalData::Always
+        } else if self.inline {
+            onnx::ExternalData::Never
+        } else {
+            onnx::ExternalData::AsInput
+        };
+        onnx::SaveOptions { external_data }
+    }
+}
+
+/// An error that means "bad input" (exit 2) rather than "verification failed" (exit 1).
+enum Failure {
+    BadInput(anyhow::Error),
+    VerificationFailed,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::BadInput(e)
+    }
+}
+
+struct Progress(Option<ProgressBar>);
+
+impl Progress {
+    fn start(quiet: bool, message: String) -> Progress {
+        if quiet {
+            return Progress(None);
+        }
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"));
+        bar.set_message(message);
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Progress(Some(bar))
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn load(path: &Path, quiet: bool) -> Result<Model> {
+    let _progress = Progress::start(quiet, format!("reading {}", path.display()));
+    Ok(onnx::load(path)?)
+}
+
+/// Refuses an output that is the input file, or whose external data file would be.
+fn check_not_input(input: &Path, output: &Path) -> Result<()> {
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(input, output) || same(input, &onnx::external_data_path(output)) {
+        anyhow::bail!("{}: refusing to overwrite the input model", output.display());
+    }
+    Ok(())
+}
+
+fn save(model: &Model, input: &Path, out: &OutputArgs, quiet: bool) -> Result<()> {
+    check_not_input(input, &out.output)?;
+    let _progress = Progress::start(quiet, format!("writing {}", out.output.display()));
+    let summary = onnx::save(model, &out.output, &out.options())?;
+    if !quiet {
+        eprintln!("wrote {} ({} bytes)", out.output.display(), summary.model_bytes);
+        if let Some((path, size)) = summary.external_file {
+            eprintln!("wrote {} ({size} bytes of external data)", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let quiet = cli.quiet;
+    match cli.command {
+        Command::Inspect { model: path, json, graph } => {
+            let model = load(&path, quiet)?;
+            if graph {
+                print!("{model}");
+            } else if json {
+                let summary = inspect::summarize(&model);
+                println!("{}", serde_json::to_string_pretty(&summary).context("encoding the summary")?);
+            } else {
+                print!("{}", inspect::summarize(&model));
+            }
+        }
+        Command::Convert { input, output } => {
+            let model = load(&input, quiet)?;
+            save(&model, &input, &output, quiet)?;
+        }
+        Command::Verify { reference, candidate, inputs, seed, atol, rtol, batch, seq, json } => {
+            let a = load(&reference, quiet)?;
+            let b = load(&candidate, quiet)?;
+            let inputs = inputs.map(|p| verify::read_npz(&p)).transpose().map_err(anyhow::Error::from)?;
+            let options = verify::VerifyOptions { seed, sizes: verify::DimSizes { batch, sequence: seq }, atol, rtol, inputs };
+            let comparison = {
+                let _progress = Progress::start(quiet, "running both models in tract".into());
+                verify::compare(&a, &b, &options).map_err(anyhow::Error::from)?
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&comparison).context("encoding the comparison")?);
+            } else {
+                for o in &comparison.outputs {
+                    println!(
+                        "{} {:?}: max abs {:.3e}, max rel {:.3e}, cosine {:.6} {}",
+                        o.name,
+                        o.shape,
+                        o.max_abs,
+                        o.max_rel,
+                        o.cosine,
+                        if o.within_tolerance { "ok" } else { "BEYOND TOLERANCE" }
+                    );
+                }
+            }
+            if !comparison.passed() {
+                return Err(Failure::VerificationFailed);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::VerificationFailed) => {
+            eprintln!("error: outputs differ beyond tolerance");
+            ExitCode::from(1)
+        }
+        Err(Failure::BadInput(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Numerical verification: run two models in tract on the same inputs and
+//! compare every output. Every rewrite onnxopt makes is checked this way.
+//!
+//! tract reads the models as ONNX bytes encoded from the IR. Exporters record
+//! symbolic dims in `value_info` that tract refuses to unify with concrete input
+//! facts, so `value_info` and declared output shapes are ignored and every input
+//! gets a concrete shape. tract can panic on a graph it misreads (tract-onnx
+//! 0.23.9 on com.microsoft Attention): panics are caught and reported as errors.
+
+mod inputs;
+
+pub use inputs::{random_inputs, read_npz, DimSizes, NamedInput, SeededRng};
+
+use crate::ir::Model;
+use crate::onnx;
+use serde::Serialize;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use tract_onnx::prelude::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{model}: tract could not {stage} it: {message}")]
+    Tract { model: String, stage: &'static str, message: String },
+    #[error("{model}: tract panicked while trying to {stage} it: {message}")]
+    Panic { model: String, stage: &'static str, message: String },
+    #[error("input '{input}': {why}")]
+    UnsupportedInput { input: String, why: String },
+    #[error("{}: cannot use as inputs: {why}", path.display())]
+    Inputs { path: PathBuf, why: String },
+    #[error("the models differ in their outputs: {reference:?} against {candidate:?}")]
+    OutputsDiffer { reference: Vec<String>, candidate: Vec<String> },
+}
+
+/// Tolerances and inputs for a comparison.
+#[derive(Clone, Debug)]
+pub struct VerifyOptions {
+    pub seed: u64,
+    pub sizes: DimSizes,
+    /// An output passes when every element satisfies |a - b| <= atol + rtol * |a|.
+    pub atol: f32,
+    pub rtol: f32,
+    /// Inputs to use instead of random ones.
+    pub inputs: Option<Vec<NamedInput>>,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions { seed: 0, sizes: DimSizes::default(), atol: 1e-4, rtol: 1e-3, inputs: None }
+    }
+}
+
+/// How one output of the candidate differs from the reference.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct OutputComparison {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub max_abs: f64,
+    pub max_rel: f64,
+    pub cosine: f64,
+    pub within_tolerance: bool,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Comparison {
+    pub outputs: Vec<OutputComparison>,
+    pub atol: f32,
+    pub rtol: f32,
+}
+
+impl Comparison {
+    pub fn passed(&self) -> bool {
+        self.outputs.iter().all(|o| o.within_tolerance)
+    }
+
+    /// The largest absolute difference over all outputs.
+    pub fn max_abs(&self) -> f64 {
+        self.outputs.iter().map(|o| o.max_abs).fold(0.0, f64::max)
+    }
+}
+
+/// Runs both models on the same inputs and compares their outputs by name (by
+/// position when the names differ).
+pub fn compare(reference: &Model, candidate: &Model, options: &VerifyOptions) -> Result<Comparison, VerifyError> {
+    let inputs = match &options.inputs {
+        Some(given) => given.clone(),
+        None => random_inputs(reference, options.seed, options.sizes)?,
+    };
+    let expected = run(reference, "reference", &inputs)?;
+    let candidate_inputs: Vec<NamedInput> = inputs
+        .iter()
+        .filter(|i| candidate.graph.inputs.iter().any(|c| c.name == i.name))
+        .cloned()
+        .collect();
+    let actual = run(candidate, "candidate", &candidate_inputs)?;
+    if expected.len() != actual.len() {
+        return Err(VerifyError::OutputsDiffer {
+            reference: expected.into_iter().map(|(n, _)| n).collect(),
+            candidate: actual.into_iter().map(|(n, _)| n).collect(),
+        });
+    }
+    let outputs = expected
+        .iter()
+        .zip(&actual)
+        .map(|((name, want), (_, got))| compare_tensors(name, want, got, options.atol, options.rtol))
+        .collect();
+    Ok(Comparison { outputs, atol: options.atol, rtol: options.rtol })
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs `stage` and turns tract errors and panics into `VerifyError`s.
+fn guarded<T>(label: &str, stage: &'static str, f: impl FnOnce() -> TractResult<T>) -> Result<T, VerifyError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(VerifyError::Tract { model: label.into(), stage, message: format!("{e:#}") }),
+        Err(payload) => Err(VerifyError::Panic { model: label.into(), stage, message: panic_message(payload) }),
+    }
+}
+
+/// Runs a model in tract; returns its outputs by name, in graph order.
+pub fn run(model: &Model, label: &str, inputs: &[NamedInput]) -> Result<Vec<(String, Tensor)>, VerifyError> {
+    let bytes = onnx::to_bytes(model);
+    let graph_inputs: Vec<&str> = model
+        .graph
+        .inputs
+        .iter()
+        .filter(|i| model.graph.initializer(&i.name).is_none())
+        .map(|i| i.name.as_str())
+        .collect();
+    let ordered: Vec<&NamedInput> = graph_inputs
+        .iter()
+        .map(|name| {
+            inputs.iter().find(|i| i.name == *name).ok_or_else(|| VerifyError::UnsupportedInput {
+                input: name.to_string(),
+                why: "no value given for it".into(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let plan = guarded(label, "load", || {
+        let mut typed = tract_onnx::onnx()
+            .with_ignore_value_info(true)
+            .with_ignore_output_shapes(true)
+            .model_for_read(&mut bytes.as_slice())?;
+        typed.set_input_names(graph_inputs.iter().copied())?;
+        for (ix, input) in ordered.iter().enumerate() {
+            let fact = InferenceFact::dt_shape(input.value.datum_type(), input.value.shape());
+            typed = typed.with_input_fact(ix, fact)?;
+        }
+        typed.into_optimized()?.into_runnable()
+    })?;
+    let values: TVec<TValue> = ordered.iter().map(|i| i.value.clone().into_tvalue()).collect();
+    let outputs = guarded(label, "run", || plan.run(values))?;
+    let names = model.graph.outputs.iter().map(|o| o.name.clone());
+    Ok(names.zip(outputs).map(|(n, v)| (n, v.into_tensor())).collect())
+}
+
+fn compare_tensors(name: &str, want: &Tensor, got: &Tensor, atol: f32, rtol: f32) -> OutputComparison {
+    let as_f64 = |t: &Tensor| -> Option<Vec<f64>> {
+        let cast = t.cast_to::<f64>().ok()?;
+        let view = cast.to_plain_array_view::<f64>().ok()?;
+        Some(view.iter().copied().collect())
+    };
+    let shape = want.shape().to_vec();
+    let (Some(a), Some(b)) = (as_f64(want), as_f64(got)) else {
+        return OutputComparison { name: name.into(), shape, max_abs: f64::INFINITY, max_rel: f64::INFINITY, cosine: 0.0, within_tolerance: false };
+    };
+    if want.shape() != got.shape() {
+        return OutputComparison { name: name.into(), shape, max_abs: f64::INFINITY, max_rel: f64::INFINITY, cosine: 0.0, within_tolerance: false };
+    }
+    let (mut max_abs, mut max_rel, mut dot, mut na, mut nb) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    let mut within = true;
+    for (&x, &y) in a.iter().zip(&b) {
+        let diff = if x == y { 0.0 } else { (x - y).abs() };
+        let diff = if diff.is_nan() { f64::INFINITY } else { diff };
+        max_abs = max_abs.max(diff);
+        if x.abs() > 1e-6 {
+            max_rel = max_rel.max(diff / x.abs());
+        }
+        within &= diff <= atol as f64 + rtol as f64 * x.abs();
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    let cosine = if na == 0.0 && nb == 0.0 { 1.0 } else { dot / (na.sqrt() * nb.sqrt()).max(f64::MIN_POSITIVE) };
+    OutputComparison { name: name.into(), shape, max_abs, max_rel, cosine, within_tolerance: within }
+}
