@@ -1,0 +1,59 @@
+//! Shared by the integration tests: small models built in code, the CLI binary,
+//! and the optional real models under ../shared.
+#![allow(dead_code)]
+
+use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// y = Relu(x @ w + b) with x: float32[batch, 4].
+pub fn small_mlp() -> Model {
+    let mut b = GraphBuilder::new("mlp");
+    let x = b.input("x", DataType::Float, &[-1, 4]);
+    let w: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) / 10.0).collect();
+    let w = b.initializer_f32("w", &[4, 8], &w);
+    let bias = b.initializer_f32("b", &[8], &[0.1; 8]);
+    let h = b.node("MatMul", &[&x, &w]);
+    let h = b.node("Add", &[&h, &bias]);
+    let y = b.node_with("Relu", &[&h], vec![]);
+    let _ = AttrValue::Int(0);
+    b.output(&y, DataType::Float, &[-1, 8]);
+    b.into_model(17)
+}
+
+pub fn onnxopt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_onnxopt"))
+}
+
+/// Runs the CLI and returns its output.
+pub fn run(args: &[&str]) -> Output {
+    onnxopt().args(args).output().expect("onnxopt runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `../shared/models/minilm-l6-v2/<file>` when present; otherwise prints why the
+/// caller skips and returns `None`.
+pub fn shared_model(file: &str) -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/minilm-l6-v2").join(file);
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!("skipping: {} not present (../shared is only on development machines)", path.display());
+        None
+    }
+}
+
+pub fn fixture(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(file)
+}
+
+/// Files in a folder (to check that a failed command left nothing behind).
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
