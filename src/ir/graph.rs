@@ -8,7 +8,7 @@
 
 use super::{AttrValue, Attribute, Extras, Tensor, ValueInfo};
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
-use petgraph::visit::EdgeRef;
+use petgraph::visit::{EdgeRef, IntoEdgeReferences};
 use petgraph::Direction;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -244,9 +244,12 @@ impl Graph {
     }
 
     /// Node ids in a topological order: the file's order while no node was removed
-    /// or rewired, otherwise a topological sort that keeps earlier nodes first.
+    /// or rewired and that order is topological, otherwise a topological sort that
+    /// keeps earlier nodes first.
     pub fn node_ids(&self) -> Result<Vec<NodeId>, CycleError> {
-        if self.in_file_order {
+        // Index order is the file's order; keep it whenever it is topological
+        // (every edge runs forward), which a valid, unedited model's order is.
+        if self.in_file_order && (&self.dag).edge_references().all(|e| e.source() < e.target()) {
             return Ok(self.dag.node_indices().collect());
         }
         let mut pending: HashMap<NodeId, usize> = self
