@@ -131,9 +131,10 @@ impl Drop for Progress {
     }
 }
 
-fn load(path: &Path, quiet: bool) -> Result<Model> {
+/// Reads a model; `populate` when every weight will be read (see `LoadOptions`).
+fn load(path: &Path, quiet: bool, populate: bool) -> Result<Model> {
     let _progress = Progress::start(quiet, format!("reading {}", path.display()));
-    Ok(onnx::load(path)?)
+    Ok(onnx::load_with(path, onnx::LoadOptions { populate })?)
 }
 
 /// Refuses an output that is the input file, or whose external data file would be.
@@ -165,7 +166,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let quiet = cli.quiet;
     match cli.command {
         Command::Inspect { model: path, json, graph } => {
-            let model = load(&path, quiet)?;
+            let model = load(&path, quiet, false)?;
             if graph {
                 print!("{model}");
             } else if json {
@@ -176,12 +177,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Convert { input, output } => {
-            let model = load(&input, quiet)?;
+            let model = load(&input, quiet, true)?;
             save(&model, &input, &output, quiet)?;
         }
         Command::Verify { reference, candidate, inputs, seed, atol, rtol, batch, seq, json } => {
-            let a = load(&reference, quiet)?;
-            let b = load(&candidate, quiet)?;
+            let a = load(&reference, quiet, true)?;
+            let b = load(&candidate, quiet, true)?;
             let inputs = inputs.map(|p| verify::read_npz(&p)).transpose().map_err(anyhow::Error::from)?;
             let options = verify::VerifyOptions { seed, sizes: verify::DimSizes { batch, sequence: seq }, atol, rtol, inputs };
             let comparison = {

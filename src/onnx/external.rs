@@ -6,7 +6,6 @@
 //! Each file is memory-mapped once; tensors are slices of the map.
 
 use bytes::Bytes;
-use memmap2::Mmap;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Component, Path, PathBuf};
@@ -22,6 +21,7 @@ pub struct ExternalRef {
 /// Maps the external files of one model, each once.
 pub struct ExternalFiles {
     folder: Option<PathBuf>,
+    populate: bool,
     canonical_folder: Option<PathBuf>,
     maps: HashMap<PathBuf, Bytes>,
 }
@@ -29,8 +29,8 @@ pub struct ExternalFiles {
 impl ExternalFiles {
     /// `folder`: the model's folder; `None` for a model read from memory, which
     /// then cannot have external data.
-    pub fn new(folder: Option<&Path>) -> ExternalFiles {
-        ExternalFiles { folder: folder.map(Path::to_path_buf), canonical_folder: None, maps: HashMap::new() }
+    pub fn new(folder: Option<&Path>, populate: bool) -> ExternalFiles {
+        ExternalFiles { folder: folder.map(Path::to_path_buf), populate, canonical_folder: None, maps: HashMap::new() }
     }
 
     /// The bytes an external reference names, or a sentence saying what is wrong.
@@ -58,7 +58,7 @@ impl ExternalFiles {
         let data = match self.maps.get(&canonical) {
             Some(d) => d.clone(),
             None => {
-                let d = map_file(&canonical).map_err(|e| format!("cannot map '{}': {e}", path.display()))?;
+                let d = map_file(&canonical, self.populate).map_err(|e| format!("cannot map '{}': {e}", path.display()))?;
                 self.maps.insert(canonical, d.clone());
                 d
             }
@@ -82,7 +82,10 @@ impl ExternalFiles {
 }
 
 /// The whole file as `Bytes`, memory-mapped (empty files cannot be mapped).
-pub fn map_file(path: &Path) -> std::io::Result<Bytes> {
+/// `populate` maps every page up front: one system call instead of a page fault
+/// per 64 KiB, worth it when every weight will be read (convert, optimize), a
+/// waste when few are (inspect).
+pub fn map_file(path: &Path, populate: bool) -> std::io::Result<Bytes> {
     let file = File::open(path)?;
     if file.metadata()?.len() == 0 {
         return Ok(Bytes::new());
@@ -90,6 +93,10 @@ pub fn map_file(path: &Path) -> std::io::Result<Bytes> {
     // SAFETY: the map is read only. Like every memory-mapped reader we assume the
     // file is not truncated or rewritten by another process while it is open;
     // onnxopt itself never writes over its inputs (outputs are renamed into place).
-    let map = unsafe { Mmap::map(&file)? };
+    let mut options = memmap2::MmapOptions::new();
+    if populate {
+        options.populate();
+    }
+    let map = unsafe { options.map(&file)? };
     Ok(Bytes::from_owner(map))
 }

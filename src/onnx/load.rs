@@ -14,19 +14,32 @@ use prost::Message;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-/// Reads a model file; external data resolves against its folder.
+/// How to read a model file.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Map every page of the file(s) up front, for callers that will read all the
+    /// weights (convert, optimize, quantize). Off, pages are read on first touch.
+    pub populate: bool,
+}
+
+/// Reads a model file; external data resolves against its folder. Weights stay
+/// in the memory-mapped file until a pass changes them.
 pub fn load(path: &Path) -> Result<Model, LoadError> {
+    load_with(path, LoadOptions::default())
+}
+
+pub fn load_with(path: &Path, options: LoadOptions) -> Result<Model, LoadError> {
     let io = |source| LoadError::Io { path: path.to_path_buf(), source };
-    let bytes = map_file(path).map_err(io)?;
-    decode(bytes, path, path.parent())
+    let bytes = map_file(path, options.populate).map_err(io)?;
+    decode(bytes, path, path.parent(), options)
 }
 
 /// Decodes a model held in memory; `label` names it in errors. External data is refused.
 pub fn load_bytes(bytes: Bytes, label: &Path) -> Result<Model, LoadError> {
-    decode(bytes, label, None)
+    decode(bytes, label, None, LoadOptions::default())
 }
 
-fn decode(bytes: Bytes, path: &Path, folder: Option<&Path>) -> Result<Model, LoadError> {
+fn decode(bytes: Bytes, path: &Path, folder: Option<&Path>, options: LoadOptions) -> Result<Model, LoadError> {
     if bytes.is_empty() {
         return Err(LoadError::Empty { path: path.to_path_buf() });
     }
@@ -35,7 +48,7 @@ fn decode(bytes: Bytes, path: &Path, folder: Option<&Path>) -> Result<Model, Loa
         detail: wire::describe_fault(&bytes, &e.to_string()),
     })?;
     let folder = folder.map(|f| if f.as_os_str().is_empty() { Path::new(".") } else { f });
-    let mut reader = Reader { path: path.to_path_buf(), external: ExternalFiles::new(folder) };
+    let mut reader = Reader { path: path.to_path_buf(), external: ExternalFiles::new(folder, options.populate) };
     let model = reader.model(proto)?;
     model
         .graph

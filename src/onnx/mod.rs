@@ -14,5 +14,5 @@ pub(crate) mod pb {
 }
 
 pub use error::{LoadError, SaveError};
-pub use load::{load, load_bytes};
+pub use load::{load, load_bytes, load_with, LoadOptions};
 pub use save::{external_data_path, save, to_bytes, ExternalData, SaveOptions, SaveSummary};

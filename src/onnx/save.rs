@@ -2,7 +2,9 @@
 //! weights (no copy), and is encoded straight into the output file through a
 //! small buffer, so saving never holds a second copy of the model in memory.
 //! Files are written under a temporary name in the target folder and renamed
-//! into place: on any error nothing is left behind.
+//! into place: on any error nothing is left behind, and a reader never sees a
+//! half-written model. Like `cp` and `onnx.save`, saving does not fsync: the
+//! rename is atomic against the process failing, not against power loss.
 
 use super::pb;
 use super::presence::{self as p, rest_of};
@@ -154,8 +156,7 @@ impl ExternalLayout {
             out.write_all(bytes)?;
             at = offset + bytes.len() as u64;
         }
-        out.flush()?;
-        out.get_ref().sync_all()
+        out.flush()
     }
 }
 
@@ -165,11 +166,10 @@ fn write_message(message: &impl Message, file: &mut File) -> io::Result<u64> {
     let mut sink = FileSink { out: file, buffer: Vec::with_capacity(1 << 20), error: None, written: 0 };
     message.encode(&mut sink).map_err(io::Error::other)?;
     sink.flush_buffer();
-    if let Some(e) = sink.error.take() {
-        return Err(e);
+    match sink.error.take() {
+        Some(e) => Err(e),
+        None => Ok(sink.written),
     }
-    sink.out.sync_all()?;
-    Ok(sink.written)
 }
 
 /// A `BufMut` that writes to a file. `BufMut` cannot fail, so the first I/O error
