@@ -11,3 +11,8 @@ pub mod inspect;
 pub mod ir;
 pub mod onnx;
 pub mod verify;
+
+/// The README's Rust example runs as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
