@@ -10,6 +10,7 @@
 pub mod inspect;
 pub mod ir;
 pub mod onnx;
+pub mod passes;
 pub mod verify;
 
 /// The README's Rust example runs as a doctest.

@@ -134,9 +134,8 @@ fn infer_graph(graph: &Graph) -> TypeMap {
             if name.is_empty() {
                 continue;
             }
-            let inferred = inferred
-                .or_else(|| declared.get(name.as_str()).map(|ty| Inferred::like(Some(ty))))
-                .unwrap_or_default();
+            let inferred =
+                inferred.or_else(|| declared.get(name.as_str()).map(|ty| Inferred::like(Some(ty)))).unwrap_or_default();
             map.insert(name, inferred);
         }
     }
@@ -152,18 +151,12 @@ struct Inferred {
 
 impl Inferred {
     fn new(elem_type: Option<DataType>, shape: Option<Vec<Dim>>) -> Inferred {
-        Inferred {
-            ty: TensorType { elem_type, shape },
-            value: None,
-        }
+        Inferred { ty: TensorType { elem_type, shape }, value: None }
     }
 
     /// A tensor of this type (or an unknown one), without a value.
     fn like(ty: Option<&TensorType>) -> Inferred {
-        Inferred {
-            ty: ty.cloned().unwrap_or_default(),
-            value: None,
-        }
+        Inferred { ty: ty.cloned().unwrap_or_default(), value: None }
     }
 
     /// Attaches `value` if it suits this type: integer or bool elements filling a
@@ -203,9 +196,7 @@ fn tensor_inferred(tensor: &Tensor) -> Inferred {
 
 /// The dims as sizes, if all are fixed and non-negative.
 fn fixed_shape(dims: &[Dim]) -> Option<Vec<usize>> {
-    dims.iter()
-        .map(|d| d.fixed().and_then(|v| usize::try_from(v).ok()))
-        .collect()
+    dims.iter().map(|d| d.fixed().and_then(|v| usize::try_from(v).ok())).collect()
 }
 
 fn element_count(shape: &[usize]) -> Option<usize> {
@@ -330,17 +321,12 @@ fn infer_node(node: &Node, map: &TypeMap) -> Option<Vec<Inferred>> {
         "Neg" | "Abs" | "Not" => one(unary_with_value(op, &x)),
         _ if SHAPE_PRESERVING.contains(&op) => one(Inferred::like(x.ty(0))),
         "IsNaN" | "IsInf" => one(Inferred::new(Some(DataType::Bool), x.shape(0).map(<[Dim]>::to_vec))),
-        "Dropout" => Some(vec![
-            Inferred::like(x.ty(0)),
-            Inferred::new(Some(DataType::Bool), x.shape(0).map(<[Dim]>::to_vec)),
-        ]),
+        "Dropout" => {
+            Some(vec![Inferred::like(x.ty(0)), Inferred::new(Some(DataType::Bool), x.shape(0).map(<[Dim]>::to_vec))])
+        }
         _ if BROADCAST_SAME_TYPE.contains(&op) => {
             let inputs: Vec<usize> = (0..node.inputs.len()).collect();
-            let dtype = if op == "Pow" {
-                x.dtype(0)
-            } else {
-                x.first_dtype(inputs.iter().copied())
-            };
+            let dtype = if op == "Pow" { x.dtype(0) } else { x.first_dtype(inputs.iter().copied()) };
             one(elementwise(op, &x, &inputs, dtype))
         }
         _ if BROADCAST_BOOL.contains(&op) => one(elementwise(op, &x, &[0, 1], Some(DataType::Bool))),
@@ -367,18 +353,12 @@ fn infer_node(node: &Node, map: &TypeMap) -> Option<Vec<Inferred>> {
         "ConstantOfShape" => one(constant_of_shape(node, &x)),
         "NonZero" => one(Inferred::new(
             Some(DataType::Int64),
-            Some(vec![
-                x.shape(0).map_or(Dim::Unknown, |s| Dim::Fixed(s.len() as i64)),
-                Dim::Unknown,
-            ]),
+            Some(vec![x.shape(0).map_or(Dim::Unknown, |s| Dim::Fixed(s.len() as i64)), Dim::Unknown]),
         )),
         _ if REDUCTIONS.contains(&op) => one(reduce(node, &x)),
         "ArgMax" | "ArgMin" => one(arg_reduce(node, &x)),
         "MatMul" => one(Inferred::new(x.dtype(0), matmul_shape(x.shape(0), x.shape(1)))),
-        "MatMulInteger" => one(Inferred::new(
-            Some(DataType::Int32),
-            matmul_shape(x.shape(0), x.shape(1)),
-        )),
+        "MatMulInteger" => one(Inferred::new(Some(DataType::Int32), matmul_shape(x.shape(0), x.shape(1)))),
         "QLinearMatMul" => one(Inferred::new(x.dtype(7), matmul_shape(x.shape(0), x.shape(3)))),
         "Gemm" => one(gemm(node, &x)),
         "Conv" => one(conv(node, &x)),
@@ -467,20 +447,14 @@ struct DimProduct {
 }
 
 impl DimProduct {
+    const ONE: DimProduct = DimProduct { number: 1, symbols: Vec::new(), unknown: false };
+
     /// `None` on overflow.
     fn of(dims: &[Dim]) -> Option<DimProduct> {
-        if dims.iter().any(|d| *d == Dim::Fixed(0)) {
-            return Some(DimProduct {
-                number: 0,
-                symbols: Vec::new(),
-                unknown: false,
-            });
+        if dims.contains(&Dim::Fixed(0)) {
+            return Some(DimProduct { number: 0, ..DimProduct::ONE });
         }
-        let mut product = DimProduct {
-            number: 1,
-            symbols: Vec::new(),
-            unknown: false,
-        };
+        let mut product = DimProduct::ONE;
         for dim in dims {
             match dim {
                 Dim::Fixed(v) if *v > 0 => product.number = product.number.checked_mul(*v)?,
@@ -517,14 +491,7 @@ impl DimProduct {
 
 /// The product of dims as one dim: a number, a lone symbol, or unknown.
 fn product_dim(dims: &[Dim]) -> Dim {
-    match DimProduct::of(dims) {
-        Some(p) => p.divide(&DimProduct {
-            number: 1,
-            symbols: Vec::new(),
-            unknown: false,
-        }),
-        None => Dim::Unknown,
-    }
+    DimProduct::of(dims).map_or(Dim::Unknown, |p| p.divide(&DimProduct::ONE))
 }
 
 // Arithmetic on value elements: exact on numbers, and on symbols only where the
@@ -630,11 +597,7 @@ fn apply(op: &str, args: &[&Dim]) -> Dim {
 /// Wraps a number into an integer type the way a cast does (bool: nonzero).
 fn cast_element(element: &Dim, to: DataType) -> Dim {
     let Dim::Fixed(v) = element else {
-        return if to == DataType::Bool {
-            Dim::Unknown
-        } else {
-            element.clone()
-        };
+        return if to == DataType::Bool { Dim::Unknown } else { element.clone() };
     };
     Dim::Fixed(match to {
         DataType::Bool => i64::from(*v != 0),
@@ -806,10 +769,7 @@ fn elementwise(op: &str, x: &Inputs, inputs: &[usize], dtype: Option<DataType>) 
     let value = shape.as_deref().and_then(fixed_shape).and_then(|out| {
         let expanded = inputs
             .iter()
-            .map(|&i| {
-                x.tensor(i)
-                    .and_then(|(shape, elems)| broadcast_value(&shape, elems, &out))
-            })
+            .map(|&i| x.tensor(i).and_then(|(shape, elems)| broadcast_value(&shape, elems, &out)))
             .collect::<Option<Vec<Vec<Dim>>>>()?;
         let count = expanded.first()?.len();
         let elems = (0..count).map(|k| apply(op, &expanded.iter().map(|e| &e[k]).collect::<Vec<_>>()));
@@ -819,9 +779,7 @@ fn elementwise(op: &str, x: &Inputs, inputs: &[usize], dtype: Option<DataType>) 
 }
 
 fn cast(x: &Inputs, to: Option<DataType>) -> Inferred {
-    let value = to
-        .zip(x.value(0))
-        .map(|(to, v)| v.iter().map(|e| cast_element(e, to)).collect());
+    let value = to.zip(x.value(0)).map(|(to, v)| v.iter().map(|e| cast_element(e, to)).collect());
     Inferred::new(to, x.shape(0).map(<[Dim]>::to_vec)).with_value(value)
 }
 
@@ -847,12 +805,8 @@ fn size(x: &Inputs) -> Inferred {
 /// Reshape's output dims for a target value: `0` copies the input dim (unless
 /// `allowzero`), one `-1` takes what is left of the element count.
 fn reshape_dims(input: Option<&[Dim]>, target: &[Dim], allowzero: bool) -> Vec<Dim> {
-    let inferred_at: Vec<usize> = target
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| **t == Dim::Fixed(-1))
-        .map(|(i, _)| i)
-        .collect();
+    let inferred_at: Vec<usize> =
+        target.iter().enumerate().filter(|(_, t)| **t == Dim::Fixed(-1)).map(|(i, _)| i).collect();
     let mut dims: Vec<Dim> = target
         .iter()
         .enumerate()
@@ -866,12 +820,7 @@ fn reshape_dims(input: Option<&[Dim]>, target: &[Dim], allowzero: bool) -> Vec<D
     if let ([at], Some(input)) = (inferred_at.as_slice(), input) {
         let total = DimProduct::of(input);
         let rest = DimProduct::of(
-            &dims
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| i != at)
-                .map(|(_, d)| d.clone())
-                .collect::<Vec<_>>(),
+            &dims.iter().enumerate().filter(|(i, _)| i != at).map(|(_, d)| d.clone()).collect::<Vec<_>>(),
         );
         dims[*at] = match (total, rest) {
             (Some(total), Some(rest)) => total.divide(&rest),
@@ -896,11 +845,7 @@ fn flatten(node: &Node, x: &Inputs) -> Inferred {
     let shape = x.shape(0).and_then(|dims| {
         let axis = node.attr_int("axis").unwrap_or(1);
         // Flatten's axis may equal the rank (everything goes to the first dim).
-        let axis = if axis == dims.len() as i64 {
-            dims.len()
-        } else {
-            normalize_axis(axis, dims.len())?
-        };
+        let axis = if axis == dims.len() as i64 { dims.len() } else { normalize_axis(axis, dims.len())? };
         Some(vec![product_dim(&dims[..axis]), product_dim(&dims[axis..])])
     });
     Inferred::new(x.dtype(0), shape).with_value(x.value(0).map(<[Dim]>::to_vec))
@@ -910,13 +855,7 @@ fn squeeze(node: &Node, x: &Inputs) -> Inferred {
     let shape = x.shape(0).and_then(|dims| match axes_arg(node, x, 1) {
         Axes::Known(axes) => {
             let axes = normalize_axes(&axes, dims.len())?;
-            Some(
-                dims.iter()
-                    .enumerate()
-                    .filter(|(i, _)| !axes.contains(i))
-                    .map(|(_, d)| d.clone())
-                    .collect(),
-            )
+            Some(dims.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, d)| d.clone()).collect())
         }
         // Without axes every size-1 dim goes, and a symbol might be 1.
         Axes::Absent => {
@@ -935,15 +874,7 @@ fn unsqueeze(node: &Node, x: &Inputs) -> Inferred {
         let rank = dims.len().checked_add(axes.len())?;
         let axes = normalize_axes(&axes, rank)?;
         let mut rest = dims.iter();
-        (0..rank)
-            .map(|i| {
-                if axes.contains(&i) {
-                    Some(Dim::Fixed(1))
-                } else {
-                    rest.next().cloned()
-                }
-            })
-            .collect()
+        (0..rank).map(|i| if axes.contains(&i) { Some(Dim::Fixed(1)) } else { rest.next().cloned() }).collect()
     });
     Inferred::new(x.dtype(0), shape).with_value(x.value(0).map(<[Dim]>::to_vec))
 }
@@ -963,10 +894,7 @@ fn transpose(node: &Node, x: &Inputs) -> Inferred {
         (perm.len() == dims.len()).then(|| perm.iter().map(|&p| dims[p].clone()).collect())
     });
     // A value of rank 0 or 1 reads the same transposed.
-    let value = x
-        .value(0)
-        .filter(|_| x.shape(0).is_some_and(|s| s.len() <= 1))
-        .map(<[Dim]>::to_vec);
+    let value = x.value(0).filter(|_| x.shape(0).is_some_and(|s| s.len() <= 1)).map(<[Dim]>::to_vec);
     Inferred::new(x.dtype(0), shape).with_value(value)
 }
 
@@ -978,21 +906,12 @@ fn gather(node: &Node, x: &Inputs) -> Inferred {
     let Some(axis) = normalize_axis(node.attr_int("axis").unwrap_or(0), data.len()) else {
         return Inferred::new(dtype, None);
     };
-    let shape: Vec<Dim> = data[..axis]
-        .iter()
-        .chain(indices)
-        .chain(&data[axis + 1..])
-        .cloned()
-        .collect();
+    let shape: Vec<Dim> = data[..axis].iter().chain(indices).chain(&data[axis + 1..]).cloned().collect();
     let value = x.tensor(0).zip(x.ints(1)).and_then(|((data_shape, elems), indices)| {
         let n = i64::try_from(data_shape[axis]).ok()?;
         let indices = indices
             .iter()
-            .map(|&i| {
-                usize::try_from(if i < 0 { i + n } else { i })
-                    .ok()
-                    .filter(|&i| i < data_shape[axis])
-            })
+            .map(|&i| usize::try_from(if i < 0 { i + n } else { i }).ok().filter(|&i| i < data_shape[axis]))
             .collect::<Option<Vec<usize>>>()?;
         let picks: Vec<Vec<usize>> = data_shape
             .iter()
@@ -1029,26 +948,14 @@ fn concat(node: &Node, x: &Inputs) -> Inferred {
         return Inferred::new(dtype, None);
     }
     let known: Vec<&[Dim]> = shapes.iter().flatten().copied().collect();
-    let mut shape: Vec<Dim> = (0..rank)
-        .map(|a| {
-            known
-                .iter()
-                .skip(1)
-                .fold(known[0][a].clone(), |acc, s| same_dim(&acc, &s[a]))
-        })
-        .collect();
+    let mut shape: Vec<Dim> =
+        (0..rank).map(|a| known.iter().skip(1).fold(known[0][a].clone(), |acc, s| same_dim(&acc, &s[a]))).collect();
     shape[axis] = if known.len() == shapes.len() {
-        known
-            .iter()
-            .skip(1)
-            .fold(known[0][axis].clone(), |acc, s| add(&acc, &s[axis]))
+        known.iter().skip(1).fold(known[0][axis].clone(), |acc, s| add(&acc, &s[axis]))
     } else {
         Dim::Unknown
     };
-    let value = inputs
-        .map(|i| x.tensor(i))
-        .collect::<Option<Vec<_>>>()
-        .and_then(|parts| concat_values(&parts, axis));
+    let value = inputs.map(|i| x.tensor(i)).collect::<Option<Vec<_>>>().and_then(|parts| concat_values(&parts, axis));
     Inferred::new(dtype, Some(shape)).with_value(value)
 }
 
@@ -1099,12 +1006,9 @@ fn slice_params(node: &Node, x: &Inputs, rank: usize) -> Option<SliceParams> {
     let optional_ints = |i: usize| if x.is_given(i) { x.ints(i).map(Some) } else { Some(None) };
     let (starts, ends, axes, steps) = match node.attr_ints("starts") {
         // Slice-1 took its parameters as attributes.
-        Some(starts) => (
-            fixed(starts),
-            fixed(node.attr_ints("ends")?),
-            node.attr_ints("axes").map(<[i64]>::to_vec),
-            None,
-        ),
+        Some(starts) => {
+            (fixed(starts), fixed(node.attr_ints("ends")?), node.attr_ints("axes").map(<[i64]>::to_vec), None)
+        }
         None => (x.elements(1)?, x.elements(2)?, optional_ints(3)?, optional_ints(4)?),
     };
     let axes = match axes {
@@ -1113,12 +1017,7 @@ fn slice_params(node: &Node, x: &Inputs, rank: usize) -> Option<SliceParams> {
     };
     let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
     let n = starts.len();
-    (ends.len() == n && axes.len() == n && steps.len() == n).then_some(SliceParams {
-        starts,
-        ends,
-        axes,
-        steps,
-    })
+    (ends.len() == n && axes.len() == n && steps.len() == n).then_some(SliceParams { starts, ends, axes, steps })
 }
 
 fn slice(node: &Node, x: &Inputs) -> Inferred {
@@ -1141,9 +1040,7 @@ fn slice(node: &Node, x: &Inputs) -> Inferred {
             let d = i64::try_from(data_shape[a]).ok()?;
             let (first, count) = slice_range(d, p.starts[k].fixed()?, p.ends[k].fixed()?, p.steps[k])?;
             let index = |i: i64| i.checked_mul(p.steps[k]).and_then(|o| o.checked_add(first));
-            picks[a] = (0..count)
-                .map(|i| index(i).and_then(|j| usize::try_from(j).ok()))
-                .collect::<Option<_>>()?;
+            picks[a] = (0..count).map(|i| index(i).and_then(|j| usize::try_from(j).ok())).collect::<Option<_>>()?;
         }
         pick(&data_shape, elems, &picks)
     });
@@ -1161,17 +1058,14 @@ fn split(node: &Node, x: &Inputs) -> Vec<Inferred> {
     let sizes: Vec<Dim> = if let Some(split) = node.attr_ints("split") {
         split.iter().map(|&s| Dim::Fixed(s)).collect()
     } else if x.is_given(1) {
-        x.ints(1)
-            .map_or_else(|| vec![Dim::Unknown; n], |s| s.into_iter().map(Dim::Fixed).collect())
+        x.ints(1).map_or_else(|| vec![Dim::Unknown; n], |s| s.into_iter().map(Dim::Fixed).collect())
     } else {
         match &dims[axis] {
             // Split-18: chunks of ceil(d / n), the last one smaller.
             Dim::Fixed(d) if n > 0 && *d >= 0 => {
                 let (d, n) = (i128::from(*d), n as i128);
                 let chunk = (d + n - 1) / n;
-                (0..n)
-                    .map(|k| Dim::Fixed((d - k * chunk).clamp(0, chunk) as i64))
-                    .collect()
+                (0..n).map(|k| Dim::Fixed((d - k * chunk).clamp(0, chunk) as i64)).collect()
             }
             whole if n == 1 => vec![whole.clone()],
             _ => vec![Dim::Unknown; n],
@@ -1188,16 +1082,7 @@ fn split(node: &Node, x: &Inputs) -> Vec<Inferred> {
 
 /// Dims from a shape value; a negative number is no dim.
 fn dims_from_value(value: Vec<Dim>) -> Vec<Dim> {
-    value
-        .into_iter()
-        .map(|d| {
-            if matches!(d, Dim::Fixed(v) if v < 0) {
-                Dim::Unknown
-            } else {
-                d
-            }
-        })
-        .collect()
+    value.into_iter().map(|d| if matches!(d, Dim::Fixed(v) if v < 0) { Dim::Unknown } else { d }).collect()
 }
 
 fn expand(x: &Inputs) -> Inferred {
@@ -1233,16 +1118,13 @@ fn pad(node: &Node, x: &Inputs) -> Inferred {
         Axes::Known(axes) => normalize_axes(&axes, rank),
         Axes::Unknown => None,
     };
-    let shape = pads
-        .zip(axes)
-        .filter(|(p, a)| p.len() == 2 * a.len())
-        .map(|(pads, axes)| {
-            let mut shape = dims.to_vec();
-            for (k, &a) in axes.iter().enumerate() {
-                shape[a] = add(&add(&dims[a], &pads[k]), &pads[k + axes.len()]);
-            }
-            shape
-        });
+    let shape = pads.zip(axes).filter(|(p, a)| p.len() == 2 * a.len()).map(|(pads, axes)| {
+        let mut shape = dims.to_vec();
+        for (k, &a) in axes.iter().enumerate() {
+            shape[a] = add(&add(&dims[a], &pads[k]), &pads[k + axes.len()]);
+        }
+        shape
+    });
     Inferred::new(dtype, Some(shape.unwrap_or_else(|| vec![Dim::Unknown; rank])))
 }
 
@@ -1256,9 +1138,9 @@ fn range(x: &Inputs) -> Inferred {
         _ => Dim::Unknown,
     };
     let value = match (start, delta, &len) {
-        (Some(Dim::Fixed(s)), Some(Dim::Fixed(d)), Dim::Fixed(n)) if *n <= MAX_VALUE_ELEMENTS as i64 => (0..*n)
-            .map(|k| k.checked_mul(*d).and_then(|o| o.checked_add(*s)).map(Dim::Fixed))
-            .collect(),
+        (Some(Dim::Fixed(s)), Some(Dim::Fixed(d)), Dim::Fixed(n)) if *n <= MAX_VALUE_ELEMENTS as i64 => {
+            (0..*n).map(|k| k.checked_mul(*d).and_then(|o| o.checked_add(*s)).map(Dim::Fixed)).collect()
+        }
         _ => None,
     };
     Inferred::new(dtype, Some(vec![len])).with_value(value)
@@ -1270,11 +1152,7 @@ fn range_len(start: i64, limit: i64, delta: i64) -> Dim {
         return Dim::Unknown;
     }
     let (span, delta) = (i128::from(limit) - i128::from(start), i128::from(delta));
-    let count = if (span > 0) == (delta > 0) {
-        (span + delta - delta.signum()) / delta
-    } else {
-        0
-    };
+    let count = if (span > 0) == (delta > 0) { (span + delta - delta.signum()) / delta } else { 0 };
     i64::try_from(count.max(0)).map_or(Dim::Unknown, Dim::Fixed)
 }
 
@@ -1314,13 +1192,7 @@ fn reduce(node: &Node, x: &Inputs) -> Inferred {
 fn reduced_shape(dims: &[Dim], axes: &[usize], keepdims: bool) -> Vec<Dim> {
     dims.iter()
         .enumerate()
-        .filter_map(|(i, d)| {
-            if !axes.contains(&i) {
-                Some(d.clone())
-            } else {
-                keepdims.then_some(Dim::Fixed(1))
-            }
-        })
+        .filter_map(|(i, d)| if !axes.contains(&i) { Some(d.clone()) } else { keepdims.then_some(Dim::Fixed(1)) })
         .collect()
 }
 
@@ -1357,10 +1229,9 @@ fn gemm(node: &Node, x: &Inputs) -> Inferred {
         let trans_a = node.attr_int("transA").unwrap_or(0) != 0;
         let trans_b = node.attr_int("transB").unwrap_or(0) != 0;
         match (a, b) {
-            ([a0, a1], [b0, b1]) => Some(vec![
-                if trans_a { a1.clone() } else { a0.clone() },
-                if trans_b { b0.clone() } else { b1.clone() },
-            ]),
+            ([a0, a1], [b0, b1]) => {
+                Some(vec![if trans_a { a1.clone() } else { a0.clone() }, if trans_b { b0.clone() } else { b1.clone() }])
+            }
             _ => None,
         }
     });
@@ -1370,12 +1241,8 @@ fn gemm(node: &Node, x: &Inputs) -> Inferred {
 /// One spatial output dim of a convolution (onnx Conv's formula), for fixed sizes only.
 fn conv_dim(input: &Dim, kernel: i64, stride: i64, dilation: i64, pads: (i64, i64), auto_pad: &str) -> Dim {
     let Dim::Fixed(size) = input else { return Dim::Unknown };
-    let (size, kernel, stride, dilation) = (
-        i128::from(*size),
-        i128::from(kernel),
-        i128::from(stride),
-        i128::from(dilation),
-    );
+    let (size, kernel, stride, dilation) =
+        (i128::from(*size), i128::from(kernel), i128::from(stride), i128::from(dilation));
     if stride <= 0 || dilation <= 0 || kernel <= 0 {
         return Dim::Unknown;
     }
@@ -1385,10 +1252,7 @@ fn conv_dim(input: &Dim, kernel: i64, stride: i64, dilation: i64, pads: (i64, i6
         "VALID" => (size - reach) / stride + 1,
         _ => (size + i128::from(pads.0) + i128::from(pads.1) - reach).div_euclid(stride) + 1,
     };
-    i64::try_from(out)
-        .ok()
-        .filter(|&o| o >= 0)
-        .map_or(Dim::Unknown, Dim::Fixed)
+    i64::try_from(out).ok().filter(|&o| o >= 0).map_or(Dim::Unknown, Dim::Fixed)
 }
 
 fn conv(node: &Node, x: &Inputs) -> Inferred {
@@ -1401,9 +1265,7 @@ fn conv(node: &Node, x: &Inputs) -> Inferred {
     let weight = x.shape(1);
     let kernel: Option<Vec<i64>> = match node.attr_ints("kernel_shape") {
         Some(k) => Some(k.to_vec()),
-        None => weight
-            .and_then(|w| w.get(2..))
-            .and_then(|k| k.iter().map(Dim::fixed).collect()),
+        None => weight.and_then(|w| w.get(2..)).and_then(|k| k.iter().map(Dim::fixed).collect()),
     };
     let Some(kernel) = kernel.filter(|k| k.len() == spatial) else {
         return unknown_spatial();
@@ -1412,36 +1274,27 @@ fn conv(node: &Node, x: &Inputs) -> Inferred {
         let v = node.attr_ints(name).map_or_else(|| vec![default; len], <[i64]>::to_vec);
         (v.len() == len).then_some(v)
     };
-    let (Some(strides), Some(dilations), Some(pads)) = (
-        per_axis("strides", 1, spatial),
-        per_axis("dilations", 1, spatial),
-        per_axis("pads", 0, 2 * spatial),
-    ) else {
+    let (Some(strides), Some(dilations), Some(pads)) =
+        (per_axis("strides", 1, spatial), per_axis("dilations", 1, spatial), per_axis("pads", 0, 2 * spatial))
+    else {
         return unknown_spatial();
     };
     let auto_pad = attr_str(node, "auto_pad").unwrap_or("NOTSET");
     let channels = weight.and_then(|w| w.first()).cloned().unwrap_or(Dim::Unknown);
     let mut shape = vec![input[0].clone(), channels];
-    shape.extend((0..spatial).map(|i| {
-        conv_dim(
-            &input[i + 2],
-            kernel[i],
-            strides[i],
-            dilations[i],
-            (pads[i], pads[i + spatial]),
-            auto_pad,
-        )
-    }));
+    shape.extend(
+        (0..spatial).map(|i| {
+            conv_dim(&input[i + 2], kernel[i], strides[i], dilations[i], (pads[i], pads[i + spatial]), auto_pad)
+        }),
+    );
     Inferred::new(dtype, Some(shape))
 }
 
 fn global_pool(x: &Inputs) -> Inferred {
-    let shape = x.shape(0).filter(|s| s.len() >= 2).map(|s| {
-        s.iter()
-            .enumerate()
-            .map(|(i, d)| if i < 2 { d.clone() } else { Dim::Fixed(1) })
-            .collect()
-    });
+    let shape = x
+        .shape(0)
+        .filter(|s| s.len() >= 2)
+        .map(|s| s.iter().enumerate().map(|(i, d)| if i < 2 { d.clone() } else { Dim::Fixed(1) }).collect());
     Inferred::new(x.dtype(0), shape)
 }
 
@@ -1450,12 +1303,7 @@ fn global_pool(x: &Inputs) -> Inferred {
 fn norm_stats(input: Option<&[Dim]>, axis: i64, dtype: Option<DataType>) -> Inferred {
     let shape = input.and_then(|dims| {
         let axis = normalize_axis(axis, dims.len())?;
-        Some(
-            dims.iter()
-                .enumerate()
-                .map(|(i, d)| if i < axis { d.clone() } else { Dim::Fixed(1) })
-                .collect(),
-        )
+        Some(dims.iter().enumerate().map(|(i, d)| if i < axis { d.clone() } else { Dim::Fixed(1) }).collect())
     });
     Inferred::new(dtype, shape)
 }
@@ -1467,9 +1315,7 @@ fn layer_norm(node: &Node, x: &Inputs) -> Vec<Inferred> {
     let stash = attr_dtype(node, "stash_type").or(Some(DataType::Float));
     let stats = norm_stats(x.shape(0), axis, stash);
     let count = if node.op_type == "LayerNormalization" { 3 } else { 2 };
-    std::iter::once(Inferred::like(x.ty(0)))
-        .chain(std::iter::repeat_n(stats, count - 1))
-        .collect()
+    std::iter::once(Inferred::like(x.ty(0))).chain(std::iter::repeat_n(stats, count - 1)).collect()
 }
 
 /// SkipLayerNormalization / SkipSimplifiedLayerNormalization: output, mean,
@@ -1490,9 +1336,7 @@ fn embed_layer_norm(x: &Inputs) -> Vec<Inferred> {
 }
 
 fn heads(node: &Node) -> Dim {
-    node.attr_int("num_heads")
-        .filter(|&n| n > 0)
-        .map_or(Dim::Unknown, Dim::Fixed)
+    node.attr_int("num_heads").filter(|&n| n > 0).map_or(Dim::Unknown, Dim::Fixed)
 }
 
 /// A KV cache output: the past input's dims with the sequence (at `seq_axis`) grown
@@ -1514,26 +1358,13 @@ fn attention(node: &Node, x: &Inputs) -> Vec<Inferred> {
     let dtype = x.first_dtype([2, 0]);
     let v_hidden = match node.attr_ints("qkv_hidden_sizes") {
         Some([_, _, v]) => Dim::Fixed(*v),
-        _ => x
-            .shape(2)
-            .and_then(|b| b.first())
-            .map_or(Dim::Unknown, |b| div_exact(b, &Dim::Fixed(3))),
+        _ => x.shape(2).and_then(|b| b.first()).map_or(Dim::Unknown, |b| div_exact(b, &Dim::Fixed(3))),
     };
     let input = x.shape(0).filter(|s| s.len() == 3);
     let output = input.map(|s| vec![s[0].clone(), s[1].clone(), v_hidden.clone()]);
-    let fallback = input.map(|s| {
-        vec![
-            Dim::Fixed(2),
-            s[0].clone(),
-            heads(node),
-            Dim::Unknown,
-            div_exact(&v_hidden, &heads(node)),
-        ]
-    });
-    vec![
-        Inferred::new(dtype, output),
-        Inferred::new(dtype, present(x.shape(4), 3, fallback)),
-    ]
+    let fallback =
+        input.map(|s| vec![Dim::Fixed(2), s[0].clone(), heads(node), Dim::Unknown, div_exact(&v_hidden, &heads(node))]);
+    vec![Inferred::new(dtype, output), Inferred::new(dtype, present(x.shape(4), 3, fallback))]
 }
 
 /// `a / b` when it divides evenly.
@@ -1575,16 +1406,9 @@ fn multi_head_attention(node: &Node, x: &Inputs) -> Vec<Inferred> {
 fn group_query_attention(node: &Node, x: &Inputs) -> Vec<Inferred> {
     let dtype = x.dtype(0);
     let query = x.shape(0).filter(|q| q.len() == 3);
-    let kv_heads = node
-        .attr_int("kv_num_heads")
-        .filter(|&n| n > 0)
-        .map_or(Dim::Unknown, Dim::Fixed);
+    let kv_heads = node.attr_int("kv_num_heads").filter(|&n| n > 0).map_or(Dim::Unknown, Dim::Fixed);
     // The last query dim holds the heads of Q, plus those of K and V when packed.
-    let query_heads = if x.is_given(1) {
-        heads(node)
-    } else {
-        add(&heads(node), &mul(&Dim::Fixed(2), &kv_heads))
-    };
+    let query_heads = if x.is_given(1) { heads(node) } else { add(&heads(node), &mul(&Dim::Fixed(2), &kv_heads)) };
     let head_size = query.map_or(Dim::Unknown, |q| div_exact(&q[2], &query_heads));
     let output = query.map(|q| vec![q[0].clone(), q[1].clone(), mul(&heads(node), &head_size)]);
     let fallback = query.map(|q| vec![q[0].clone(), kv_heads, Dim::Unknown, head_size]);
@@ -1595,19 +1419,13 @@ fn group_query_attention(node: &Node, x: &Inputs) -> Vec<Inferred> {
 /// MatMulNBits: A [..., K] times a packed [N, K] weight -> [..., N].
 fn matmul_n_bits(node: &Node, x: &Inputs) -> Inferred {
     let n = node.attr_int("N").map_or(Dim::Unknown, Dim::Fixed);
-    let shape = x
-        .shape(0)
-        .and_then(|a| a.split_last())
-        .map(|(_, outer)| outer.iter().cloned().chain([n]).collect());
+    let shape = x.shape(0).and_then(|a| a.split_last()).map(|(_, outer)| outer.iter().cloned().chain([n]).collect());
     Inferred::new(x.dtype(0), shape)
 }
 
 /// QuantizeLinear's output type: the zero point's, else `output_dtype`, else uint8.
 fn quantize_linear(node: &Node, x: &Inputs) -> Inferred {
-    let dtype = x
-        .dtype(2)
-        .or_else(|| attr_dtype(node, "output_dtype"))
-        .unwrap_or(DataType::Uint8);
+    let dtype = x.dtype(2).or_else(|| attr_dtype(node, "output_dtype")).unwrap_or(DataType::Uint8);
     Inferred::new(Some(dtype), x.shape(0).map(<[Dim]>::to_vec))
 }
 
@@ -1657,10 +1475,7 @@ mod tests {
         let cmp = b.node("Less", &[&x, &y]);
         let types = infer(b, 17);
         assert_eq!(types.shape(&xy), Some(&[sym("batch"), fixed(1), sym("seq")][..]));
-        assert_eq!(
-            types.shape(&xym),
-            Some(&[fixed(1), sym("batch"), fixed(12), sym("seq")][..])
-        );
+        assert_eq!(types.shape(&xym), Some(&[fixed(1), sym("batch"), fixed(12), sym("seq")][..]));
         assert_eq!(types.shape(&fixed_wins), Some(&[fixed(12), fixed(1), sym("seq")][..]));
         assert_eq!(types.shape(&clash), Some(&[Dim::Unknown][..]));
         assert_eq!(types.shape(&bet), Some(&[sym("seq")][..]));
@@ -1670,30 +1485,16 @@ mod tests {
     #[test]
     fn matmul_broadcasts_batch_dims_and_drops_promoted_ones() {
         let mut b = GraphBuilder::new("g");
-        let q = b.input_symbolic(
-            "q",
-            DataType::Float,
-            vec![sym("batch"), fixed(12), sym("seq"), fixed(32)],
-        );
-        let k = b.input_symbolic(
-            "k",
-            DataType::Float,
-            vec![sym("batch"), fixed(12), fixed(32), sym("seq")],
-        );
+        let q = b.input_symbolic("q", DataType::Float, vec![sym("batch"), fixed(12), sym("seq"), fixed(32)]);
+        let k = b.input_symbolic("k", DataType::Float, vec![sym("batch"), fixed(12), fixed(32), sym("seq")]);
         let w = b.initializer_f32("w", &[32, 8], &[0.0; 256]);
         let v = b.initializer_f32("v", &[32], &[0.0; 32]);
         let scores = b.node("MatMul", &[&q, &k]);
         let projected = b.node("MatMul", &[&q, &w]);
         let dotted = b.node("MatMul", &[&q, &v]);
         let types = infer(b, 17);
-        assert_eq!(
-            types.shape(&scores),
-            Some(&[sym("batch"), fixed(12), sym("seq"), sym("seq")][..])
-        );
-        assert_eq!(
-            types.shape(&projected),
-            Some(&[sym("batch"), fixed(12), sym("seq"), fixed(8)][..])
-        );
+        assert_eq!(types.shape(&scores), Some(&[sym("batch"), fixed(12), sym("seq"), sym("seq")][..]));
+        assert_eq!(types.shape(&projected), Some(&[sym("batch"), fixed(12), sym("seq"), fixed(8)][..]));
         assert_eq!(types.shape(&dotted), Some(&[sym("batch"), fixed(12), sym("seq")][..]));
         assert_eq!(types.elem_type(&scores), Some(DataType::Float));
     }
@@ -1708,10 +1509,7 @@ mod tests {
         let merged = b.node("Reshape", &[&x, &flat]);
         let literal_zero = b.node_with("Reshape", &[&x, &zero], vec![("allowzero", AttrValue::Int(1))]);
         let types = infer(b, 17);
-        assert_eq!(
-            types.shape(&split),
-            Some(&[sym("batch"), sym("seq"), fixed(12), fixed(32)][..])
-        );
+        assert_eq!(types.shape(&split), Some(&[sym("batch"), sym("seq"), fixed(12), fixed(32)][..]));
         // batch*seq has no name
         assert_eq!(types.shape(&merged), Some(&[Dim::Unknown, fixed(384)][..]));
         assert_eq!(types.shape(&literal_zero), Some(&[fixed(0), fixed(4)][..]));
@@ -1731,35 +1529,21 @@ mod tests {
         let seq = b.node("Gather", &[&shape, &one]);
         let batch1 = b.node("Unsqueeze", &[&batch, &axes]);
         let seq1 = b.node("Unsqueeze", &[&seq, &axes]);
-        let target = b.node_with(
-            "Concat",
-            &[&batch1, &seq1, &heads, &head_size],
-            vec![("axis", AttrValue::Int(0))],
-        );
+        let target = b.node_with("Concat", &[&batch1, &seq1, &heads, &head_size], vec![("axis", AttrValue::Int(0))]);
         let reshaped = b.node("Reshape", &[&x, &target]);
         let types = infer(b, 17);
         assert_eq!(types.value(&batch), Some(&[sym("batch")][..]));
         assert_eq!(types.shape(&batch), Some(&[][..]));
-        assert_eq!(
-            types.value(&target),
-            Some(&[sym("batch"), sym("seq"), fixed(12), fixed(-1)][..])
-        );
+        assert_eq!(types.value(&target), Some(&[sym("batch"), sym("seq"), fixed(12), fixed(-1)][..]));
         assert_eq!(types.int_value(&target), None);
-        assert_eq!(
-            types.shape(&reshaped),
-            Some(&[sym("batch"), sym("seq"), fixed(12), fixed(32)][..])
-        );
+        assert_eq!(types.shape(&reshaped), Some(&[sym("batch"), sym("seq"), fixed(12), fixed(32)][..]));
     }
 
     #[test]
     fn shape_start_end_and_dynamo_style_slices() {
         let mut b = GraphBuilder::new("g");
         let x = b.input_symbolic("x", DataType::Float, vec![sym("b"), fixed(12), sym("s"), fixed(32)]);
-        let tail = b.node_with(
-            "Shape",
-            &[&x],
-            vec![("start", AttrValue::Int(1)), ("end", AttrValue::Int(-1))],
-        );
+        let tail = b.node_with("Shape", &[&x], vec![("start", AttrValue::Int(1)), ("end", AttrValue::Int(-1))]);
         let shape = b.node("Shape", &[&x]);
         let minus_one = b.initializer_i64("m1", &[1], &[-1]);
         let minus_two = b.initializer_i64("m2", &[1], &[-2]);
@@ -1782,14 +1566,8 @@ mod tests {
         let reversed = b.node("Transpose", &[&x]);
         let invalid = b.node_with("Transpose", &[&x], vec![("perm", ints(&[0, 0, 1, 3]))]);
         let types = infer(b, 17);
-        assert_eq!(
-            types.shape(&heads_first),
-            Some(&[sym("b"), fixed(12), sym("s"), fixed(32)][..])
-        );
-        assert_eq!(
-            types.shape(&reversed),
-            Some(&[fixed(32), fixed(12), sym("s"), sym("b")][..])
-        );
+        assert_eq!(types.shape(&heads_first), Some(&[sym("b"), fixed(12), sym("s"), fixed(32)][..]));
+        assert_eq!(types.shape(&reversed), Some(&[fixed(32), fixed(12), sym("s"), sym("b")][..]));
         assert_eq!(types.rank(&invalid), None);
         assert_eq!(types.elem_type(&invalid), Some(DataType::Float));
     }
@@ -1836,23 +1614,16 @@ mod tests {
                     }
                 };
             let (extra, attrs) = axes_arg(&mut b, "sq_axes", &[1]);
-            let inputs: Vec<&str> = std::iter::once(x.as_str())
-                .chain(extra.iter().map(String::as_str))
-                .collect();
+            let inputs: Vec<&str> = std::iter::once(x.as_str()).chain(extra.iter().map(String::as_str)).collect();
             let squeezed = b.node_with("Squeeze", &inputs, attrs);
             let (extra, attrs) = axes_arg(&mut b, "unsq_axes", &[0, -1]);
-            let inputs: Vec<&str> = std::iter::once(squeezed.as_str())
-                .chain(extra.iter().map(String::as_str))
-                .collect();
+            let inputs: Vec<&str> =
+                std::iter::once(squeezed.as_str()).chain(extra.iter().map(String::as_str)).collect();
             let unsqueezed = b.node_with("Unsqueeze", &inputs, attrs);
             let all = b.node("Squeeze", &[&x]);
             let types = infer(b, opset);
             assert_eq!(types.shape(&squeezed), Some(&[sym("b"), sym("s")][..]), "opset {opset}");
-            assert_eq!(
-                types.shape(&unsqueezed),
-                Some(&[fixed(1), sym("b"), sym("s"), fixed(1)][..]),
-                "opset {opset}"
-            );
+            assert_eq!(types.shape(&unsqueezed), Some(&[fixed(1), sym("b"), sym("s"), fixed(1)][..]), "opset {opset}");
             // Without axes, a symbol might be 1: the rank is not known.
             assert_eq!(types.rank(&all), None);
         }
@@ -1875,10 +1646,7 @@ mod tests {
         assert_eq!(types.int_value(&ones), Some(vec![1, 1, 1]));
         assert_eq!(types.int_value(&is_free), Some(vec![0, 0, 0]));
         assert_eq!(types.value(&target), Some(&[sym("batch"), sym("seq"), fixed(384)][..]));
-        assert_eq!(
-            types.shape(&expanded),
-            Some(&[sym("batch"), sym("seq"), fixed(384)][..])
-        );
+        assert_eq!(types.shape(&expanded), Some(&[sym("batch"), sym("seq"), fixed(384)][..]));
     }
 
     #[test]
@@ -1888,11 +1656,7 @@ mod tests {
         let one = b.initializer_i64("one", &[], &[1]);
         let zero = b.initializer_i64("zero", &[], &[0]);
         let seq = b.node("Gather", &[&shape, &one]);
-        let seq32 = b.node_with(
-            "Cast",
-            &[&seq],
-            vec![("to", AttrValue::Int(DataType::Int32.code() as i64))],
-        );
+        let seq32 = b.node_with("Cast", &[&seq], vec![("to", AttrValue::Int(DataType::Int32.code() as i64))]);
         let positions = b.node("Range", &[&zero, &seq, &one]);
         let five = b.initializer_i64("five", &[], &[5]);
         let counted = b.node("Range", &[&zero, &five, &one]);
@@ -1956,10 +1720,7 @@ mod tests {
         assert_eq!(types.shape("q4"), Some(&[sym("batch"), sym("seq"), fixed(1536)][..]));
         // 1536 = (8 + 2*4) * 96
         assert_eq!(types.shape("gqa"), Some(&[sym("batch"), sym("seq"), fixed(768)][..]));
-        assert_eq!(
-            types.shape("pk"),
-            Some(&[sym("batch"), fixed(4), Dim::Unknown, fixed(96)][..])
-        );
+        assert_eq!(types.shape("pk"), Some(&[sym("batch"), fixed(4), Dim::Unknown, fixed(96)][..]));
     }
 
     #[test]
@@ -1969,16 +1730,9 @@ mod tests {
         b.add(Node::new("Mystery", &[&x], &["undeclared"]).with_domain("custom"));
         let after = b.node("Relu", &["declared"]);
         let mut model: Model = b.into_model(17);
-        model.graph.value_info.push(crate::ir::ValueInfo::tensor(
-            "declared",
-            DataType::Float16,
-            vec![fixed(7)],
-        ));
+        model.graph.value_info.push(crate::ir::ValueInfo::tensor("declared", DataType::Float16, vec![fixed(7)]));
         let types = infer_types(&model);
-        assert_eq!(
-            types.get("declared"),
-            Some(&TensorType::new(DataType::Float16, vec![fixed(7)]))
-        );
+        assert_eq!(types.get("declared"), Some(&TensorType::new(DataType::Float16, vec![fixed(7)])));
         assert_eq!(types.get("undeclared"), Some(&TensorType::default()));
         assert_eq!(types.shape(&after), Some(&[fixed(7)][..]));
     }
@@ -2003,11 +1757,7 @@ mod tests {
             b.node("Concat", &[&x, &huge]),
             b.node("MatMul", &[&bad_axes, &x]),
             b.node_with("Flatten", &[&x], vec![("axis", AttrValue::Int(i64::MIN))]),
-            b.node_with(
-                "Shape",
-                &[&x],
-                vec![("start", AttrValue::Int(i64::MIN)), ("end", AttrValue::Int(i64::MAX))],
-            ),
+            b.node_with("Shape", &[&x], vec![("start", AttrValue::Int(i64::MIN)), ("end", AttrValue::Int(i64::MAX))]),
             b.node_with("Conv", &[&x, &x], vec![("strides", ints(&[0]))]),
             b.node("Gather", &[]),
         ];

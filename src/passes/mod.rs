@@ -1,0 +1,113 @@
+//! Passes and the one driver that applies what they propose.
+//!
+//! A [`Pass`] looks at the model and proposes [`Patch`]es; [`run_pipeline`]
+//! applies them, validates the IR after each patch (always in tests and debug
+//! builds, on request otherwise), repeats a pass until it proposes nothing (up to
+//! an iteration cap), and can stop after N patches to bisect a bad rewrite.
+//! The order of passes is written once, in `pipeline.rs`.
+
+pub mod check;
+
+use crate::ir::{Model, Patch, PatchError};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("pass {pass}: {message}")]
+    Failed { pass: String, message: String },
+    #[error("pass {pass}: {source}")]
+    Patch {
+        pass: String,
+        #[source]
+        source: PatchError,
+    },
+    #[error("pass {pass} still proposed changes after {iterations} rounds (a rule that undoes another?)")]
+    NoFixpoint { pass: String, iterations: usize },
+}
+
+/// A rewrite of the model, proposed as patches.
+pub trait Pass {
+    /// Kebab-case, as used by `--passes` / `--skip` and in reports.
+    fn name(&self) -> &'static str;
+    /// The patches this pass would make to `model` now; empty when it is done.
+    fn propose(&self, model: &Model) -> Result<Vec<Patch>, PassError>;
+}
+
+#[derive(Clone, Debug)]
+pub struct DriverOptions {
+    /// Rounds a pass may take before it counts as not converging.
+    pub max_rounds: usize,
+    /// Stop after this many applied patches (bisecting a bad rewrite).
+    pub stop_after: Option<usize>,
+    /// Validate the IR after every patch.
+    pub validate: bool,
+}
+
+impl Default for DriverOptions {
+    fn default() -> Self {
+        DriverOptions { max_rounds: 32, stop_after: None, validate: cfg!(debug_assertions) }
+    }
+}
+
+/// What one pass did.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct PassRecord {
+    pub pass: String,
+    pub patches: usize,
+    /// Patches by the rule or step that proposed them.
+    pub by_origin: BTreeMap<String, usize>,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+}
+
+/// Runs `passes` in order, each to a fixpoint.
+pub fn run_pipeline(model: &mut Model, passes: &[Box<dyn Pass>], options: &DriverOptions) -> Result<Vec<PassRecord>, PassError> {
+    let mut records = Vec::new();
+    let mut applied_total = 0usize;
+    for pass in passes {
+        let mut record = PassRecord {
+            pass: pass.name().to_string(),
+            nodes_before: model.graph.node_count(),
+            ..PassRecord::default()
+        };
+        let mut rounds = 0;
+        'rounds: loop {
+            let patches = pass.propose(model)?;
+            if patches.is_empty() {
+                break;
+            }
+            rounds += 1;
+            if rounds > options.max_rounds {
+                return Err(PassError::NoFixpoint { pass: pass.name().into(), iterations: options.max_rounds });
+            }
+            let mut applied_this_round = 0;
+            for patch in patches {
+                if options.stop_after.is_some_and(|limit| applied_total >= limit) {
+                    break 'rounds;
+                }
+                let origin = patch.origin.clone();
+                match model.graph.apply(patch, options.validate) {
+                    Ok(()) => {
+                        applied_total += 1;
+                        applied_this_round += 1;
+                        record.patches += 1;
+                        *record.by_origin.entry(origin).or_default() += 1;
+                    }
+                    // overlapping an earlier patch of this round: the next round retries
+                    Err(PatchError::Stale { .. }) => {}
+                    Err(source) => return Err(PassError::Patch { pass: pass.name().into(), source }),
+                }
+            }
+            if applied_this_round == 0 {
+                break;
+            }
+        }
+        record.nodes_after = model.graph.node_count();
+        records.push(record);
+        if options.stop_after.is_some_and(|limit| applied_total >= limit) {
+            break;
+        }
+    }
+    Ok(records)
+}
