@@ -1,7 +1,7 @@
 //! What a model holds: versions, interface, op histogram, parameters, and the
 //! transformer architecture it appears to be (best effort, from the graph alone).
 
-use crate::ir::{AttrValue, DataType, Graph, Model, Node, TensorData};
+use crate::ir::{infer_types, DataType, Graph, Model, Node};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -92,28 +92,12 @@ pub fn summarize(model: &Model) -> ModelSummary {
         bytes_by_dtype,
         externally_stored_tensors: g.initializers.iter().filter(|t| t.stored_externally).count(),
         functions: model.functions.iter().map(|f| format!("{}.{}", domain_name(&f.domain), f.name)).collect(),
-        architecture: architecture(g),
+        architecture: architecture(model),
     }
 }
 
-/// Small integer constants a node reads (Reshape shapes), from initializers or Constant nodes.
-fn constant_ints(g: &Graph, name: &str) -> Option<Vec<i64>> {
-    if let Some(t) = g.initializer(name) {
-        return t.to_i64().ok().map(|a| a.iter().copied().collect());
-    }
-    let (id, _) = g.producer(name)?;
-    let node = g.node(id)?;
-    if node.op_type != "Constant" {
-        return None;
-    }
-    match node.attr("value")? {
-        AttrValue::Tensor(t) if !matches!(t.data, TensorData::Empty) => t.to_i64().ok().map(|a| a.iter().copied().collect()),
-        AttrValue::Ints(v) => Some(v.clone()),
-        _ => None,
-    }
-}
-
-fn architecture(g: &Graph) -> Architecture {
+fn architecture(model: &Model) -> Architecture {
+    let g = &model.graph;
     let count = |op: &str| g.nodes().filter(|n| n.op_type == op).count();
     let has_input = |needle: &str| g.inputs.iter().any(|i| i.name.contains(needle));
     // Embedding table: a Gather on an initializer indexed by input_ids.
@@ -127,12 +111,17 @@ fn architecture(g: &Graph) -> Architecture {
     if hidden_size.is_none() {
         hidden_size = g.nodes().find(|n| n.op_type == "Conv").and_then(|n| g.initializer(n.inputs.get(1)?)?.dims.first().copied());
     }
-    // Heads: a Reshape to [.., .., heads, head_dim] with heads * head_dim = hidden.
+    // Heads: a Reshape to [.., .., heads, head_dim] with heads * head_dim = hidden,
+    // its target shape resolved by shape inference (exports compute it from Shape ops).
+    let types = infer_types(model);
     let heads = hidden_size.and_then(|h| {
         g.nodes().filter(|n| n.op_type == "Reshape").find_map(|n| {
-            let shape = constant_ints(g, n.inputs.get(1)?)?;
-            match shape.as_slice() {
-                [_, _, heads, head_dim] if *heads > 0 && heads * head_dim == h => Some(*heads),
+            let dims = types.shape(n.outputs.first()?)?;
+            match dims {
+                [_, _, heads, head_dim] => {
+                    let (heads, head_dim) = (heads.fixed()?, head_dim.fixed()?);
+                    (heads > 0 && heads * head_dim == h).then_some(heads)
+                }
                 _ => None,
             }
         })

@@ -1056,9 +1056,9 @@ fn split(node: &Node, x: &Inputs) -> Vec<Inferred> {
         return unknown_rank();
     };
     let sizes: Vec<Dim> = if let Some(split) = node.attr_ints("split") {
-        split.iter().map(|&s| Dim::Fixed(s)).collect()
+        dims_from_value(split.iter().map(|&s| Dim::Fixed(s)).collect())
     } else if x.is_given(1) {
-        x.ints(1).map_or_else(|| vec![Dim::Unknown; n], |s| s.into_iter().map(Dim::Fixed).collect())
+        x.elements(1).map_or_else(|| vec![Dim::Unknown; n], dims_from_value)
     } else {
         match &dims[axis] {
             // Split-18: chunks of ceil(d / n), the last one smaller.
