@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod ir;
 pub mod onnx;
 pub mod passes;
+pub mod rewrite;
 pub mod verify;
 
 /// The README's Rust example runs as a doctest.

@@ -4,6 +4,8 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use onnxopt::passes::pipeline::{optimization_passes, PipelineOptions, Target};
+use onnxopt::passes::{run_pipeline, DriverOptions, PassRecord};
 use onnxopt::{inspect, ir::Model, onnx, verify};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -45,6 +47,40 @@ enum Command {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Fuse and clean up a model for a target, check the result in tract, write it.
+    #[command(after_help = "Examples:\n  onnxopt optimize model.onnx -o model.ort.onnx --target ort --report report.json\n  onnxopt optimize model.onnx -o model.trt.onnx --target tensorrt\n  onnxopt optimize model.onnx -o out.onnx --stop-after 3     # bisect a bad rewrite\n  onnxopt optimize model.onnx -o out.onnx --trace-rule attention-sdpa --no-verify")]
+    Optimize {
+        input: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
+        /// ort (com.microsoft fused ops), portable (standard ONNX), tensorrt.
+        #[arg(long, default_value = "ort")]
+        target: Target,
+        /// Write what each pass did, node counts and the verification as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Skip the tract check of the result against the input.
+        #[arg(long)]
+        no_verify: bool,
+        /// Run only these passes (comma-separated names).
+        #[arg(long, value_delimiter = ',')]
+        passes: Option<Vec<String>>,
+        /// Skip these passes (comma-separated names).
+        #[arg(long, value_delimiter = ',')]
+        skip: Vec<String>,
+        /// Stop after this many patches (to find the one that broke something).
+        #[arg(long)]
+        stop_after: Option<usize>,
+        /// Say why this rule did not fire where it nearly matched.
+        #[arg(long)]
+        trace_rule: Option<String>,
+        #[arg(long, default_value_t = 1e-4)]
+        atol: f32,
+        #[arg(long, default_value_t = 1e-3)]
+        rtol: f32,
+    },
+    /// List the fusion rules with the math each relies on.
+    Rules,
     /// Run two models in tract on the same inputs and compare every output.
     #[command(after_help = "Examples:\n  onnxopt verify model.onnx optimized.onnx\n  onnxopt verify a.onnx b.onnx --inputs batch.npz --atol 1e-3\n\nRandom inputs are seeded: token ids below the embedding table size, attention\nmasks of ones with the second half of the batch padded, floats N(0,1).")]
     Verify {
@@ -180,6 +216,64 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let model = load(&input, quiet, true)?;
             save(&model, &input, &output, quiet)?;
         }
+        Command::Optimize { input, output, target, report, no_verify, passes, skip, stop_after, trace_rule, atol, rtol } => {
+            let original = load(&input, quiet, true)?;
+            let options = PipelineOptions { only: passes, skip, trace_rule };
+            let pipeline = optimization_passes(target, &options);
+            let mut optimized = original.clone();
+            let driver = DriverOptions { stop_after, ..DriverOptions::default() };
+            let records = {
+                let _progress = Progress::start(quiet, format!("optimizing for {target}"));
+                run_pipeline(&mut optimized, &pipeline, &driver).map_err(anyhow::Error::from)?
+            };
+            for note in records.iter().flat_map(|r| &r.notes) {
+                eprintln!("trace: {note}");
+            }
+            if !quiet {
+                print_records(&records);
+            }
+            let comparison = if no_verify {
+                None
+            } else {
+                let _progress = Progress::start(quiet, "checking the result in tract".into());
+                let options = verify::VerifyOptions { atol, rtol, ..Default::default() };
+                Some(onnxopt::passes::verify_rewrite(&original, &optimized, &options).map_err(anyhow::Error::from)?)
+            };
+            if let Some(path) = &report {
+                let json = serde_json::json!({
+                    "input": input, "output": output.output, "target": target.name(),
+                    "nodes_before": original.graph.node_count(), "nodes_after": optimized.graph.node_count(),
+                    "passes": records, "verification": comparison,
+                });
+                std::fs::write(path, serde_json::to_string_pretty(&json).context("encoding the report")?)
+                    .with_context(|| format!("{}: cannot write the report", path.display()))?;
+            }
+            if let Some(c) = &comparison {
+                if !quiet {
+                    eprintln!("tract check: max abs {:.3e}, cosine {:.6}", c.max_abs(), c.outputs.iter().map(|o| o.cosine).fold(1.0, f64::min));
+                }
+                if !c.passed() {
+                    let last = records.iter().rev().find(|r| r.patches > 0).map(|r| r.pass.as_str()).unwrap_or("none");
+                    eprintln!("error: the result differs from the input beyond tolerance (last pass that changed the model: {last}; bisect with --stop-after); nothing written");
+                    return Err(Failure::VerificationFailed);
+                }
+            }
+            save(&optimized, &input, &output, quiet)?;
+        }
+        Command::Rules => {
+            let rules = onnxopt::rewrite::standard_rules().map_err(anyhow::Error::from)?;
+            for rule in rules {
+                let targets: Vec<String> = rule
+                    .emissions
+                    .iter()
+                    .map(|e| match e.min_opset { Some(v) => format!("{}@{v}", e.target), None => e.target.clone() })
+                    .collect();
+                println!("{} ({}) [{}]", rule.name, rule.location, targets.join(", "));
+                for line in &rule.doc {
+                    println!("    # {line}");
+                }
+            }
+        }
         Command::Verify { reference, candidate, inputs, seed, atol, rtol, batch, seq, json } => {
             let a = load(&reference, quiet, true)?;
             let b = load(&candidate, quiet, true)?;
@@ -210,6 +304,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+fn print_records(records: &[PassRecord]) {
+    for r in records {
+        let rules: Vec<String> = r.by_origin.iter().map(|(k, v)| format!("{k} x{v}")).collect();
+        eprintln!("{:<12} {:>4} patches, nodes {} -> {}  {}", r.pass, r.patches, r.nodes_before, r.nodes_after, rules.join(", "));
+    }
 }
 
 fn main() -> ExitCode {

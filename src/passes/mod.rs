@@ -7,6 +7,8 @@
 //! The order of passes is written once, in `pipeline.rs`.
 
 pub mod check;
+pub mod fuse;
+pub mod pipeline;
 
 use crate::ir::{Model, Patch, PatchError};
 use serde::Serialize;
@@ -30,6 +32,11 @@ pub enum PassError {
 pub trait Pass {
     /// Kebab-case, as used by `--passes` / `--skip` and in reports.
     fn name(&self) -> &'static str;
+    /// What the pass has to say beyond its patches (the fuse pass's `--trace-rule`
+    /// explanations); the driver collects it into the pass's record.
+    fn take_notes(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// The patches this pass would make to `model` now; empty when it is done.
     fn propose(&self, model: &Model) -> Result<Vec<Patch>, PassError>;
 }
@@ -59,6 +66,8 @@ pub struct PassRecord {
     pub by_origin: BTreeMap<String, usize>,
     pub nodes_before: usize,
     pub nodes_after: usize,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// Runs `passes` in order, each to a fixpoint.
@@ -103,6 +112,8 @@ pub fn run_pipeline(model: &mut Model, passes: &[Box<dyn Pass>], options: &Drive
                 break;
             }
         }
+        import_used_domains(model);
+        record.notes = pass.take_notes();
         record.nodes_after = model.graph.node_count();
         records.push(record);
         if options.stop_after.is_some_and(|limit| applied_total >= limit) {
@@ -110,4 +121,23 @@ pub fn run_pipeline(model: &mut Model, passes: &[Box<dyn Pass>], options: &Drive
         }
     }
     Ok(records)
+}
+
+/// Adds an opset import for every domain a node now uses (a fusion that emits
+/// the first com.microsoft op needs `com.microsoft` version 1).
+fn import_used_domains(model: &mut Model) {
+    let mut used: Vec<String> = model.graph.nodes().map(|n| n.domain.clone()).filter(|d| !d.is_empty() && d != "ai.onnx").collect();
+    used.sort();
+    used.dedup();
+    for domain in used {
+        if model.opset(&domain).is_none() {
+            model.opset_imports.push(crate::ir::OpsetImport { domain, version: 1, extras: Default::default() });
+        }
+    }
+}
+
+/// Checks a rewritten model against its original in tract. Contrib ops tract
+/// cannot run are lowered to standard ONNX first (`lower_contrib`).
+pub fn verify_rewrite(original: &Model, rewritten: &Model, options: &crate::verify::VerifyOptions) -> Result<crate::verify::Comparison, crate::verify::VerifyError> {
+    crate::verify::compare(original, rewritten, options)
 }

@@ -1,0 +1,81 @@
+//! `Fuse`: applies the rules of `passes/*.rules` for one target.
+//!
+//! Every node is tried as the root of every rule whose template serves the
+//! target (at the model's opset), in rule-file order; the first rule that
+//! matches at a node wins, and a node already claimed by a match of this round
+//! is not matched again (the next round sees the new graph).
+
+use super::{Pass, PassError};
+use crate::ir::{infer_types, Model, NodeId, Patch};
+use crate::rewrite::{instantiate, match_rule, standard_rules, Registry, Rule};
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+pub struct Fuse {
+    target: String,
+    registry: Registry,
+    /// Rule name to explain near misses of (`--trace-rule`).
+    trace_rule: Option<String>,
+    trace: Mutex<Vec<String>>,
+}
+
+impl Fuse {
+    pub fn new(target: &str, trace_rule: Option<String>) -> Fuse {
+        Fuse { target: target.to_string(), registry: Registry::standard(), trace_rule, trace: Mutex::new(Vec::new()) }
+    }
+
+    fn rules(&self) -> Result<&'static [Rule], PassError> {
+        standard_rules().map_err(|e| PassError::Failed { pass: self.name().into(), message: e.to_string() })
+    }
+}
+
+impl Pass for Fuse {
+    fn name(&self) -> &'static str {
+        "fuse"
+    }
+
+    fn take_notes(&self) -> Vec<String> {
+        self.trace.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default()
+    }
+
+    fn propose(&self, model: &Model) -> Result<Vec<Patch>, PassError> {
+        let opset = model.opset("").unwrap_or(0);
+        let rules: Vec<(&Rule, &crate::rewrite::rule::Template)> = self
+            .rules()?
+            .iter()
+            .filter_map(|r| r.emission(&self.target, opset).map(|e| (r, &e.template)))
+            .collect();
+        let graph = &model.graph;
+        let types = infer_types(model);
+        let mut claimed: HashSet<NodeId> = HashSet::new();
+        let mut patches = Vec::new();
+        for (id, node) in graph.nodes_with_ids() {
+            if claimed.contains(&id) {
+                continue;
+            }
+            for (rule, template) in &rules {
+                if rule.pattern.op_type != node.op_type {
+                    continue;
+                }
+                match match_rule(graph, &types, &self.registry, rule, id) {
+                    Ok(bindings) if bindings.nodes.iter().any(|n| claimed.contains(n)) => {}
+                    Ok(bindings) => {
+                        let patch = instantiate(graph, &types, &self.registry, rule, template, &bindings)
+                            .map_err(|message| PassError::Failed { pass: format!("fuse/{}", rule.name), message })?;
+                        claimed.extend(bindings.nodes.iter().copied());
+                        patches.push(patch);
+                        break;
+                    }
+                    Err(miss) => {
+                        if self.trace_rule.as_deref() == Some(rule.name.as_str()) && miss.depth >= 2 {
+                            if let Ok(mut trace) = self.trace.lock() {
+                                trace.push(format!("{} did not fire at '{}' ({} nodes matched): {}", rule.name, node.name, miss.depth, miss.reason));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(patches)
+    }
+}
