@@ -70,7 +70,9 @@ impl Registry {
 
     /// Every function the rules may call.
     pub fn standard() -> Registry {
-        let conditions: [(&'static str, ConditionFn); 8] = [
+        let conditions: [(&'static str, ConditionFn); 10] = [
+            ("arange-from-zero", arange_from_zero),
+            ("sequence-length-of", sequence_length_of),
             ("swaps-last-two", swaps_last_two),
             ("not-embedding", not_embedding),
             ("rank", rank),
@@ -276,4 +278,26 @@ fn composed_perm(ctx: &MatchContext, args: &[Arg]) -> Result<AttrValue, String> 
         .map(|&o| usize::try_from(o).ok().and_then(|o| inner.get(o).copied()).ok_or_else(|| "perm out of range".to_string()))
         .collect::<Result<Vec<i64>, String>>()
         .map(AttrValue::Ints)
+}
+
+/// `(arange-from-zero ?x)`: a constant holding 0, 1, 2, ... (any leading 1 dims).
+fn arange_from_zero(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let t = var(ctx, args, 0)?;
+    let values = ctx.constant(t).and_then(|c| c.to_i64().ok()).ok_or_else(|| format!("'{t}' is not an integer constant"))?;
+    if values.iter().enumerate().all(|(i, &v)| v == i as i64) {
+        Ok(())
+    } else {
+        Err(format!("'{t}' is not 0, 1, 2, ..."))
+    }
+}
+
+/// `(sequence-length-of ?end ?ids)`: ?end's value is [the second dim of ?ids]
+/// (a Slice end that takes exactly the sequence length).
+fn sequence_length_of(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let (end, ids) = (var(ctx, args, 0)?, var(ctx, args, 1)?);
+    let seq = dims(ctx, ids)?.get(1).cloned().ok_or_else(|| format!("'{ids}' has no second dim"))?;
+    match ctx.types.value(end) {
+        Some([v]) if *v == seq && !matches!(v, Dim::Unknown) => Ok(()),
+        v => Err(format!("'{end}' is {v:?}, not the sequence length {seq:?} of '{ids}'")),
+    }
 }

@@ -280,6 +280,9 @@ impl PatchBuilder<'_> {
         };
         let mut node = Node::new(t.op_type.clone(), &[], &[&output]).with_domain(t.domain.clone()).with_name(name);
         node.inputs = inputs;
+        for i in 1..t.outputs {
+            node.outputs.push(self.fresh(&format!("{}_out{i}", t.op_type)));
+        }
         for (attr, value) in &t.attrs {
             let value = match value {
                 AttrTemplate::Literal(l) => literal_value(l),

@@ -85,6 +85,10 @@ pub enum Template {
 pub struct NodeTemplate {
     pub domain: String,
     pub op_type: String,
+    /// Outputs the emitted node declares (`:outputs N`, default 1); only the
+    /// first carries the matched value, the others are unused but required by
+    /// the op's schema (ORT's EmbedLayerNormalization infers output 1 always).
+    pub outputs: usize,
     pub attrs: Vec<(String, AttrTemplate)>,
     pub inputs: Vec<Template>,
 }
@@ -289,7 +293,15 @@ impl RuleParser<'_> {
                     return Ok(Template::Computed(self.call(e, Role::Input)?));
                 }
                 let (domain, op_type, _, _) = self.op_head(&items[0])?;
-                let (attrs, inputs) = self.attrs_and_inputs(&items[1..])?;
+                let (mut attrs, inputs) = self.attrs_and_inputs(&items[1..])?;
+                let mut outputs = 1;
+                if let Some(at) = attrs.iter().position(|(k, _)| k == "outputs") {
+                    let (_, v) = attrs.remove(at);
+                    outputs = match self.literal(v) {
+                        Some(Literal::Int(n)) if n >= 1 => n as usize,
+                        _ => return Err(self.error(v, ":outputs takes a count")),
+                    };
+                }
                 let attrs = attrs
                     .into_iter()
                     .map(|(k, v)| match self.literal(v) {
@@ -298,7 +310,7 @@ impl RuleParser<'_> {
                     })
                     .collect::<Result<_, RuleError>>()?;
                 let inputs = inputs.into_iter().map(|i| self.template(i)).collect::<Result<_, _>>()?;
-                Ok(Template::Node(NodeTemplate { domain, op_type, attrs, inputs }))
+                Ok(Template::Node(NodeTemplate { domain, op_type, outputs, attrs, inputs }))
             }
             _ => Err(self.error(e, "not a template (write ?var, _, (Op ...) or (function ...))")),
         }

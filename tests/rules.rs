@@ -1,0 +1,299 @@
+//! Every fusion rule: a small graph in the form an exporter writes, where the
+//! rule must fire (snapshot of before/after, numbers checked in tract after
+//! lowering contrib ops), and a near miss where it must not.
+
+mod common;
+
+use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model};
+use onnxopt::passes::check::{rewrite_and_compare, Rewritten};
+use onnxopt::passes::fuse::Fuse;
+use onnxopt::passes::Pass;
+use onnxopt::verify::VerifyOptions;
+
+fn fuse(model: &Model, target: &str) -> Rewritten {
+    let passes: Vec<Box<dyn Pass>> = vec![Box::new(Fuse::new(target, None))];
+    rewrite_and_compare(model, &passes, &VerifyOptions { atol: 1e-5, rtol: 1e-4, ..Default::default() })
+}
+
+fn fired(r: &Rewritten, rule: &str) -> usize {
+    r.records.iter().map(|rec| rec.by_origin.get(rule).copied().unwrap_or(0)).sum()
+}
+
+/// Asserts the rule fired once, the numbers agree, and snapshots the rewrite.
+fn assert_fires(model: &Model, target: &str, rule: &str) -> Rewritten {
+    let r = fuse(model, target);
+    assert_eq!(fired(&r, rule), 1, "{rule} should fire once:\n{}", r.snapshot);
+    assert!(r.comparison.passed(), "{rule}: {:?}", r.comparison);
+    insta::assert_snapshot!(format!("fuse__{rule}"), r.snapshot);
+    r
+}
+
+fn assert_silent(model: &Model, target: &str) {
+    let r = fuse(model, target);
+    assert_eq!(r.patches(), 0, "nothing should fire:\n{}", r.snapshot);
+}
+
+fn scalar(b: &mut GraphBuilder, name: &str, v: f32) -> String {
+    b.initializer_f32(name, &[], &[v])
+}
+
+fn values(n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|i| ((i * 37 % 23) as f32 - 11.0) * scale).collect()
+}
+
+/// x * (1 + erf(x / sqrt2)) * 0.5, or with `inner_half` x * (0.5 * (1 + erf(x / sqrt2))).
+fn gelu_graph(inner_half: bool, half: f32, bias: bool) -> Model {
+    let mut b = GraphBuilder::new("gelu");
+    let input = b.input("x", DataType::Float, &[2, 3, 8]);
+    let x = if bias {
+        let bias = b.initializer_f32("bias", &[8], &values(8, 0.1));
+        b.node("Add", &[&input, &bias])
+    } else {
+        input
+    };
+    let sqrt2 = scalar(&mut b, "sqrt2", std::f32::consts::SQRT_2);
+    let one = scalar(&mut b, "one", 1.0);
+    let half = scalar(&mut b, "half", half);
+    let d = b.node("Div", &[&x, &sqrt2]);
+    let e = b.node("Erf", &[&d]);
+    let a = b.node("Add", &[&e, &one]);
+    let y = if inner_half {
+        let h = b.node("Mul", &[&half, &a]);
+        b.node("Mul", &[&x, &h])
+    } else {
+        let m = b.node("Mul", &[&x, &a]);
+        b.node("Mul", &[&m, &half])
+    };
+    b.output(&y, DataType::Float, &[2, 3, 8]);
+    b.into_model(17)
+}
+
+#[test]
+fn gelu_erf() {
+    assert_fires(&gelu_graph(false, 0.5, false), "ort", "gelu-erf");
+    assert_silent(&gelu_graph(false, 0.6, false), "ort");
+}
+
+#[test]
+fn gelu_erf_inner_half() {
+    assert_fires(&gelu_graph(true, 0.5, false), "ort", "gelu-erf-inner-half");
+    assert_silent(&gelu_graph(true, 0.4, false), "ort");
+}
+
+#[test]
+fn bias_gelu() {
+    let r = assert_fires(&gelu_graph(true, 0.5, true), "ort", "bias-gelu");
+    assert!(r.model.graph.nodes().any(|n| n.op_type == "BiasGelu"));
+    // a 2-D bias is not ORT's BiasGelu: the Gelu fuses, the bias stays
+    let mut m = gelu_graph(true, 0.5, true);
+    let t = m.graph.initializers.iter_mut().find(|t| t.name == "bias").unwrap();
+    t.dims = vec![1, 8];
+    let r = fuse(&m, "ort");
+    assert_eq!(fired(&r, "bias-gelu"), 0);
+    assert_eq!(fired(&r, "gelu-erf-inner-half"), 1);
+}
+
+/// 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))), as GPT-2 exports NewGELU.
+fn fast_gelu_graph(coefficient: f32, bias: bool) -> Model {
+    let mut b = GraphBuilder::new("fast_gelu");
+    let input = b.input("x", DataType::Float, &[2, 3, 8]);
+    let x = if bias {
+        let bias = b.initializer_f32("bias", &[8], &values(8, 0.1));
+        b.node("Add", &[&input, &bias])
+    } else {
+        input
+    };
+    let half = scalar(&mut b, "half", 0.5);
+    let three = scalar(&mut b, "three", 3.0);
+    let c = scalar(&mut b, "c", coefficient);
+    let k = scalar(&mut b, "k", 0.797_884_6);
+    let one = scalar(&mut b, "one", 1.0);
+    let hx = b.node("Mul", &[&half, &x]);
+    let cube = b.node("Pow", &[&x, &three]);
+    let cc = b.node("Mul", &[&c, &cube]);
+    let inner = b.node("Add", &[&x, &cc]);
+    let scaled = b.node("Mul", &[&k, &inner]);
+    let t = b.node("Tanh", &[&scaled]);
+    let a = b.node("Add", &[&one, &t]);
+    let y = b.node("Mul", &[&hx, &a]);
+    b.output(&y, DataType::Float, &[2, 3, 8]);
+    b.into_model(17)
+}
+
+#[test]
+fn fast_gelu_tanh() {
+    assert_fires(&fast_gelu_graph(0.044715, false), "ort", "fast-gelu-tanh");
+    assert_silent(&fast_gelu_graph(0.05, false), "ort");
+}
+
+#[test]
+fn fast_gelu_bias() {
+    assert_fires(&fast_gelu_graph(0.044715, true), "ort", "fast-gelu-bias");
+}
+
+/// LayerNorm(x (+ bias) + skip) as encoders write their residual connections.
+fn skip_layer_norm_graph(bias: bool, skip_rank: usize) -> Model {
+    let mut b = GraphBuilder::new("skip_ln");
+    let x = b.input("x", DataType::Float, &[2, 3, 8]);
+    let skip_shape: &[i64] = if skip_rank == 3 { &[2, 3, 8] } else { &[3, 8] };
+    let skip = b.input("skip", DataType::Float, skip_shape);
+    let w = b.initializer_f32("w", &[8, 8], &values(64, 0.05));
+    let h = b.node("MatMul", &[&x, &w]);
+    let h = if bias {
+        let bias = b.initializer_f32("bias", &[8], &values(8, 0.1));
+        b.node("Add", &[&bias, &h])
+    } else {
+        h
+    };
+    let sum = b.node("Add", &[&h, &skip]);
+    let gamma = b.initializer_f32("gamma", &[8], &values(8, 0.2));
+    let beta = b.initializer_f32("beta", &[8], &values(8, 0.03));
+    let y = b.node_with("LayerNormalization", &[&sum, &gamma, &beta], vec![("epsilon", AttrValue::Float(1e-12))]);
+    b.output(&y, DataType::Float, &[2, 3, 8]);
+    b.into_model(17)
+}
+
+#[test]
+fn skip_layer_norm_bias() {
+    assert_fires(&skip_layer_norm_graph(true, 3), "ort", "skip-layer-norm-bias");
+    assert_silent(&skip_layer_norm_graph(true, 2), "ort");
+}
+
+#[test]
+fn skip_layer_norm() {
+    assert_fires(&skip_layer_norm_graph(false, 3), "ort", "skip-layer-norm");
+    // the portable target keeps LayerNormalization as it is
+    assert_silent(&skip_layer_norm_graph(false, 3), "portable");
+}
+
+#[test]
+fn skip_layer_norm_leaves_embeddings() {
+    let mut b = GraphBuilder::new("embeddings");
+    let ids = b.input("input_ids", DataType::Int64, &[2, 3]);
+    let table = b.initializer_f32("table", &[10, 8], &values(80, 0.1));
+    let positions = b.input("positions", DataType::Float, &[2, 3, 8]);
+    let e = b.node("Gather", &[&table, &ids]);
+    let sum = b.node("Add", &[&e, &positions]);
+    let gamma = b.initializer_f32("gamma", &[8], &values(8, 0.2));
+    let beta = b.initializer_f32("beta", &[8], &values(8, 0.03));
+    let y = b.node("LayerNormalization", &[&sum, &gamma, &beta]);
+    b.output(&y, DataType::Float, &[2, 3, 8]);
+    assert_silent(&b.into_model(17), "ort");
+}
+
+/// Where(IsNaN(p), 0, p) around p = Softmax(s).
+fn nan_guard_graph(fill: f32) -> Model {
+    let mut b = GraphBuilder::new("guard");
+    let s = b.input("s", DataType::Float, &[2, 2, 4, 4]);
+    let zero = scalar(&mut b, "fill", fill);
+    let p = b.node_with("Softmax", &[&s], vec![("axis", AttrValue::Int(-1))]);
+    let nan = b.node("IsNaN", &[&p]);
+    let y = b.node("Where", &[&nan, &zero, &p]);
+    b.output(&y, DataType::Float, &[2, 2, 4, 4]);
+    b.into_model(17)
+}
+
+#[test]
+fn softmax_nan_guard() {
+    assert_fires(&nan_guard_graph(0.0), "ort", "softmax-nan-guard");
+    assert_silent(&nan_guard_graph(1.0), "ort");
+    assert_silent(&nan_guard_graph(0.0), "tensorrt");
+}
+
+/// K^T as the dynamo exporter writes it: [B,N,S,D] -> [B*N,S,D] -> [B*N,D,S] -> [B,N,D,S].
+fn merged_transpose_graph(split_back: [i64; 4]) -> Model {
+    let mut b = GraphBuilder::new("k_transpose");
+    let y = b.input("y", DataType::Float, &[2, 3, 4, 5]);
+    let merged_shape = b.initializer_i64("merged_shape", &[3], &[-1, 4, 5]);
+    let out_shape = b.initializer_i64("out_shape", &[4], &split_back);
+    let m = b.node("Reshape", &[&y, &merged_shape]);
+    let t = b.node_with("Transpose", &[&m], vec![("perm", AttrValue::Ints(vec![0, 2, 1]))]);
+    let out = b.node("Reshape", &[&t, &out_shape]);
+    b.output(&out, DataType::Float, &split_back);
+    b.into_model(17)
+}
+
+#[test]
+fn transpose_through_merged_axes() {
+    assert_fires(&merged_transpose_graph([2, 3, 5, 4]), "tensorrt", "transpose-through-merged-axes");
+    // split back differently ([3, 2, ...]): not a transpose
+    assert_silent(&merged_transpose_graph([3, 2, 5, 4]), "tensorrt");
+}
+
+fn double_transpose_graph(inner_used_elsewhere: bool) -> Model {
+    let mut b = GraphBuilder::new("transposes");
+    let x = b.input("x", DataType::Float, &[2, 3, 4, 5]);
+    let t1 = b.node_with("Transpose", &[&x], vec![("perm", AttrValue::Ints(vec![0, 2, 1, 3]))]);
+    let t2 = b.node_with("Transpose", &[&t1], vec![("perm", AttrValue::Ints(vec![0, 1, 3, 2]))]);
+    b.output(&t2, DataType::Float, &[2, 4, 5, 3]);
+    if inner_used_elsewhere {
+        b.output(&t1, DataType::Float, &[2, 4, 3, 5]);
+    }
+    b.into_model(17)
+}
+
+#[test]
+fn transpose_of_transpose() {
+    let r = assert_fires(&double_transpose_graph(false), "portable", "transpose-of-transpose");
+    let perm = r.model.graph.nodes().next().unwrap().attr_ints("perm").unwrap().to_vec();
+    assert_eq!(perm, vec![0, 2, 3, 1]);
+    assert_silent(&double_transpose_graph(true), "portable");
+}
+
+/// BERT self-attention as the TorchScript exporter writes SDPA: hidden 8,
+/// 2 heads of 4, batch 2, sequence 4, additive mask [2, 1, 4, 4].
+fn attention_graph(mask_heads: i64, cross: bool) -> Model {
+    let (batch, seq, hidden, heads) = (2i64, 4i64, 8i64, 2i64);
+    let head = hidden / heads;
+    let mut b = GraphBuilder::new("attention");
+    let x = b.input("x", DataType::Float, &[batch, seq, hidden]);
+    let kv_input = if cross { b.input("memory", DataType::Float, &[batch, seq, hidden]) } else { x.clone() };
+    let mask = b.input("mask", DataType::Float, &[batch, mask_heads, seq, seq]);
+    let split = b.initializer_i64("split_shape", &[4], &[batch, seq, heads, head]);
+    let merge = b.initializer_i64("merge_shape", &[3], &[batch, seq, hidden]);
+    let scale = (head as f32).powf(-0.25);
+    let s = scalar(&mut b, "scale", scale);
+    let mut project = |b: &mut GraphBuilder, name: &str, input: &str, perm: Vec<i64>, k: usize| {
+        let w = b.initializer_f32(&format!("w_{name}"), &[hidden as usize, hidden as usize], &values(64, 0.02 * k as f32));
+        let bias = b.initializer_f32(&format!("b_{name}"), &[hidden as usize], &values(8, 0.01 * k as f32));
+        let mm = b.node("MatMul", &[input, &w]);
+        let add = b.node("Add", &[&bias, &mm]);
+        let r = b.node("Reshape", &[&add, &split]);
+        b.node_with("Transpose", &[&r], vec![("perm", AttrValue::Ints(perm))])
+    };
+    let q = project(&mut b, "q", &x, vec![0, 2, 1, 3], 1);
+    let k = project(&mut b, "k", &kv_input, vec![0, 2, 3, 1], 2);
+    let v = project(&mut b, "v", &kv_input, vec![0, 2, 1, 3], 3);
+    let qs = b.node("Mul", &[&q, &s]);
+    let ks = b.node("Mul", &[&k, &s]);
+    let scores = b.node("MatMul", &[&qs, &ks]);
+    let masked = b.node("Add", &[&scores, &mask]);
+    let p = b.node_with("Softmax", &[&masked], vec![("axis", AttrValue::Int(-1))]);
+    let ctx = b.node("MatMul", &[&p, &v]);
+    let t = b.node_with("Transpose", &[&ctx], vec![("perm", AttrValue::Ints(vec![0, 2, 1, 3]))]);
+    let y = b.node("Reshape", &[&t, &merge]);
+    b.output(&y, DataType::Float, &[batch, seq, hidden]);
+    b.into_model(17)
+}
+
+#[test]
+fn attention_sdpa() {
+    let r = assert_fires(&attention_graph(1, false), "ort", "attention-sdpa");
+    let attention = r.model.graph.nodes().find(|n| n.op_type == "Attention").unwrap();
+    assert_eq!(attention.attr_int("num_heads"), Some(2));
+    assert!(r.model.opset_imports.iter().any(|o| o.domain == "com.microsoft"));
+    // a mask per head is not the [batch, 1, seq, seq] form fused here
+    assert_silent(&attention_graph(2, false), "ort");
+    // cross-attention: K and V come from another input
+    assert_silent(&attention_graph(1, true), "ort");
+}
+
+#[test]
+fn rules_list_their_math() {
+    let o = common::run(&["rules"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("attention-sdpa (passes/attention.rules:"), "{text}");
+    assert!(text.contains("# x * (1 + erf(x / sqrt2)) * 0.5 -> Gelu(x)"), "{text}");
+}
+
