@@ -22,6 +22,7 @@ pub struct Patch {
     added: Vec<Node>,
     initializers: Vec<Tensor>,
     removed_initializers: Vec<String>,
+    removed_value_info: Vec<String>,
     renames: Vec<(String, String)>,
 }
 
@@ -67,6 +68,13 @@ impl Patch {
         self
     }
 
+    /// Drops the `value_info` entry of a tensor (one that no longer exists, such as
+    /// a removed node's output: the entry would describe nothing).
+    pub fn remove_value_info(&mut self, name: impl Into<String>) -> &mut Self {
+        self.removed_value_info.push(name.into());
+        self
+    }
+
     /// Makes every node that reads `old` read `new` instead (graph outputs keep
     /// their names: a patch that replaces a graph output must produce it by name).
     pub fn replace_uses(&mut self, old: impl Into<String>, new: impl Into<String>) -> &mut Self {
@@ -79,6 +87,7 @@ impl Patch {
             && self.added.is_empty()
             && self.initializers.is_empty()
             && self.removed_initializers.is_empty()
+            && self.removed_value_info.is_empty()
             && self.renames.is_empty()
     }
 
@@ -105,6 +114,7 @@ impl Graph {
         }
         self.initializers.retain(|t| !patch.removed_initializers.contains(&t.name));
         self.initializers.extend(patch.initializers);
+        self.value_info.retain(|v| !patch.removed_value_info.contains(&v.name));
         for node in patch.added {
             self.add_node(node);
         }

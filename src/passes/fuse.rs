@@ -4,7 +4,12 @@
 //! target (at the model's opset), in rule-file order; the first rule that
 //! matches at a node wins, and a node already claimed by a match of this round
 //! is not matched again (the next round sees the new graph).
+//!
+//! A round that finds dead nodes proposes their removal first: a value read only
+//! by dead code (the Shape of K that a canonical rule made pointless) must not
+//! count as "used outside the match".
 
+use super::dead_code::EliminateDeadCode;
 use super::{Pass, PassError};
 use crate::ir::{infer_types, Model, NodeId, Patch};
 use crate::rewrite::{instantiate, match_rule, standard_rules, Registry, Rule};
@@ -39,6 +44,10 @@ impl Pass for Fuse {
     }
 
     fn propose(&self, model: &Model) -> Result<Vec<Patch>, PassError> {
+        let dead = EliminateDeadCode.propose(model)?;
+        if !dead.is_empty() {
+            return Ok(dead);
+        }
         let opset = model.opset("").unwrap_or(0);
         let rules: Vec<(&Rule, &crate::rewrite::rule::Template)> = self
             .rules()?

@@ -7,8 +7,14 @@
 //! The order of passes is written once, in `pipeline.rs`.
 
 pub mod check;
+pub mod lower_contrib;
+pub mod common_subexpression;
+pub mod constant_folding;
+pub mod dead_code;
 pub mod fuse;
+pub mod no_op;
 pub mod pipeline;
+pub mod shape_folding;
 
 use crate::ir::{Model, Patch, PatchError};
 use serde::Serialize;

@@ -1,10 +1,25 @@
 //! The pass order, written once.
 //!
-//! 1. `fuse`: the rules of `passes/*.rules` for the target (canonical forms,
-//!    attention, layer norm, Gelu), to a fixpoint. Rules see the graph as
-//!    exported: cleanup runs after, so that a fusion never has to undo it.
+//! 1. `remove-no-ops`: Identity, same-shape Reshape, ... go first: exporters put
+//!    them inside the patterns fusions look for (an Identity between a bias and
+//!    its Add, a Reshape to the same shape inside attention).
+//! 2. `fold-constants`: Constant nodes become initializers, constant subgraphs
+//!    values; rules then see constants where the exporter wrote computations.
+//! 3. `fold-shapes`: shape computations whose value is known become constants.
+//! 4. `merge-common-subexpressions`: shared weights and repeated shape
+//!    computations become one (after folding, so that folded copies merge).
+//! 5. `eliminate-dead-code`: drops what 1-4 disconnected, so that rules see
+//!    single-use intermediates (a fusion refuses a value used outside its match).
+//! 6. `fuse`: the rules of `passes/*.rules` for the target (canonical forms,
+//!    attention, layer norm, Gelu), to a fixpoint.
+//! 7. `eliminate-dead-code` again: shape computations only the fused nodes read.
 
+use super::common_subexpression::MergeCommonSubexpressions;
+use super::constant_folding::FoldConstants;
+use super::dead_code::EliminateDeadCode;
 use super::fuse::Fuse;
+use super::no_op::RemoveNoOps;
+use super::shape_folding::FoldShapes;
 use super::Pass;
 use std::fmt;
 use std::str::FromStr;
@@ -59,14 +74,24 @@ pub struct PipelineOptions {
 
 /// The passes for `target`, in order.
 pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box<dyn Pass>> {
-    let all: Vec<Box<dyn Pass>> = vec![Box::new(Fuse::new(target.name(), options.trace_rule.clone()))];
+    let all: Vec<Box<dyn Pass>> = vec![
+        Box::new(RemoveNoOps),
+        Box::new(FoldConstants::default()),
+        Box::new(FoldShapes),
+        Box::new(MergeCommonSubexpressions),
+        Box::new(EliminateDeadCode),
+        Box::new(Fuse::new(target.name(), options.trace_rule.clone())),
+        Box::new(EliminateDeadCode),
+    ];
     all.into_iter()
         .filter(|p| options.only.as_ref().is_none_or(|only| only.iter().any(|n| n == p.name())))
         .filter(|p| !options.skip.iter().any(|n| n == p.name()))
         .collect()
 }
 
-/// Every pass name, for `--passes` / `--skip` validation and `onnxopt rules`.
+/// Every pass name, for `--passes` / `--skip` validation.
 pub fn pass_names() -> Vec<&'static str> {
-    optimization_passes(Target::Ort, &PipelineOptions::default()).iter().map(|p| p.name()).collect()
+    let mut names: Vec<&'static str> = optimization_passes(Target::Ort, &PipelineOptions::default()).iter().map(|p| p.name()).collect();
+    names.dedup();
+    names
 }
