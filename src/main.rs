@@ -203,14 +203,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Inspect { model: path, json, graph } => {
             let model = load(&path, quiet, false)?;
-            if graph {
-                print!("{model}");
+            let text = if graph {
+                model.to_string()
             } else if json {
                 let summary = inspect::summarize(&model);
-                println!("{}", serde_json::to_string_pretty(&summary).context("encoding the summary")?);
+                serde_json::to_string_pretty(&summary).context("encoding the summary")? + "\n"
             } else {
-                print!("{}", inspect::summarize(&model));
-            }
+                inspect::summarize(&model).to_string()
+            };
+            write_stdout(&text)?;
         }
         Command::Convert { input, output } => {
             let model = load(&input, quiet, true)?;
@@ -304,6 +305,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Writes to stdout; a reader that closed the pipe early (`| head`) is not an error.
+fn write_stdout(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to stdout"),
+    }
 }
 
 fn print_records(records: &[PassRecord]) {

@@ -78,8 +78,14 @@ pub fn save(model: &Model, path: &Path, options: &SaveOptions) -> Result<SaveSum
         Some(f) if !f.as_os_str().is_empty() => f.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    // Temporary files are created 0600; the output gets the usual 0644.
     let temp = |folder: &Path| {
-        tempfile::Builder::new().prefix(".onnxopt-").suffix(".partial").tempfile_in(folder).map_err(io_err)
+        tempfile::Builder::new()
+            .prefix(".onnxopt-")
+            .suffix(".partial")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .tempfile_in(folder)
+            .map_err(io_err)
     };
     let mut data_file = None;
     if !layout.chunks.is_empty() {

@@ -142,8 +142,24 @@ fn import_used_domains(model: &mut Model) {
     }
 }
 
-/// Checks a rewritten model against its original in tract. Contrib ops tract
-/// cannot run are lowered to standard ONNX first (`lower_contrib`).
-pub fn verify_rewrite(original: &Model, rewritten: &Model, options: &crate::verify::VerifyOptions) -> Result<crate::verify::Comparison, crate::verify::VerifyError> {
-    crate::verify::compare(original, rewritten, options)
+/// Why a rewritten model could not be checked.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("lowering contrib ops for tract: {0}")]
+    Lower(#[from] PassError),
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
+}
+
+/// Checks a rewritten model against its original in tract. tract never sees a
+/// com.microsoft op: both models are lowered to standard ONNX first
+/// (`lower_contrib`, each lowering checked against ONNX Runtime's kernels).
+pub fn verify_rewrite(original: &Model, rewritten: &Model, options: &crate::verify::VerifyOptions) -> Result<crate::verify::Comparison, CheckError> {
+    let driver = DriverOptions { validate: true, ..DriverOptions::default() };
+    let lowered = |m: &Model| -> Result<Model, PassError> {
+        let mut m = m.clone();
+        lower_contrib::lower_contrib_ops(&mut m, &driver)?;
+        Ok(m)
+    };
+    Ok(crate::verify::compare(&lowered(original)?, &lowered(rewritten)?, options)?)
 }
