@@ -319,7 +319,15 @@ fn write_stdout(text: &str) -> Result<()> {
 fn print_records(records: &[PassRecord]) {
     for r in records {
         let rules: Vec<String> = r.by_origin.iter().map(|(k, v)| format!("{k} x{v}")).collect();
-        eprintln!("{:<12} {:>4} patches, nodes {} -> {}  {}", r.pass, r.patches, r.nodes_before, r.nodes_after, rules.join(", "));
+        eprintln!(
+            "{:<28} {:>4} patches, nodes {:>4} -> {:<4} {:>6} ms  {}",
+            r.pass,
+            r.patches,
+            r.nodes_before,
+            r.nodes_after,
+            r.milliseconds,
+            rules.join(", ")
+        );
     }
 }
 

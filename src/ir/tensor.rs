@@ -83,7 +83,10 @@ impl Tensor {
     }
 
     pub fn from_f32(name: impl Into<String>, values: &ArrayD<f32>) -> Tensor {
-        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let raw = match values.as_slice() {
+            Some(contiguous) => f32s_to_le_bytes(contiguous),
+            None => f32s_to_le_bytes(&values.iter().copied().collect::<Vec<f32>>()),
+        };
         Tensor::from_raw(name, DataType::Float, dims_of(values.shape()), Bytes::from(raw))
     }
 
@@ -129,7 +132,7 @@ impl Tensor {
     pub fn to_f32(&self) -> Result<ArrayD<f32>, TensorValueError> {
         use DataType::*;
         let values: Vec<f32> = match (&self.data, self.dtype) {
-            (TensorData::Raw(b), Float) => le_chunks::<4>(b).map(f32::from_le_bytes).collect(),
+            (TensorData::Raw(b), Float) => le_bytes_to_f32s(b),
             (TensorData::Raw(b), Double) => le_chunks::<8>(b).map(|c| f64::from_le_bytes(c) as f32).collect(),
             (TensorData::Raw(b), Float16) => le_chunks::<2>(b).map(|c| f16::from_le_bytes(c).to_f32()).collect(),
             (TensorData::Raw(b), Bfloat16) => le_chunks::<2>(b).map(|c| bf16::from_le_bytes(c).to_f32()).collect(),
@@ -173,6 +176,25 @@ impl Tensor {
         };
         self.to_array(values)
     }
+}
+
+/// f32 values as little-endian bytes (one copy on little-endian machines).
+pub fn f32s_to_le_bytes(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for chunk in values.chunks(4096) {
+        for v in chunk {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Little-endian bytes as f32 values (lengths were checked at load; a partial
+/// trailing chunk is ignored).
+pub fn le_bytes_to_f32s(bytes: &[u8]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(bytes.len() / 4);
+    out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+    out
 }
 
 fn dims_of(shape: &[usize]) -> Vec<i64> {

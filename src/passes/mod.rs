@@ -1,9 +1,10 @@
 //! Passes and the one driver that applies what they propose.
 //!
 //! A [`Pass`] looks at the model and proposes [`Patch`]es; [`run_pipeline`]
-//! applies them, validates the IR after each patch (always in tests and debug
-//! builds, on request otherwise), repeats a pass until it proposes nothing (up to
-//! an iteration cap), and can stop after N patches to bisect a bad rewrite.
+//! applies them, repeats a pass until it proposes nothing (up to an iteration
+//! cap), and can stop after N patches to bisect a bad rewrite. It validates the
+//! IR after every pass, and after every single patch when asked (the tests ask,
+//! so that a broken patch is named; the CLI checks per pass to stay fast).
 //! The order of passes is written once, in `pipeline.rs`.
 
 pub mod check;
@@ -53,13 +54,13 @@ pub struct DriverOptions {
     pub max_rounds: usize,
     /// Stop after this many applied patches (bisecting a bad rewrite).
     pub stop_after: Option<usize>,
-    /// Validate the IR after every patch.
+    /// Validate the IR after every patch, not only after every pass.
     pub validate: bool,
 }
 
 impl Default for DriverOptions {
     fn default() -> Self {
-        DriverOptions { max_rounds: 32, stop_after: None, validate: cfg!(debug_assertions) }
+        DriverOptions { max_rounds: 32, stop_after: None, validate: false }
     }
 }
 
@@ -72,6 +73,7 @@ pub struct PassRecord {
     pub by_origin: BTreeMap<String, usize>,
     pub nodes_before: usize,
     pub nodes_after: usize,
+    pub milliseconds: u64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
 }
@@ -86,6 +88,7 @@ pub fn run_pipeline(model: &mut Model, passes: &[Box<dyn Pass>], options: &Drive
             nodes_before: model.graph.node_count(),
             ..PassRecord::default()
         };
+        let started = std::time::Instant::now();
         let mut rounds = 0;
         'rounds: loop {
             let patches = pass.propose(model)?;
@@ -119,7 +122,12 @@ pub fn run_pipeline(model: &mut Model, passes: &[Box<dyn Pass>], options: &Drive
             }
         }
         import_used_domains(model);
+        model.graph.validate(&std::collections::HashSet::new()).map_err(|source| PassError::Patch {
+            pass: pass.name().into(),
+            source: PatchError::Invalid { origin: format!("the {} pass", pass.name()), source },
+        })?;
         record.notes = pass.take_notes();
+        record.milliseconds = started.elapsed().as_millis() as u64;
         record.nodes_after = model.graph.node_count();
         records.push(record);
         if options.stop_after.is_some_and(|limit| applied_total >= limit) {
