@@ -233,12 +233,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if !quiet {
                 print_records(&records);
             }
+            let verify_options = verify::VerifyOptions { atol, rtol, ..Default::default() };
             let comparison = if no_verify {
                 None
             } else {
                 let _progress = Progress::start(quiet, "checking the result in tract".into());
-                let options = verify::VerifyOptions { atol, rtol, ..Default::default() };
-                Some(onnxopt::passes::verify_rewrite(&original, &optimized, &options).map_err(anyhow::Error::from)?)
+                Some(onnxopt::passes::verify_rewrite(&original, &optimized, &verify_options).map_err(anyhow::Error::from)?)
             };
             if let Some(path) = &report {
                 let json = serde_json::json!({
@@ -254,8 +254,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     eprintln!("tract check: max abs {:.3e}, cosine {:.6}", c.max_abs(), c.outputs.iter().map(|o| o.cosine).fold(1.0, f64::min));
                 }
                 if !c.passed() {
-                    let last = records.iter().rev().find(|r| r.patches > 0).map(|r| r.pass.as_str()).unwrap_or("none");
-                    eprintln!("error: the result differs from the input beyond tolerance (last pass that changed the model: {last}; bisect with --stop-after); nothing written");
+                    let culprit = {
+                        let _progress = Progress::start(quiet, "finding the pass that broke it".into());
+                        onnxopt::passes::first_failing_pass(&original, &pipeline, &driver, &verify_options).map_err(anyhow::Error::from)?
+                    };
+                    let culprit = culprit.unwrap_or_else(|| "none alone (the passes together)".into());
+                    eprintln!("error: the result differs from the input beyond tolerance; the first pass whose result does: {culprit}; nothing written (bisect its patches with --stop-after)");
                     return Err(Failure::VerificationFailed);
                 }
             }

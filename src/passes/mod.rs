@@ -171,3 +171,25 @@ pub fn verify_rewrite(original: &Model, rewritten: &Model, options: &crate::veri
     };
     Ok(crate::verify::compare(&lowered(original)?, &lowered(rewritten)?, options)?)
 }
+
+/// The first pass after which `original` and the rewritten model differ beyond
+/// tolerance: passes run one at a time, each checked in tract. For naming the
+/// culprit once a whole pipeline's result failed its check.
+pub fn first_failing_pass(
+    original: &Model,
+    passes: &[Box<dyn Pass>],
+    driver: &DriverOptions,
+    options: &crate::verify::VerifyOptions,
+) -> Result<Option<String>, CheckError> {
+    let mut model = original.clone();
+    for (index, pass) in passes.iter().enumerate() {
+        let record = run_pipeline(&mut model, std::slice::from_ref(pass), driver)?;
+        if record.iter().all(|r| r.patches == 0) {
+            continue;
+        }
+        if !verify_rewrite(original, &model, options)?.passed() {
+            return Ok(Some(format!("{} (pass {} of {})", pass.name(), index + 1, passes.len())));
+        }
+    }
+    Ok(None)
+}

@@ -12,7 +12,10 @@
 //!    single-use intermediates (a fusion refuses a value used outside its match).
 //! 6. `fuse`: the rules of `passes/*.rules` for the target (canonical forms,
 //!    attention, layer norm, Gelu), to a fixpoint.
-//! 7. `eliminate-dead-code` again: shape computations only the fused nodes read.
+//! 7. `merge-common-subexpressions` again: fusions compute new constants
+//!    (packed QKV weights) that may repeat (all-zero biases of several layers).
+//! 8. `eliminate-dead-code` again: what only the fused nodes read, and the
+//!    duplicates 7 replaced.
 
 use super::common_subexpression::MergeCommonSubexpressions;
 use super::constant_folding::FoldConstants;
@@ -81,6 +84,7 @@ pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box
         Box::new(MergeCommonSubexpressions),
         Box::new(EliminateDeadCode),
         Box::new(Fuse::new(target.name(), options.trace_rule.clone())),
+        Box::new(MergeCommonSubexpressions),
         Box::new(EliminateDeadCode),
     ];
     all.into_iter()
