@@ -4,7 +4,6 @@ use super::{dims, var, Function};
 use crate::ir::{AttrValue, Tensor, TensorData};
 use crate::rewrite::matcher::MatchContext;
 use crate::rewrite::rule::Arg;
-use ndarray::{concatenate, ArrayD, Axis};
 
 pub(super) const FUNCTIONS: &[(&str, Function)] = &[
     ("head-split", Function::Condition(head_split)),
@@ -48,19 +47,38 @@ fn heads(ctx: &MatchContext, args: &[Arg]) -> Result<AttrValue, String> {
 
 /// `(concat-last ?a ?b ...)`: constants concatenated along their last axis
 /// (packing Q, K and V weights [H, H] x 3 into [H, 3H], biases into [3H]).
+/// Rows are copied as bytes: no conversion, the dtype is kept (float32 or float16).
 fn concat_last(ctx: &MatchContext, args: &[Arg]) -> Result<Tensor, String> {
-    let mut parts: Vec<ArrayD<f32>> = Vec::new();
+    let mut parts: Vec<&Tensor> = Vec::new();
     for i in 0..args.len() {
         let t = var(ctx, args, i)?;
-        let c = ctx.constant(t).ok_or_else(|| format!("'{t}' is not a constant"))?;
-        if matches!(c.data, TensorData::Empty) {
-            return Err(format!("'{t}' holds no values"));
-        }
-        parts.push(c.to_f32().map_err(|e| e.to_string())?);
+        parts.push(ctx.constant(t).ok_or_else(|| format!("'{t}' is not a constant"))?);
     }
-    let axis = parts.first().map(|p| p.ndim()).filter(|&n| n > 0).ok_or("nothing to concatenate")? - 1;
-    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-    let joined = concatenate(Axis(axis), &views).map_err(|e| format!("cannot concatenate: {e}"))?;
-    Ok(Tensor::from_f32("", &joined))
+    let first = parts.first().ok_or("nothing to concatenate")?;
+    let rank = first.dims.len();
+    if rank == 0 {
+        return Err("scalars have no last axis".into());
+    }
+    let element_bytes = first.dtype.bit_width().filter(|b| b % 8 == 0).ok_or("a sub-byte or string type")? as usize / 8;
+    let outer: Vec<i64> = first.dims[..rank - 1].to_vec();
+    let mut rows: Vec<&[u8]> = Vec::new();
+    for p in &parts {
+        if p.dtype != first.dtype || p.dims.len() != rank || p.dims[..rank - 1] != outer[..] {
+            return Err(format!("'{}' {:?} {} does not stack with '{}' {:?} {}", p.name, p.dims, p.dtype, first.name, first.dims, first.dtype));
+        }
+        let TensorData::Raw(bytes) = &p.data else { return Err(format!("'{}' does not hold raw data", p.name)) };
+        rows.push(bytes);
+    }
+    let row_count: usize = outer.iter().map(|&d| d as usize).product();
+    let widths: Vec<usize> = parts.iter().map(|p| p.dims[rank - 1] as usize * element_bytes).collect();
+    let mut joined = Vec::with_capacity(rows.iter().map(|r| r.len()).sum());
+    for r in 0..row_count {
+        for (bytes, &width) in rows.iter().zip(&widths) {
+            joined.extend_from_slice(bytes.get(r * width..(r + 1) * width).ok_or("data shorter than its dims")?);
+        }
+    }
+    let mut dims = outer;
+    dims.push(parts.iter().map(|p| p.dims[rank - 1]).sum());
+    Ok(Tensor::from_raw("", first.dtype, dims, joined.into()))
 }
 
