@@ -2,7 +2,7 @@
 //! and the optional real models under ../shared.
 #![allow(dead_code)]
 
-use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model};
+use onnxopt::ir::{DataType, GraphBuilder, Model};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -15,8 +15,7 @@ pub fn small_mlp() -> Model {
     let bias = b.initializer_f32("b", &[8], &[0.1; 8]);
     let h = b.node("MatMul", &[&x, &w]);
     let h = b.node("Add", &[&h, &bias]);
-    let y = b.node_with("Relu", &[&h], vec![]);
-    let _ = AttrValue::Int(0);
+    let y = b.node("Relu", &[&h]);
     b.output(&y, DataType::Float, &[-1, 8]);
     b.into_model(17)
 }
