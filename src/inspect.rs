@@ -101,9 +101,11 @@ fn architecture(model: &Model) -> Architecture {
     let count = |op: &str| g.nodes().filter(|n| n.op_type == op).count();
     let has_input = |needle: &str| g.inputs.iter().any(|i| i.name.contains(needle));
     // Embedding table: a Gather on an initializer indexed by input_ids.
-    let embedding = g.uses("input_ids").iter().find_map(|u| {
-        let node = g.node(u.node)?;
-        (node.op_type == "Gather").then(|| g.initializer(node.inputs.first()?)).flatten()
+    // Embedding table: a Gather on an initializer indexed by input_ids, directly
+    // or through a Reshape/Cast/Unsqueeze (GPT-2 flattens the ids first).
+    let embedding = g.nodes().filter(|n| n.op_type == "Gather").find_map(|n| {
+        let table = g.initializer(n.inputs.first()?)?;
+        (table.dims.len() == 2 && derives_from(g, n.inputs.get(1)?, "input_ids", 3)).then_some(table)
     });
     let vocabulary = embedding.and_then(|t| t.dims.first().copied());
     let mut hidden_size = embedding.and_then(|t| t.dims.get(1).copied());
@@ -129,7 +131,13 @@ fn architecture(model: &Model) -> Architecture {
     let softmax = count("Softmax");
     let normalizations = count("LayerNormalization") + count("SkipLayerNormalization") + count("SimplifiedLayerNormalization")
         + count("SkipSimplifiedLayerNormalization") + count("RMSNormalization");
-    let causal = count("Trilu") > 0 || g.nodes().any(|n| n.name.to_lowercase().contains("causal"));
+    // A causal mask compares two position ranges (i <= j), or is a Trilu.
+    let compares_positions = |n: &Node| {
+        matches!(n.op_type.as_str(), "LessOrEqual" | "Less" | "GreaterOrEqual" | "Greater")
+            && n.inputs.len() == 2
+            && n.inputs.iter().all(|i| comes_from_op(g, i, "Range", 4))
+    };
+    let causal = count("Trilu") > 0 || g.nodes().any(compares_positions);
     let kind = if has_input("decoder_input_ids") {
         "encoder-decoder"
     } else if has_input("pixel_values") {
@@ -148,6 +156,24 @@ fn architecture(model: &Model) -> Architecture {
         _ => None,
     };
     Architecture { kind: kind.into(), layers, hidden_size, heads, vocabulary }
+}
+
+/// `tensor` is `source`, or computed from it through at most `hops` one-input
+/// reshaping ops.
+fn derives_from(g: &Graph, tensor: &str, source: &str, hops: usize) -> bool {
+    if tensor == source {
+        return true;
+    }
+    let Some(node) = g.producer(tensor).and_then(|(id, _)| g.node(id)) else { return false };
+    hops > 0
+        && matches!(node.op_type.as_str(), "Reshape" | "Cast" | "Unsqueeze" | "Flatten" | "Squeeze")
+        && node.inputs.first().is_some_and(|i| derives_from(g, i, source, hops - 1))
+}
+
+/// `tensor` is computed by an `op` node within `hops` producers (any input).
+fn comes_from_op(g: &Graph, tensor: &str, op: &str, hops: usize) -> bool {
+    let Some(node) = g.producer(tensor).and_then(|(id, _)| g.node(id)) else { return false };
+    node.op_type == op || (hops > 0 && node.inputs.iter().any(|i| comes_from_op(g, i, op, hops - 1)))
 }
 
 fn human_bytes(n: u64) -> String {

@@ -120,3 +120,26 @@ fn inspect_recognises_minilm() {
         assert!(s["parameters"].as_u64().unwrap() > 22_000_000);
     }
 }
+
+/// The architecture `inspect` recognises on every committed fixture.
+#[test]
+fn inspect_recognises_the_fixtures() {
+    let expected = [
+        ("bert.ts.onnx", "encoder", Some(2), 32, 4),
+        ("bert.dynamo.onnx", "encoder", Some(2), 32, 4),
+        ("bert-eager.ts.onnx", "encoder", Some(2), 32, 4),
+        ("gpt2.ts.onnx", "decoder", Some(2), 32, 4),
+        ("gpt2.dynamo.onnx", "decoder", Some(2), 32, 4),
+        ("llama.ts.onnx", "decoder", Some(2), 64, 4),
+        ("llama.dynamo.onnx", "decoder", Some(2), 64, 4),
+        ("vit.ts.onnx", "vision-encoder", Some(2), 32, 4),
+        ("vit.dynamo.onnx", "vision-encoder", Some(2), 32, 4),
+        ("t5.ts.onnx", "encoder-decoder", None, 32, 4),
+        ("t5.dynamo.onnx", "encoder-decoder", None, 32, 4),
+    ];
+    for (file, kind, layers, hidden, heads) in expected {
+        let model = onnx::load(&fixture(file)).unwrap();
+        let a = inspect::summarize(&model).architecture;
+        assert_eq!((a.kind.as_str(), a.layers, a.hidden_size, a.heads), (kind, layers, Some(hidden), Some(heads)), "{file}");
+    }
+}
