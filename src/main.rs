@@ -48,7 +48,7 @@ enum Command {
         output: OutputArgs,
     },
     /// Fuse and clean up a model for a target, check the result in tract, write it.
-    #[command(after_help = "Examples:\n  onnxopt optimize model.onnx -o model.ort.onnx --target ort --report report.json\n  onnxopt optimize model.onnx -o model.trt.onnx --target tensorrt\n  onnxopt optimize model.onnx -o out.onnx --stop-after 3     # bisect a bad rewrite\n  onnxopt optimize model.onnx -o out.onnx --trace-rule attention-sdpa --no-verify")]
+    #[command(after_help = "Examples:\n  onnxopt optimize model.onnx -o model.ort.onnx --target ort --report report.json\n  onnxopt optimize model.onnx -o model.trt.onnx --target tensorrt\n  onnxopt optimize model.onnx -o model.std.onnx --target portable --opset 20   # standard Gelu\n  onnxopt optimize model.onnx -o out.onnx --stop-after 3     # bisect a bad rewrite\n  onnxopt optimize model.onnx -o out.onnx --trace-rule attention-sdpa --no-verify")]
     Optimize {
         input: PathBuf,
         #[command(flatten)]
@@ -56,6 +56,11 @@ enum Command {
         /// ort (com.microsoft fused ops), portable (standard ONNX), tensorrt.
         #[arg(long, default_value = "ort")]
         target: Target,
+        /// Raise the model's default-domain (ai.onnx) opset to N first (17 to 23;
+        /// exact; refused for a model with an op whose changes raise-opset does
+        /// not know). Rules with newer standard ops then apply (Gelu from 20).
+        #[arg(long, value_name = "N")]
+        opset: Option<i64>,
         /// Write what each pass did, node counts and the verification as JSON.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -217,9 +222,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let model = load(&input, quiet, true)?;
             save(&model, &input, &output, quiet)?;
         }
-        Command::Optimize { input, output, target, report, no_verify, passes, skip, stop_after, trace_rule, atol, rtol } => {
+        Command::Optimize { input, output, target, opset, report, no_verify, passes, skip, stop_after, trace_rule, atol, rtol } => {
             let original = load(&input, quiet, true)?;
-            let options = PipelineOptions { only: passes, skip, trace_rule };
+            let options = PipelineOptions { only: passes, skip, trace_rule, opset };
             let pipeline = optimization_passes(target, &options);
             let mut optimized = original.clone();
             let driver = DriverOptions { stop_after, ..DriverOptions::default() };
@@ -244,6 +249,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let json = serde_json::json!({
                     "input": input, "output": output.output, "target": target.name(),
                     "nodes_before": original.graph.node_count(), "nodes_after": optimized.graph.node_count(),
+                    "opset_before": original.opset(""), "opset_after": optimized.opset(""),
                     "passes": records, "verification": comparison,
                 });
                 std::fs::write(path, serde_json::to_string_pretty(&json).context("encoding the report")?)

@@ -67,11 +67,11 @@ impl Pass for Fuse {
                     continue;
                 }
                 match match_rule(graph, &types, &self.registry, rule, id) {
-                    Ok(bindings) if bindings.nodes.iter().any(|n| claimed.contains(n)) => {}
+                    Ok(bindings) if bindings.removed_nodes().any(|n| claimed.contains(&n)) => {}
                     Ok(bindings) => {
                         let patch = instantiate(graph, &types, &self.registry, rule, template, &bindings)
                             .map_err(|message| PassError::Failed { pass: format!("fuse/{}", rule.name), message })?;
-                        claimed.extend(bindings.nodes.iter().copied());
+                        claimed.extend(bindings.removed_nodes());
                         patches.push(patch);
                         break;
                     }

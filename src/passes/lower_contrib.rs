@@ -457,16 +457,18 @@ impl<'m> Lowering<'m> {
     /// ORT's RMS norm (`layer_norm_impl.cc`, simplified): over `axes`,
     /// `rms = sqrt(mean(x^2) + eps)`, `y = x / rms * scale`, `inv_std_var = 1 / rms`,
     /// computed in float32 (half inputs are widened, as ORT's kernel does; y is
-    /// narrowed back to `y_type`).
-    fn rms_norm(&mut self, x: &str, scale: &str, axes: &[i64], epsilon: f32, y_type: DataType, outputs: [Option<&str>; 3]) -> Result<(), Refusal> {
-        let widen = |this: &mut Self, name: &str, what: &str| -> Result<String, Refusal> {
-            Ok(match this.float_type(name)? {
+    /// narrowed back to `y_type`). `x` comes with its type: it may be a tensor
+    /// this lowering made (SkipSimplifiedLayerNormalization's sum), untyped yet.
+    fn rms_norm(&mut self, (x, x_type): (&str, DataType), scale: &str, axes: &[i64], epsilon: f32, y_type: DataType, outputs: [Option<&str>; 3]) -> Result<(), Refusal> {
+        let widen = |this: &mut Self, name: &str, dtype: DataType, what: &str| -> String {
+            match dtype {
                 DataType::Float => name.to_string(),
                 _ => this.cast(name, DataType::Float, what),
-            })
+            }
         };
-        let xf = widen(self, x, "x_f32")?;
-        let scale_f = widen(self, scale, "scale_f32")?;
+        let xf = widen(self, x, x_type, "x_f32");
+        let scale_type = self.float_type(scale)?;
+        let scale_f = widen(self, scale, scale_type, "scale_f32");
         let eps = self.float_scalar("epsilon", DataType::Float, epsilon as f64);
         let square = self.op("Mul", &[&xf, &xf], "square");
         let mean_square = self.reduce_mean(&square, axes, "mean_square");
@@ -673,7 +675,8 @@ impl<'m> Lowering<'m> {
         };
         let epsilon = self.float_attr("epsilon", 1e-5);
         let y_type = self.float_type(scale)?;
-        self.rms_norm(x, scale, &axes, epsilon, y_type, [self.used_output(0), None, self.used_output(1)])
+        let x_type = self.float_type(x)?;
+        self.rms_norm((x, x_type), scale, &axes, epsilon, y_type, [self.used_output(0), None, self.used_output(1)])
     }
 
     /// SkipSimplifiedLayerNormalization: `s = (input + skip) + bias`, then the RMS
@@ -685,7 +688,7 @@ impl<'m> Lowering<'m> {
         let sum = self.skip_sum(input, skip, self.input(3), self.used_output(3));
         let epsilon = self.float_attr("epsilon", 1e-12);
         let outputs = [self.used_output(0), self.used_output(1), self.used_output(2)];
-        self.rms_norm(&sum, gamma, &[-1], epsilon, dtype, outputs)
+        self.rms_norm((&sum, dtype), gamma, &[-1], epsilon, dtype, outputs)
     }
 
     /// EmbedLayerNormalization:

@@ -15,6 +15,7 @@ pub mod dead_code;
 pub mod fuse;
 pub mod no_op;
 pub mod pipeline;
+pub mod raise_opset;
 pub mod shape_folding;
 
 use crate::ir::{Model, Patch, PatchError};
@@ -46,6 +47,15 @@ pub trait Pass {
     }
     /// The patches this pass would make to `model` now; empty when it is done.
     fn propose(&self, model: &Model) -> Result<Vec<Patch>, PassError>;
+    /// The default-domain opset `model` must import once this pass has run, for
+    /// a pass that changes it (`raise-opset`); `None` leaves the import alone. A
+    /// patch edits the graph only, so the driver sets the import, after the
+    /// pass's last round and before the next pass: no pass sees nodes of one
+    /// opset under the import of another. Asked of the model as the pass left
+    /// it (a bisect may have stopped the pass before its patches).
+    fn default_opset(&self, _model: &Model) -> Option<i64> {
+        None
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -121,6 +131,9 @@ pub fn run_pipeline(model: &mut Model, passes: &[Box<dyn Pass>], options: &Drive
                 break;
             }
         }
+        if let Some(version) = pass.default_opset(model) {
+            set_default_opset(model, version);
+        }
         import_used_domains(model);
         model.graph.validate(&std::collections::HashSet::new()).map_err(|source| PassError::Patch {
             pass: pass.name().into(),
@@ -135,6 +148,14 @@ pub fn run_pipeline(model: &mut Model, passes: &[Box<dyn Pass>], options: &Drive
         }
     }
     Ok(records)
+}
+
+/// Makes the model import the default domain at `version`.
+fn set_default_opset(model: &mut Model, version: i64) {
+    match model.opset_imports.iter_mut().find(|o| o.domain.is_empty() || o.domain == "ai.onnx") {
+        Some(import) => import.version = version,
+        None => model.opset_imports.push(crate::ir::OpsetImport { domain: String::new(), version, extras: Default::default() }),
+    }
 }
 
 /// Adds an opset import for every domain a node now uses (a fusion that emits

@@ -1,5 +1,12 @@
 //! The pass order, written once.
 //!
+//! 0. `raise-opset` (only with `--opset N`): first, so that every later pass
+//!    works at the final opset: the fusion rules choose their emissions by it
+//!    (`:portable@20 (Gelu ?x)`), and constants folded or nodes emitted by
+//!    later passes are then in the new opset's forms (ReduceMean axes as an
+//!    input) rather than left behind in the old ones. It is not an optimization
+//!    and `--passes` / `--skip` do not select it: the output's opset is what the
+//!    user asked for.
 //! 1. `remove-no-ops`: Identity, same-shape Reshape, ... go first: exporters put
 //!    them inside the patterns fusions look for (an Identity between a bias and
 //!    its Add, a Reshape to the same shape inside attention).
@@ -22,6 +29,7 @@ use super::constant_folding::FoldConstants;
 use super::dead_code::EliminateDeadCode;
 use super::fuse::Fuse;
 use super::no_op::RemoveNoOps;
+use super::raise_opset::RaiseOpset;
 use super::shape_folding::FoldShapes;
 use super::Pass;
 use std::fmt;
@@ -32,7 +40,7 @@ use std::str::FromStr;
 pub enum Target {
     /// ONNX Runtime: com.microsoft fused ops.
     Ort,
-    /// Standard ONNX only, at the model's opset.
+    /// Standard ONNX only, at the model's opset (or the one `--opset` raises it to).
     Portable,
     /// Standard ops TensorRT parses, in the shapes its own fusions recognise.
     TensorRt,
@@ -73,6 +81,8 @@ pub struct PipelineOptions {
     pub only: Option<Vec<String>>,
     pub skip: Vec<String>,
     pub trace_rule: Option<String>,
+    /// Raise the default-domain opset to this version first (`raise-opset`).
+    pub opset: Option<i64>,
 }
 
 /// The passes for `target`, in order.
@@ -87,10 +97,12 @@ pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box
         Box::new(MergeCommonSubexpressions),
         Box::new(EliminateDeadCode),
     ];
-    all.into_iter()
+    let raise = options.opset.map(|to| Box::new(RaiseOpset { to }) as Box<dyn Pass>);
+    let selected = all
+        .into_iter()
         .filter(|p| options.only.as_ref().is_none_or(|only| only.iter().any(|n| n == p.name())))
-        .filter(|p| !options.skip.iter().any(|n| n == p.name()))
-        .collect()
+        .filter(|p| !options.skip.iter().any(|n| n == p.name()));
+    raise.into_iter().chain(selected).collect()
 }
 
 /// Every pass name, for `--passes` / `--skip` validation.

@@ -18,6 +18,8 @@ use std::sync::OnceLock;
 /// specific rule comes before one that would match a part of its pattern.
 pub const RULE_FILES: &[(&str, &str)] = &[
     ("passes/canonical.rules", include_str!("../../passes/canonical.rules")),
+    // before attention.rules: its encoder patterns would match parts of a decoder block
+    ("passes/llama.rules", include_str!("../../passes/llama.rules")),
     ("passes/attention.rules", include_str!("../../passes/attention.rules")),
     ("passes/layer_norm.rules", include_str!("../../passes/layer_norm.rules")),
     ("passes/gelu.rules", include_str!("../../passes/gelu.rules")),

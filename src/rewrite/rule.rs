@@ -19,6 +19,30 @@
 //! every target. In templates,
 //! `(function args...)` in input position is a computed constant, and
 //! `:attr (function args...)` a computed attribute.
+//!
+//! What may be absent (one rule for the forms exporters choose between):
+//! - `?b?` as an input: the node may lack that optional input (Gemm without C,
+//!   opset-18 Split without sizes); ?b then binds the empty name, which a
+//!   template emits as an omitted optional input and conditions see as absent.
+//! - `(Op? first ?a ...)`: the node may be missing altogether; the tensor is
+//!   then matched against `first`, and the vars of the other inputs bind the
+//!   empty name (`(Add? scores ?mask)`: attention with or without a mask).
+//!   The other inputs of an optional node are ?vars or `_`.
+//!
+//! `:outputN @label` in a template node (N >= 1): the emitted node's output N
+//! writes the tensor the pattern node `@label` matched, so readers outside the
+//! match keep reading it; that tensor may then be used outside the match
+//! (SkipSimplifiedLayerNormalization's output 3 is the residual sum the next
+//! block reads). Outputs between 0 and N that neither `:outputs` nor
+//! `:outputN` name are left out (""). Every template of the rule must write
+//! the same labels, or a target would lose the tensor.
+//!
+//! `:absorb Shape` lets a node of that type outside the pattern read a matched
+//! intermediate, provided everything it computes feeds only matched nodes: it
+//! is removed with the match instead of blocking it (exporters compute a
+//! Reshape's target from the Shape of the tensor they reshape, GPT-2's
+//! `Shape(q) -> Gather -> Concat -> Reshape(q)`). Template vars must not come
+//! from such nodes.
 
 use super::functions::{Registry, Role};
 use super::sexpr::SExpr;
@@ -51,6 +75,8 @@ pub struct Call {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Pattern {
     Var(String),
+    /// `?x?`: a tensor, or an absent optional input (binds the empty name).
+    OptionalVar(String),
     Any,
     Constant(f64),
     Node(NodePattern),
@@ -62,6 +88,8 @@ pub struct NodePattern {
     pub op_type: String,
     pub output: usize,
     pub label: Option<String>,
+    /// `Op?`: the node may be missing (see the module documentation).
+    pub optional: bool,
     pub attrs: Vec<(String, Literal)>,
     pub inputs: Vec<Pattern>,
 }
@@ -89,6 +117,8 @@ pub struct NodeTemplate {
     /// first carries the matched value, the others are unused but required by
     /// the op's schema (ORT's EmbedLayerNormalization infers output 1 always).
     pub outputs: usize,
+    /// `:outputN @label`: (N, label) (see the module documentation).
+    pub kept: Vec<(usize, String)>,
     pub attrs: Vec<(String, AttrTemplate)>,
     pub inputs: Vec<Template>,
 }
@@ -110,6 +140,8 @@ pub struct Rule {
     pub doc: Vec<String>,
     pub pattern: NodePattern,
     pub conditions: Vec<Call>,
+    /// Op types whose reads of matched intermediates are removed with the match (`:absorb`).
+    pub absorb: Vec<String>,
     pub emissions: Vec<Emission>,
 }
 
@@ -117,6 +149,44 @@ impl Rule {
     pub fn emission(&self, target: &str, opset: i64) -> Option<&Emission> {
         self.emissions.iter().find(|e| e.target == target && e.min_opset.is_none_or(|m| opset >= m))
     }
+
+    /// The labels whose matched tensor the templates write again (`:outputN
+    /// @label`): the same for every template (the parser checks).
+    pub fn kept_labels(&self) -> Vec<&str> {
+        self.emissions.first().map(|e| kept_labels(&e.template)).unwrap_or_default()
+    }
+}
+
+impl NodePattern {
+    /// Which output of its node the pattern labelled `label` matches.
+    pub fn labelled_output(&self, label: &str) -> Option<usize> {
+        if self.label.as_deref() == Some(label) {
+            return Some(self.output);
+        }
+        self.inputs.iter().find_map(|i| match i {
+            Pattern::Node(n) => n.labelled_output(label),
+            _ => None,
+        })
+    }
+}
+
+/// `output3` -> 3: the template key of `:outputN @label`.
+fn kept_output_index(key: &str) -> Option<usize> {
+    key.strip_prefix("output").filter(|n| !n.is_empty()).and_then(|n| n.parse().ok())
+}
+
+/// The labels a template's `:outputN @label`s write, sorted.
+fn kept_labels(t: &Template) -> Vec<&str> {
+    let mut labels = Vec::new();
+    let mut stack = vec![t];
+    while let Some(t) = stack.pop() {
+        if let Template::Node(n) = t {
+            labels.extend(n.kept.iter().map(|(_, l)| l.as_str()));
+            stack.extend(&n.inputs);
+        }
+    }
+    labels.sort_unstable();
+    labels
 }
 
 /// A rule file that does not parse, at `file:line`.
@@ -133,6 +203,15 @@ pub const TARGETS: [&str; 3] = ["ort", "portable", "tensorrt"];
 /// Ops whose two inputs may be swapped.
 pub fn is_commutative(op_type: &str) -> bool {
     matches!(op_type, "Add" | "Mul" | "Max" | "Min" | "And" | "Or" | "Equal" | "Sum")
+}
+
+/// The head of a node pattern or template: `domain.Op#output@label?`.
+struct OpHead {
+    domain: String,
+    op_type: String,
+    output: usize,
+    label: Option<String>,
+    optional: bool,
 }
 
 struct RuleParser<'a> {
@@ -155,14 +234,25 @@ impl RuleParser<'_> {
         let Pattern::Node(pattern) = self.pattern(pattern_expr)? else {
             return Err(self.error(pattern_expr, "a rule's pattern must be a node pattern (Op ...)"));
         };
+        if pattern.optional {
+            return Err(self.error(pattern_expr, "a rule's root cannot be optional"));
+        }
         let mut conditions = Vec::new();
+        let mut absorb = Vec::new();
         let mut emissions = Vec::new();
         let mut rest = items[3..].iter();
         while let Some(key) = rest.next() {
-            let key_text = key.atom().filter(|k| k.starts_with(':')).ok_or_else(|| self.error(key, "expected :if or :TARGET"))?;
+            let key_text = key.atom().filter(|k| k.starts_with(':')).ok_or_else(|| self.error(key, "expected :if, :absorb or :TARGET"))?;
             let value = rest.next().ok_or_else(|| self.error(key, format!("{key_text} needs a value")))?;
             if key_text == ":if" {
                 conditions.push(self.call(value, Role::Condition)?);
+                continue;
+            }
+            if key_text == ":absorb" {
+                match self.op_head(value)? {
+                    OpHead { domain, op_type, output: 0, label: None, optional: false } if domain.is_empty() => absorb.push(op_type),
+                    _ => return Err(self.error(value, ":absorb takes a standard op name (Shape)")),
+                }
                 continue;
             }
             let (target, min_opset) = match key_text[1..].split_once('@') {
@@ -175,6 +265,12 @@ impl RuleParser<'_> {
             }
             let template = self.template(value)?;
             self.check_template_vars(&template, &pattern, value)?;
+            if let Some(label) = kept_labels(&template).into_iter().find(|l| pattern.labelled_output(l).is_none()) {
+                return Err(self.error(value, format!("@{label} is written by the template but the pattern never labels it")));
+            }
+            if emissions.first().is_some_and(|e: &Emission| kept_labels(&e.template) != kept_labels(&template)) {
+                return Err(self.error(value, "every template of a rule must write the same @labels with :outputN"));
+            }
             for target in targets {
                 emissions.push(Emission { target: target.to_string(), min_opset, template: template.clone() });
             }
@@ -182,7 +278,7 @@ impl RuleParser<'_> {
         if emissions.is_empty() {
             return Err(self.error(expr, format!("rule {name} emits nothing: give it :ort, :portable, :tensorrt or :all")));
         }
-        Ok(Rule { name: name.to_string(), location: format!("{}:{}", self.file, expr.line()), doc, pattern, conditions, emissions })
+        Ok(Rule { name: name.to_string(), location: format!("{}:{}", self.file, expr.line()), doc, pattern, conditions, absorb, emissions })
     }
 
     fn literal(&self, e: &SExpr) -> Option<Literal> {
@@ -207,8 +303,8 @@ impl RuleParser<'_> {
         }
     }
 
-    /// `domain.Op`, `Op#1` and `Op@label` heads.
-    fn op_head(&self, e: &SExpr) -> Result<(String, String, usize, Option<String>), RuleError> {
+    /// `domain.Op`, `Op#1`, `Op@label` and `Op?` heads.
+    fn op_head(&self, e: &SExpr) -> Result<OpHead, RuleError> {
         let text = e.atom().ok_or_else(|| self.error(e, "expected an op name"))?;
         let (text, label) = match text.split_once('@') {
             Some((t, l)) => (t, Some(l.to_string())),
@@ -218,6 +314,10 @@ impl RuleParser<'_> {
             Some((t, i)) => (t, i.parse::<usize>().map_err(|_| self.error(e, format!("bad output index in {text}")))?),
             None => (text, 0),
         };
+        let (text, optional) = match text.strip_suffix('?') {
+            Some(t) => (t, true),
+            None => (text, false),
+        };
         let (domain, op) = match text.rsplit_once('.') {
             Some((d, o)) => (d.to_string(), o.to_string()),
             None => (String::new(), text.to_string()),
@@ -225,7 +325,7 @@ impl RuleParser<'_> {
         if op.is_empty() || !op.starts_with(|c: char| c.is_ascii_uppercase()) {
             return Err(self.error(e, format!("'{text}' is not an op name (ops start with a capital)")));
         }
-        Ok((domain, op, output, label))
+        Ok(OpHead { domain, op_type: op, output, label, optional })
     }
 
     fn attrs_and_inputs<'e>(&self, items: &'e [SExpr]) -> Result<(Vec<(String, &'e SExpr)>, Vec<&'e SExpr>), RuleError> {
@@ -247,19 +347,30 @@ impl RuleParser<'_> {
     fn pattern(&self, e: &SExpr) -> Result<Pattern, RuleError> {
         match e {
             SExpr::Atom { text, .. } if text == "_" => Ok(Pattern::Any),
+            SExpr::Atom { text, .. } if text.starts_with('?') && text.len() > 2 && text.ends_with('?') => {
+                Ok(Pattern::OptionalVar(text[1..text.len() - 1].to_string()))
+            }
             SExpr::Atom { text, .. } if text.starts_with('?') && text.len() > 1 => Ok(Pattern::Var(text[1..].to_string())),
             SExpr::Atom { text, .. } => text.parse::<f64>().map(Pattern::Constant).map_err(|_| {
                 self.error(e, format!("'{text}' is not a pattern (write ?var, _, a number or (Op ...))"))
             }),
             SExpr::List { items, .. } if !items.is_empty() => {
-                let (domain, op_type, output, label) = self.op_head(&items[0])?;
+                let OpHead { domain, op_type, output, label, optional } = self.op_head(&items[0])?;
                 let (attrs, inputs) = self.attrs_and_inputs(&items[1..])?;
                 let attrs = attrs
                     .into_iter()
                     .map(|(k, v)| self.literal(v).map(|l| (k, l)).ok_or_else(|| self.error(v, "attribute patterns are literals")))
                     .collect::<Result<_, _>>()?;
-                let inputs = inputs.into_iter().map(|i| self.pattern(i)).collect::<Result<_, _>>()?;
-                Ok(Pattern::Node(NodePattern { domain, op_type, output, label, attrs, inputs }))
+                let inputs: Vec<Pattern> = inputs.into_iter().map(|i| self.pattern(i)).collect::<Result<_, _>>()?;
+                if optional {
+                    if inputs.is_empty() {
+                        return Err(self.error(e, format!("optional {op_type}? needs a first input to stand for it")));
+                    }
+                    if !inputs[1..].iter().all(|i| matches!(i, Pattern::Var(_) | Pattern::OptionalVar(_) | Pattern::Any)) {
+                        return Err(self.error(e, format!("the inputs of optional {op_type}? after its first must be ?vars or _")));
+                    }
+                }
+                Ok(Pattern::Node(NodePattern { domain, op_type, output, label, optional, attrs, inputs }))
             }
             _ => Err(self.error(e, "not a pattern")),
         }
@@ -292,7 +403,10 @@ impl RuleParser<'_> {
                 if head.starts_with(|c: char| c.is_ascii_lowercase()) && !head.contains('.') {
                     return Ok(Template::Computed(self.call(e, Role::Input)?));
                 }
-                let (domain, op_type, _, _) = self.op_head(&items[0])?;
+                let OpHead { domain, op_type, optional, .. } = self.op_head(&items[0])?;
+                if optional {
+                    return Err(self.error(&items[0], "a template emits its nodes: Op? is for patterns"));
+                }
                 let (mut attrs, inputs) = self.attrs_and_inputs(&items[1..])?;
                 let mut outputs = 1;
                 if let Some(at) = attrs.iter().position(|(k, _)| k == "outputs") {
@@ -302,6 +416,14 @@ impl RuleParser<'_> {
                         _ => return Err(self.error(v, ":outputs takes a count")),
                     };
                 }
+                let mut kept = Vec::new();
+                while let Some(at) = attrs.iter().position(|(k, _)| kept_output_index(k).is_some()) {
+                    let (k, v) = attrs.remove(at);
+                    match (kept_output_index(&k), v.atom().and_then(|a| a.strip_prefix('@'))) {
+                        (Some(n), Some(label)) if n >= 1 && !label.is_empty() => kept.push((n, label.to_string())),
+                        _ => return Err(self.error(v, format!(":{k} takes a @label and an output index of 1 or more"))),
+                    }
+                }
                 let attrs = attrs
                     .into_iter()
                     .map(|(k, v)| match self.literal(v) {
@@ -310,7 +432,7 @@ impl RuleParser<'_> {
                     })
                     .collect::<Result<_, RuleError>>()?;
                 let inputs = inputs.into_iter().map(|i| self.template(i)).collect::<Result<_, _>>()?;
-                Ok(Template::Node(NodeTemplate { domain, op_type, outputs, attrs, inputs }))
+                Ok(Template::Node(NodeTemplate { domain, op_type, outputs, kept, attrs, inputs }))
             }
             _ => Err(self.error(e, "not a template (write ?var, _, (Op ...) or (function ...))")),
         }
@@ -330,13 +452,14 @@ impl RuleParser<'_> {
 
 fn collect_vars(p: &Pattern, out: &mut Vec<String>) {
     match p {
-        Pattern::Var(v) => out.push(v.clone()),
+        Pattern::Var(v) | Pattern::OptionalVar(v) => out.push(v.clone()),
         Pattern::Node(n) => n.inputs.iter().for_each(|i| collect_vars(i, out)),
         _ => {}
     }
 }
 
-fn template_vars(t: &Template, out: &mut Vec<String>) {
+/// The vars a template reads (in inputs and computed attributes).
+pub(super) fn template_vars(t: &Template, out: &mut Vec<String>) {
     let args = |c: &Call, out: &mut Vec<String>| {
         for a in &c.args {
             if let Arg::Var(v) = a {

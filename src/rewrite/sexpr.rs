@@ -1,7 +1,9 @@
 //! S-expressions with line numbers: the surface syntax of `passes/*.rules`.
 //!
 //! `(list items)`, `[vector items]`, atoms (symbols, numbers, `?vars`, `:keys`),
-//! `"strings"`, and `#` comments to the end of the line.
+//! `"strings"`, and `#` comments to the end of the line. A `#` inside an atom is
+//! part of it (`Split#1`, an output index): only one that starts a token opens a
+//! comment.
 
 use std::fmt;
 
@@ -149,7 +151,7 @@ impl Parser {
             }
             Some(_) => {
                 let start = self.pos;
-                while self.chars.get(self.pos).is_some_and(|&c| !c.is_whitespace() && !"()[]\"#".contains(c)) {
+                while self.chars.get(self.pos).is_some_and(|&c| !c.is_whitespace() && !"()[]\"".contains(c)) {
                     self.pos += 1;
                 }
                 Ok(SExpr::Atom { text: self.chars[start..self.pos].iter().collect(), line })
@@ -169,6 +171,12 @@ mod tests {
         assert_eq!(parsed[0].1, vec!["doc line"]);
         assert_eq!(parsed[0].0.to_string(), "(a (b ?x) [1 2] :k \"s\")");
         assert_eq!(parsed[1].0.line(), 3);
+    }
+
+    #[test]
+    fn a_hash_inside_an_atom_is_not_a_comment() {
+        let parsed = parse("(Split#1@s ?x) # note\n").unwrap();
+        assert_eq!(parsed[0].0.to_string(), "(Split#1@s ?x)");
     }
 
     #[test]

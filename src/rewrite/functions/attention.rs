@@ -1,14 +1,19 @@
 //! Functions of the attention fusions: head splits, masks, packed weights.
 
 use super::{dims, var, Function};
-use crate::ir::{AttrValue, Tensor, TensorData};
+use crate::ir::{AttrValue, Dim, Tensor, TensorData};
 use crate::rewrite::matcher::MatchContext;
 use crate::rewrite::rule::Arg;
 
 pub(super) const FUNCTIONS: &[(&str, Function)] = &[
     ("head-split", Function::Condition(head_split)),
     ("attention-mask-shape", Function::Condition(attention_mask_shape)),
+    ("linear-over-last-axis", Function::Condition(linear_over_last_axis)),
+    ("packed-bias", Function::Condition(packed_bias)),
+    ("splits-last-axis-in-three", Function::Condition(splits_last_axis_in_three)),
+    ("scale-factors", Function::Condition(scale_factors)),
     ("heads", Function::Attribute(heads)),
+    ("ratio", Function::Attribute(ratio)),
     ("concat-last", Function::Input(concat_last)),
 ];
 
@@ -28,16 +33,128 @@ fn head_split(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     head_dims(ctx, var(ctx, args, 0)?).map(|_| ())
 }
 
-/// `(attention-mask-shape ?mask ?scores)`: the additive mask broadcasts over
+/// `(attention-mask-shape ?mask)`: the additive mask broadcasts over
 /// heads ([batch or 1, 1, seq or 1, seq]) as ORT's attention_bias requires
 /// (`(batch_size or 1, num_heads or 1, sequence_length, total_sequence_length)`,
 /// ORT 1.32 ContribOperators.md); a mask of [.., .., 1, seq] is expanded by ORT too.
+/// An absent mask (the `Add?` of the pattern skipped) passes: no attention_bias.
 fn attention_mask_shape(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     let mask = var(ctx, args, 0)?;
+    if mask.is_empty() {
+        return Ok(());
+    }
     match dims(ctx, mask)? {
         [_, h, _, _] if h.fixed() == Some(1) => Ok(()),
         d => Err(format!("mask '{mask}' has dims {d:?}, not [batch, 1, seq, seq]")),
     }
+}
+
+/// `(linear-over-last-axis ?x ?w @unflattened)`: `@unflattened =
+/// Reshape(Gemm(Reshape(?x, [-1, H]), ?w, ..), ..)` is ?x times ?w over its last
+/// axis: ?w is a 2-D constant [H, N] with H the static last dim of ?x (so the
+/// inner Reshape, which Gemm needs 2-D, is [batch*seq, H], rows in ?x's order),
+/// and @unflattened is [batch, seq, N] with ?x's leading dims, known.
+fn linear_over_last_axis(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let (x, w, out) = (var(ctx, args, 0)?, var(ctx, args, 1)?, var(ctx, args, 2)?);
+    let weights = ctx.constant(w).ok_or_else(|| format!("'{w}' is not a constant"))?;
+    let [rows, cols] = weights.dims[..] else { return Err(format!("'{w}' has rank {}, not 2", weights.dims.len())) };
+    match (dims(ctx, x)?, dims(ctx, out)?) {
+        ([b, s, h], [ob, os, n])
+            if h.fixed() == Some(rows) && n.fixed() == Some(cols) && b == ob && s == os && ![b, s].contains(&&Dim::Unknown) =>
+        {
+            Ok(())
+        }
+        (xd, od) => Err(format!("'{x}' {xd:?} times '{w}' [{rows}, {cols}] is not '{out}' {od:?} with the same leading dims")),
+    }
+}
+
+/// `(packed-bias ?b ?w)`: ?b is absent or a constant [N], N the columns of the
+/// 2-D ?w (Attention's bias is [3 hidden]; a Gemm's C may broadcast otherwise).
+fn packed_bias(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let (b, w) = (var(ctx, args, 0)?, var(ctx, args, 1)?);
+    if b.is_empty() {
+        return Ok(());
+    }
+    let cols = ctx.constant(w).and_then(|c| c.dims.last().copied()).ok_or_else(|| format!("'{w}' is not a constant"))?;
+    match ctx.constant(b) {
+        Some(c) if c.dims == [cols] => Ok(()),
+        Some(c) => Err(format!("'{b}' has dims {:?}, not [{cols}]", c.dims)),
+        None => Err(format!("'{b}' is not a constant")),
+    }
+}
+
+/// `(splits-last-axis-in-three @split)`: the Split has exactly three outputs of
+/// equal size along the last axis of its input (Q, K and V in packed order:
+/// Attention takes equal thirds of its packed weights unless qkv_hidden_sizes
+/// says otherwise).
+fn splits_last_axis_in_three(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let Some(Arg::Label(label)) = args.first() else { return Err("usage: (splits-last-axis-in-three @split)".into()) };
+    let split = ctx.labelled(label).ok_or_else(|| format!("@{label} is not bound"))?;
+    let input = split.inputs.first().map(String::as_str).unwrap_or_default();
+    let rank = dims(ctx, input)?.len() as i64;
+    let axis = split.attr_int("axis").unwrap_or(0);
+    if axis != rank - 1 && axis != -1 {
+        return Err(format!("Split '{}' is on axis {axis}, not the last of {rank}", split.name));
+    }
+    if split.outputs.len() != 3 {
+        return Err(format!("Split '{}' has {} outputs, not 3", split.name, split.outputs.len()));
+    }
+    let width = dims(ctx, input)?.last().and_then(Dim::fixed).ok_or_else(|| format!("the last dim of '{input}' is not static"))?;
+    let sizes: Vec<i64> = match split.inputs.get(1).filter(|s| !s.is_empty()) {
+        Some(sizes) => {
+            let values = ctx.constant(sizes).and_then(|c| c.to_i64().ok());
+            values.map(|a| a.iter().copied().collect()).ok_or_else(|| format!("split sizes '{sizes}' are not constant"))?
+        }
+        // before opset 13 the sizes are an attribute
+        None if split.attr("split").is_some() => split.attr_ints("split").unwrap_or_default().to_vec(),
+        // opset 18's num_outputs (or no sizes at all): equal parts when the width divides
+        None if width % 3 == 0 => vec![width / 3; 3],
+        None => return Err(format!("'{input}' of width {width} does not split in three equal parts")),
+    };
+    if sizes.len() == 3 && sizes.iter().all(|&s| s * 3 == width) {
+        Ok(())
+    } else {
+        Err(format!("Split '{}' sizes {sizes:?} are not three equal thirds of {width}", split.name))
+    }
+}
+
+/// `(scale-factors ?a ?b ...)`: each is a one-element non-zero float constant,
+/// or absent (the operand of a skipped `Mul?` or `Div?`): what `product` and
+/// `ratio` read. Zero is out: Attention reads `scale = 0` as "the default,
+/// 1/sqrt(head_size)" (ORT ContribOperators.md).
+fn scale_factors(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    for i in 0..args.len() {
+        let t = var(ctx, args, i)?;
+        if t.is_empty() {
+            continue;
+        }
+        match ctx.constant(t).and_then(|c| c.to_f32().ok()) {
+            Some(values) if values.len() == 1 && values.iter().all(|&v| v != 0.0 && v.is_finite()) => {}
+            _ => return Err(format!("'{t}' is not a finite non-zero scalar float constant")),
+        }
+    }
+    Ok(())
+}
+
+/// `(ratio ?numerator ?denominator)`: a scalar constant divided by another, as a
+/// float attribute; an absent one (a skipped `Mul?` or `Div?`) counts as 1.
+fn ratio(ctx: &MatchContext, args: &[Arg]) -> Result<AttrValue, String> {
+    let scalar = |i: usize| -> Result<f32, String> {
+        let t = var(ctx, args, i)?;
+        if t.is_empty() {
+            return Ok(1.0);
+        }
+        let values = ctx.constant(t).and_then(|c| c.to_f32().ok()).ok_or_else(|| format!("'{t}' is not a float constant"))?;
+        match values.iter().collect::<Vec<_>>()[..] {
+            [&v] => Ok(v),
+            _ => Err(format!("'{t}' is not a scalar")),
+        }
+    };
+    let (numerator, denominator) = (scalar(0)?, scalar(1)?);
+    if denominator == 0.0 {
+        return Err("the denominator is 0".into());
+    }
+    Ok(AttrValue::Float(numerator / denominator))
 }
 
 /// `(heads ?x)`: the heads dim of a [batch, seq, heads, head_size] tensor.

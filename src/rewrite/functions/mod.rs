@@ -5,6 +5,7 @@
 
 mod attention;
 mod general;
+mod llama;
 mod normalization;
 
 use super::matcher::MatchContext;
@@ -83,7 +84,7 @@ impl Registry {
     /// Every function the rules may call.
     pub fn standard() -> Registry {
         let mut registry = Registry { conditions: BTreeMap::new(), attributes: BTreeMap::new(), inputs: BTreeMap::new() };
-        for functions in [general::FUNCTIONS, attention::FUNCTIONS, normalization::FUNCTIONS] {
+        for functions in [general::FUNCTIONS, attention::FUNCTIONS, normalization::FUNCTIONS, llama::FUNCTIONS] {
             for &(name, function) in functions {
                 match function {
                     Function::Condition(f) => {

@@ -1,0 +1,339 @@
+//! The attention fusions beyond BERT's SDPA form (`passes/attention.rules`):
+//! GPT-2's packed QKV projection, eager attention, attention without a mask
+//! (ViT), and dynamo's heads flattened straight to rows. Each: a small graph in
+//! the form the exporter writes, where the rule fires (snapshot, tract numbers
+//! after lowering Attention), and a near miss where it must not; then the
+//! committed fixtures through the whole ORT pipeline.
+
+mod common;
+
+use common::fixture;
+use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model, Node};
+use onnxopt::onnx;
+use onnxopt::passes::check::{rewrite_and_compare, Rewritten};
+use onnxopt::passes::fuse::Fuse;
+use onnxopt::passes::pipeline::{optimization_passes, Target};
+use onnxopt::passes::Pass;
+use onnxopt::verify::VerifyOptions;
+
+// Batch, sequence, hidden size and heads of the hand-built graphs.
+const BATCH: i64 = 2;
+const SEQ: i64 = 4;
+const HIDDEN: i64 = 8;
+const HEADS: i64 = 2;
+const HEAD: i64 = HIDDEN / HEADS;
+
+fn fuse(model: &Model) -> Rewritten {
+    let passes: Vec<Box<dyn Pass>> = vec![Box::new(Fuse::new("ort", None))];
+    rewrite_and_compare(model, &passes, &VerifyOptions { atol: 1e-5, rtol: 1e-4, ..Default::default() })
+}
+
+fn fired(r: &Rewritten, rule: &str) -> usize {
+    r.records.iter().map(|rec| rec.by_origin.get(rule).copied().unwrap_or(0)).sum()
+}
+
+fn count(model: &Model, op_type: &str) -> usize {
+    model.graph.nodes().filter(|n| n.op_type == op_type).count()
+}
+
+/// Asserts `rule` fired once, the numbers agree, and snapshots the rewrite as `case`.
+fn assert_fires(model: &Model, rule: &str, case: &str) -> Rewritten {
+    let r = fuse(model);
+    assert_eq!(fired(&r, rule), 1, "{rule} should fire once:\n{}", r.snapshot);
+    assert!(r.comparison.passed(), "{rule}: {:?}", r.comparison);
+    insta::assert_snapshot!(format!("fuse__{case}"), r.snapshot);
+    r
+}
+
+fn assert_not_fused(model: &Model) {
+    let r = fuse(model);
+    assert_eq!(count(&r.model, "Attention"), 0, "nothing should fuse:\n{}", r.snapshot);
+}
+
+fn values(n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|i| ((i * 37 % 23) as f32 - 11.0) * scale).collect()
+}
+
+fn ints(b: &mut GraphBuilder, name: &str, values: &[i64]) -> String {
+    b.initializer_i64(name, &[values.len() as i64], values)
+}
+
+fn transpose(b: &mut GraphBuilder, x: &str, perm: &[i64]) -> String {
+    b.node_with("Transpose", &[x], vec![("perm", AttrValue::Ints(perm.to_vec()))])
+}
+
+/// Concat(Shape(t)[0], Shape(t)[1], rest): a Reshape target read off `t`, as the
+/// TorchScript exporter writes `t.view(t.size()[:-1] + rest)`.
+fn leading_dims_and(b: &mut GraphBuilder, t: &str, rest: &[i64], tag: &str) -> String {
+    let shape = b.node("Shape", &[t]);
+    let zero = b.initializer_i64(&format!("{tag}_i0"), &[], &[0]);
+    let one = b.initializer_i64(&format!("{tag}_i1"), &[], &[1]);
+    let axes = ints(b, &format!("{tag}_axes"), &[0]);
+    let rest = ints(b, &format!("{tag}_rest"), rest);
+    let d0 = b.node_with("Gather", &[&shape, &zero], vec![("axis", AttrValue::Int(0))]);
+    let d1 = b.node_with("Gather", &[&shape, &one], vec![("axis", AttrValue::Int(0))]);
+    let u0 = b.node("Unsqueeze", &[&d0, &axes]);
+    let u1 = b.node("Unsqueeze", &[&d1, &axes]);
+    b.node_with("Concat", &[&u0, &u1, &rest], vec![("axis", AttrValue::Int(0))])
+}
+
+/// q * sqrt(scale) and K^T * sqrt(scale), as both exporters write SDPA's scale.
+fn sdpa_scale(b: &mut GraphBuilder) -> String {
+    b.initializer_f32("sqrt_scale", &[], &[(HEAD as f32).powf(-0.25)])
+}
+
+/// softmax(q k [+ mask]) v, heads merged back: the common tail of the graphs.
+fn attend(b: &mut GraphBuilder, scores: &str, mask: Option<&str>, v: &str) -> String {
+    let masked = match mask {
+        Some(mask) => b.node("Add", &[scores, mask]),
+        None => scores.to_string(),
+    };
+    let p = b.node_with("Softmax", &[&masked], vec![("axis", AttrValue::Int(-1))]);
+    let context = b.node("MatMul", &[&p, v]);
+    transpose(b, &context, &[0, 2, 1, 3])
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Exporter {
+    TorchScript,
+    Dynamo,
+}
+
+/// What to get wrong in a near miss.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Flaw {
+    None,
+    /// K taken from the Split's third output and V from its second.
+    SwappedKv,
+    /// The Shape read off q is also a graph output.
+    ShapeLeaks,
+}
+
+/// GPT-2 self-attention (Conv1D c_attn): x flattened to rows, one Gemm with the
+/// packed [H, 3H] weight, rows back to [B, S, 3H], Split in Q, K, V.
+/// TorchScript: bias, Split sizes as an input, Reshape targets from Shape reads.
+/// dynamo (opset 18): a zero bias dropped, Split by num_outputs, constant
+/// targets, and the merged heads flattened straight to rows for c_proj's Gemm.
+fn packed_qkv_graph(exporter: Exporter, flaw: Flaw) -> Model {
+    let ts = exporter == Exporter::TorchScript;
+    let mut b = GraphBuilder::new("gpt2_attention");
+    let x = b.input("x", DataType::Float, &[BATCH, SEQ, HIDDEN]);
+    let mask = b.input("mask", DataType::Float, &[BATCH, 1, SEQ, SEQ]);
+    let w = b.initializer_f32("c_attn_weight", &[HIDDEN as usize, 3 * HIDDEN as usize], &values(192, 0.02));
+    let rows_shape = ints(&mut b, "rows_shape", &[-1, HIDDEN]);
+    let rows = b.node("Reshape", &[&x, &rows_shape]);
+    let gemm_attrs = || vec![("alpha", AttrValue::Float(1.0)), ("beta", AttrValue::Float(1.0))];
+    let projected = if ts {
+        let bias = b.initializer_f32("c_attn_bias", &[3 * HIDDEN as usize], &values(24, 0.01));
+        b.node_with("Gemm", &[&rows, &w, &bias], gemm_attrs())
+    } else {
+        b.node_with("Gemm", &[&rows, &w], gemm_attrs())
+    };
+    let packed_shape = ints(&mut b, "packed_shape", &[BATCH, SEQ, 3 * HIDDEN]);
+    let packed = b.node("Reshape", &[&projected, &packed_shape]);
+    let mut split = if ts {
+        let sizes = ints(&mut b, "split_sizes", &[HIDDEN; 3]);
+        Node::new("Split", &[&packed, &sizes], &["q_part", "k_part", "v_part"])
+    } else {
+        Node::new("Split", &[&packed], &["q_part", "k_part", "v_part"]).with_attr("num_outputs", AttrValue::Int(3))
+    };
+    split = split.with_name("split").with_attr("axis", AttrValue::Int(2));
+    b.add(split);
+    let (k_part, v_part) = if flaw == Flaw::SwappedKv { ("v_part", "k_part") } else { ("k_part", "v_part") };
+    let (q_heads, kv_heads) = if ts {
+        (leading_dims_and(&mut b, "q_part", &[-1, HEAD], "q"), leading_dims_and(&mut b, k_part, &[-1, HEAD], "kv"))
+    } else {
+        let heads = ints(&mut b, "heads_shape", &[BATCH, SEQ, -1, HEAD]);
+        (heads.clone(), heads)
+    };
+    if flaw == Flaw::ShapeLeaks {
+        let shape = b.node("Shape", &["q_part"]);
+        b.output(&shape, DataType::Int64, &[3]);
+    }
+    let scale = sdpa_scale(&mut b);
+    let q = b.node("Reshape", &["q_part", &q_heads]);
+    let q = transpose(&mut b, &q, &[0, 2, 1, 3]);
+    let q = b.node("Mul", &[&q, &scale]);
+    let k = b.node("Reshape", &[k_part, &kv_heads]);
+    let k = transpose(&mut b, &k, &[0, 2, 3, 1]);
+    let k = b.node("Mul", &[&k, &scale]);
+    let v = b.node("Reshape", &[v_part, &kv_heads]);
+    let v = transpose(&mut b, &v, &[0, 2, 1, 3]);
+    let scores = b.node("MatMul", &[&q, &k]);
+    let merged = attend(&mut b, &scores, Some(&mask), &v);
+    let (target, out_shape): (String, &[i64]) = if ts {
+        (leading_dims_and(&mut b, &merged, &[-1], "out"), &[BATCH, SEQ, HIDDEN])
+    } else {
+        (ints(&mut b, "out_rows", &[-1, HIDDEN]), &[BATCH * SEQ, HIDDEN])
+    };
+    let y = b.node("Reshape", &[&merged, &target]);
+    b.output(&y, DataType::Float, out_shape);
+    b.into_model(if ts { 17 } else { 18 })
+}
+
+#[test]
+fn attention_packed_qkv() {
+    let r = assert_fires(&packed_qkv_graph(Exporter::TorchScript, Flaw::None), "attention-packed-qkv", "attention-packed-qkv");
+    assert_eq!(count(&r.model, "Attention"), 1);
+    // the Shape reads of q, k and the merged heads went with the match
+    assert_eq!(count(&r.model, "Shape"), 0, "{}", r.snapshot);
+    // K and V swapped: the packed weight's thirds are not Q, K, V in order
+    assert_not_fused(&packed_qkv_graph(Exporter::TorchScript, Flaw::SwappedKv));
+    // a Shape read that is needed elsewhere is not absorbed
+    assert_not_fused(&packed_qkv_graph(Exporter::TorchScript, Flaw::ShapeLeaks));
+}
+
+#[test]
+fn attention_packed_qkv_dynamo() {
+    let r = assert_fires(&packed_qkv_graph(Exporter::Dynamo, Flaw::None), "attention-packed-qkv", "attention-packed-qkv-dynamo");
+    assert_eq!(fired(&r, "merge-heads-before-flatten"), 1);
+    let attention = r.model.graph.nodes().find(|n| n.op_type == "Attention").unwrap();
+    assert_eq!(attention.inputs[2], "", "no bias: Attention's bias input is left out");
+    assert_not_fused(&packed_qkv_graph(Exporter::Dynamo, Flaw::SwappedKv));
+}
+
+/// How eager attention scales Q K^T.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Scaling {
+    /// `* head_size^-0.5` (transformers today)
+    Mul,
+    /// `/ sqrt(head_size)` (older exports)
+    Div,
+    /// `sqrt(head_size) / scores`: not a scale
+    DivInverted,
+}
+
+/// BERT's eager self-attention as the TorchScript exporter writes it: separate
+/// Q, K, V projections, K^T by one Transpose, the scale after Q K^T.
+fn eager_graph(scaling: Scaling, mask_heads: i64) -> Model {
+    let mut b = GraphBuilder::new("eager_attention");
+    let x = b.input("x", DataType::Float, &[BATCH, SEQ, HIDDEN]);
+    let mask = b.input("mask", DataType::Float, &[BATCH, mask_heads, SEQ, SEQ]);
+    let heads = ints(&mut b, "heads_shape", &[BATCH, SEQ, HEADS, HEAD]);
+    let merge = ints(&mut b, "merge_shape", &[BATCH, SEQ, HIDDEN]);
+    let project = |b: &mut GraphBuilder, name: &str, perm: &[i64], k: usize| {
+        let w = b.initializer_f32(&format!("w_{name}"), &[HIDDEN as usize, HIDDEN as usize], &values(64, 0.02 * k as f32));
+        let bias = b.initializer_f32(&format!("b_{name}"), &[HIDDEN as usize], &values(8, 0.01 * k as f32));
+        let mm = b.node("MatMul", &[&x, &w]);
+        let add = b.node("Add", &[&bias, &mm]);
+        let r = b.node("Reshape", &[&add, &heads]);
+        transpose(b, &r, perm)
+    };
+    let q = project(&mut b, "q", &[0, 2, 1, 3], 1);
+    let k = project(&mut b, "k", &[0, 2, 3, 1], 2);
+    let v = project(&mut b, "v", &[0, 2, 1, 3], 3);
+    let product = b.node("MatMul", &[&q, &k]);
+    let scores = match scaling {
+        Scaling::Mul => {
+            let s = b.initializer_f32("scale", &[], &[(HEAD as f32).powf(-0.5)]);
+            b.node("Mul", &[&product, &s])
+        }
+        Scaling::Div | Scaling::DivInverted => {
+            let d = b.initializer_f32("sqrt_head_size", &[], &[(HEAD as f32).sqrt()]);
+            let operands = if scaling == Scaling::Div { [&product, &d] } else { [&d, &product] };
+            b.node("Div", &[operands[0], operands[1]])
+        }
+    };
+    let merged = attend(&mut b, &scores, Some(&mask), &v);
+    let y = b.node("Reshape", &[&merged, &merge]);
+    b.output(&y, DataType::Float, &[BATCH, SEQ, HIDDEN]);
+    b.into_model(17)
+}
+
+#[test]
+fn attention_eager() {
+    let r = assert_fires(&eager_graph(Scaling::Mul, 1), "attention-eager", "attention-eager");
+    let attention = r.model.graph.nodes().find(|n| n.op_type == "Attention").unwrap();
+    assert_eq!(attention.attr_float("scale"), Some(0.5));
+    // a mask per head is not the [batch, 1, seq, seq] form fused here
+    assert_not_fused(&eager_graph(Scaling::Mul, 2));
+}
+
+#[test]
+fn attention_eager_div() {
+    let r = assert_fires(&eager_graph(Scaling::Div, 1), "attention-eager", "attention-eager-div");
+    let attention = r.model.graph.nodes().find(|n| n.op_type == "Attention").unwrap();
+    assert_eq!(attention.attr_float("scale"), Some(0.5));
+    assert_not_fused(&eager_graph(Scaling::DivInverted, 1));
+}
+
+/// ViT's SDPA attention (TorchScript): BERT's form without a mask; `cross`
+/// takes K and V from a second input.
+fn unmasked_sdpa_graph(cross: bool) -> Model {
+    let mut b = GraphBuilder::new("vit_attention");
+    let x = b.input("x", DataType::Float, &[BATCH, SEQ, HIDDEN]);
+    let kv_input = if cross { b.input("memory", DataType::Float, &[BATCH, SEQ, HIDDEN]) } else { x.clone() };
+    let heads = ints(&mut b, "heads_shape", &[BATCH, SEQ, HEADS, HEAD]);
+    let merge = ints(&mut b, "merge_shape", &[BATCH, SEQ, HIDDEN]);
+    let scale = sdpa_scale(&mut b);
+    let project = |b: &mut GraphBuilder, name: &str, input: &str, perm: &[i64], k: usize| {
+        let w = b.initializer_f32(&format!("w_{name}"), &[HIDDEN as usize, HIDDEN as usize], &values(64, 0.02 * k as f32));
+        let bias = b.initializer_f32(&format!("b_{name}"), &[HIDDEN as usize], &values(8, 0.01 * k as f32));
+        let mm = b.node("MatMul", &[input, &w]);
+        let add = b.node("Add", &[&bias, &mm]);
+        let r = b.node("Reshape", &[&add, &heads]);
+        transpose(b, &r, perm)
+    };
+    let q = project(&mut b, "q", &x, &[0, 2, 1, 3], 1);
+    let k = project(&mut b, "k", &kv_input, &[0, 2, 3, 1], 2);
+    let v = project(&mut b, "v", &kv_input, &[0, 2, 1, 3], 3);
+    let q = b.node("Mul", &[&q, &scale]);
+    let k = b.node("Mul", &[&k, &scale]);
+    let scores = b.node("MatMul", &[&q, &k]);
+    let merged = attend(&mut b, &scores, None, &v);
+    let y = b.node("Reshape", &[&merged, &merge]);
+    b.output(&y, DataType::Float, &[BATCH, SEQ, HIDDEN]);
+    b.into_model(17)
+}
+
+#[test]
+fn attention_sdpa_unmasked() {
+    let r = assert_fires(&unmasked_sdpa_graph(false), "attention-sdpa", "attention-sdpa-unmasked");
+    let attention = r.model.graph.nodes().find(|n| n.op_type == "Attention").unwrap();
+    assert_eq!(attention.inputs.len(), 3, "no mask: no attention_bias, no empty inputs after the bias");
+    assert_not_fused(&unmasked_sdpa_graph(true));
+}
+
+/// Reshape(Transpose[0 2 1 3](softmax(s) v), target): attention's context with
+/// its heads merged by `target`.
+fn merged_heads_graph(target: &[i64]) -> Model {
+    let mut b = GraphBuilder::new("merged_heads");
+    let s = b.input("s", DataType::Float, &[BATCH, HEADS, SEQ, SEQ]);
+    let v = b.input("v", DataType::Float, &[BATCH, HEADS, SEQ, HEAD]);
+    let merged = attend(&mut b, &s, None, &v);
+    let target_tensor = ints(&mut b, "target", target);
+    let y = b.node("Reshape", &[&merged, &target_tensor]);
+    let out: Vec<i64> = if target.len() == 2 { vec![BATCH * SEQ, HIDDEN] } else { vec![BATCH, SEQ, HIDDEN] };
+    b.output(&y, DataType::Float, &out);
+    b.into_model(18)
+}
+
+#[test]
+fn merge_heads_before_flatten() {
+    let r = assert_fires(&merged_heads_graph(&[-1, HIDDEN]), "merge-heads-before-flatten", "merge-heads-before-flatten");
+    assert_eq!(count(&r.model, "Reshape"), 2);
+    // merged into [batch, seq, hidden] already: nothing to do
+    let r = fuse(&merged_heads_graph(&[BATCH, SEQ, HIDDEN]));
+    assert_eq!(r.patches(), 0, "{}", r.snapshot);
+}
+
+/// The committed fixtures through the whole ORT pipeline: every attention block
+/// fused by the expected rule, no Softmax left, and tract agrees.
+#[test]
+fn fixtures_fuse_every_attention_block() {
+    let cases = [
+        ("gpt2.ts.onnx", "attention-packed-qkv"),
+        ("gpt2.dynamo.onnx", "attention-packed-qkv"),
+        ("bert-eager.ts.onnx", "attention-eager"),
+        ("vit.ts.onnx", "attention-sdpa"),
+    ];
+    for (file, rule) in cases {
+        let model = onnx::load(&fixture(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let passes = optimization_passes(Target::Ort, &Default::default());
+        let r = rewrite_and_compare(&model, &passes, &VerifyOptions::default());
+        assert_eq!(count(&r.model, "Attention"), 2, "{file}: 2 layers");
+        assert_eq!(fired(&r, rule), 2, "{file}: {rule}");
+        assert_eq!(count(&r.model, "Softmax"), 0, "{file}");
+        assert!(r.comparison.passed(), "{file}: {:?}", r.comparison);
+    }
+}
