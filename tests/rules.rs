@@ -181,11 +181,29 @@ fn skip_layer_norm_leaves_embeddings() {
     assert_silent(&b.into_model(17), "ort");
 }
 
-/// Where(IsNaN(p), 0, p) around p = Softmax(s).
-fn nan_guard_graph(fill: f32) -> Model {
+/// Where(IsNaN(p), zero, p) around p = Softmax(scores + Where(keep, 0, fill)); `keep`
+/// is a key-padding mask, or with `causal` also a comparison of two position ranges.
+fn nan_guard_graph(zero: f32, fill: f32, causal: bool) -> Model {
     let mut b = GraphBuilder::new("guard");
-    let s = b.input("s", DataType::Float, &[2, 2, 4, 4]);
-    let zero = scalar(&mut b, "fill", fill);
+    let scores = b.input("scores", DataType::Float, &[2, 2, 4, 4]);
+    let padding = b.input("keep", DataType::Bool, &[2, 1, 1, 4]);
+    let keep = if causal {
+        let start = b.initializer_i64("start", &[], &[0]);
+        let end = b.initializer_i64("end", &[], &[4]);
+        let step = b.initializer_i64("step", &[], &[1]);
+        let rows_shape = b.initializer_i64("rows_shape", &[2], &[4, 1]);
+        let range = b.node("Range", &[&start, &end, &step]);
+        let rows = b.node("Reshape", &[&range, &rows_shape]);
+        let triangle = b.node("LessOrEqual", &[&range, &rows]);
+        b.node("And", &[&padding, &triangle])
+    } else {
+        padding
+    };
+    let zero_bias = scalar(&mut b, "zero_bias", 0.0);
+    let fill = scalar(&mut b, "fill", fill);
+    let mask = b.node("Where", &[&keep, &zero_bias, &fill]);
+    let s = b.node("Add", &[&scores, &mask]);
+    let zero = scalar(&mut b, "zero", zero);
     let p = b.node_with("Softmax", &[&s], vec![("axis", AttrValue::Int(-1))]);
     let nan = b.node("IsNaN", &[&p]);
     let y = b.node("Where", &[&nan, &zero, &p]);
@@ -195,9 +213,14 @@ fn nan_guard_graph(fill: f32) -> Model {
 
 #[test]
 fn softmax_nan_guard() {
-    assert_fires(&nan_guard_graph(0.0), "ort", "softmax-nan-guard");
-    assert_silent(&nan_guard_graph(1.0), "ort");
-    assert_silent(&nan_guard_graph(0.0), "tensorrt");
+    // a finite fill: softmax is never NaN, the guard does nothing
+    assert_fires(&nan_guard_graph(0.0, f32::MIN, true), "ort", "softmax-nan-guard");
+    // -inf padding-only mask: a row is empty only for an all-padding sequence
+    assert_eq!(fired(&fuse(&nan_guard_graph(0.0, f32::NEG_INFINITY, false), "ort"), "softmax-nan-guard"), 1);
+    // -inf causal mask: left padding leaves rows fully masked, the guard stays
+    assert_silent(&nan_guard_graph(0.0, f32::NEG_INFINITY, true), "ort");
+    assert_silent(&nan_guard_graph(1.0, f32::MIN, true), "ort");
+    assert_silent(&nan_guard_graph(0.0, f32::MIN, true), "tensorrt");
 }
 
 /// K^T as the dynamo exporter writes it: [B,N,S,D] -> [B*N,S,D] -> [B*N,D,S] -> [B,N,D,S].

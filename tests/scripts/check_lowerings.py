@@ -1,9 +1,11 @@
-"""Conformance of the contrib-op lowerings against ONNX Runtime's own kernels.
+"""Conformance of onnxopt's lowerings against ONNX Runtime's own kernels.
 
 usage: python3 check_lowerings.py FUSED.onnx LOWERED.onnx [FUSED.onnx LOWERED.onnx ...]
 
-Each pair is one com.microsoft op (FUSED, run by ORT's contrib kernel) and the
-standard-ONNX graph `onnxopt`'s lower-contrib-ops pass made of it (LOWERED). Both
+Each pair is one op ORT runs with its own kernel (FUSED: a com.microsoft op, or
+a standard op tract runs unfaithfully) and the standard-ONNX graph onnxopt's
+lower-contrib-ops or lower-standard-ops pass made of it (LOWERED); or a model
+and the same model raise-opset converted to a newer opset. Both
 run in ONNX Runtime's CPU provider on the same seeded random inputs, valid for
 what each input means (token ids below the vocabulary, 1/0 masks with padding,
 GQA's seqlens_k with a padded batch entry); every output must agree within
@@ -11,8 +13,8 @@ ATOL + RTOL * |expected|. LOWERED must also pass onnx.checker with full shape
 inference. Prints one line per pair (the case is the pair's folder name) and a
 closing count; exits 1 if any pair fails.
 
-Written by tests/lower_contrib.rs (`ort_conformance`), which runs it when
-onnxruntime is importable.
+Written by tests/lower_contrib.rs and tests/lower_standard.rs (`ort_conformance`)
+and tests/portable.rs, which run it when onnxruntime is importable.
 """
 import os
 import sys
@@ -33,6 +35,7 @@ NP_TYPES = {
     onnx.TensorProto.DOUBLE: np.float64,
     onnx.TensorProto.INT32: np.int32,
     onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.BOOL: np.bool_,
 }
 
 

@@ -12,6 +12,7 @@ pub(super) const FUNCTIONS: &[(&str, Function)] = &[
     ("packed-bias", Function::Condition(packed_bias)),
     ("splits-last-axis-in-three", Function::Condition(splits_last_axis_in_three)),
     ("scale-factors", Function::Condition(scale_factors)),
+    ("rows-never-fully-masked", Function::Condition(rows_never_fully_masked)),
     ("heads", Function::Attribute(heads)),
     ("ratio", Function::Attribute(ratio)),
     ("concat-last", Function::Input(concat_last)),
@@ -199,3 +200,41 @@ fn concat_last(ctx: &MatchContext, args: &[Arg]) -> Result<Tensor, String> {
     Ok(Tensor::from_raw("", first.dtype, dims, joined.into()))
 }
 
+
+/// `(rows-never-fully-masked ?s)`: ?s = scores + Where(keep, 0, fill), and no row
+/// of ?s can be entirely -inf for an input with at least one real token per
+/// sequence: `fill` is finite, or `keep` is a key-padding mask (no comparison of
+/// two position ranges, i.e. no causal triangle, feeds it).
+fn rows_never_fully_masked(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let s = var(ctx, args, 0)?;
+    let node_of = |t: &str| ctx.graph.producer(t).and_then(|(id, _)| ctx.graph.node(id));
+    let add = node_of(s).filter(|n| n.is_onnx("Add")).ok_or_else(|| format!("'{s}' is not scores + mask"))?;
+    let mask = add
+        .inputs
+        .iter()
+        .filter_map(|i| node_of(i))
+        .find(|n| n.is_onnx("Where") && n.inputs.len() == 3)
+        .ok_or_else(|| format!("no Where(keep, 0, fill) mask adds into '{s}'"))?;
+    let fill = ctx.constant(&mask.inputs[2]).and_then(|t| t.to_f32().ok()).ok_or("the mask's fill is not a constant")?;
+    if fill.iter().all(|v| v.is_finite()) {
+        return Ok(());
+    }
+    if compares_two_ranges(ctx, &mask.inputs[0], 12) {
+        return Err("a causal mask filled with -inf: a row can be fully masked (left padding)".into());
+    }
+    Ok(())
+}
+
+/// A comparison of two tensors that both come from Range nodes (i <= j: the
+/// causal triangle) feeds `tensor` within `hops` producers.
+fn compares_two_ranges(ctx: &MatchContext, tensor: &str, hops: usize) -> bool {
+    fn from_range(ctx: &MatchContext, t: &str, hops: usize) -> bool {
+        let Some(n) = ctx.graph.producer(t).and_then(|(id, _)| ctx.graph.node(id)) else { return false };
+        n.op_type == "Range" || (hops > 0 && n.inputs.iter().any(|i| from_range(ctx, i, hops - 1)))
+    }
+    let Some(n) = ctx.graph.producer(tensor).and_then(|(id, _)| ctx.graph.node(id)) else { return false };
+    let comparison = matches!(n.op_type.as_str(), "LessOrEqual" | "Less" | "GreaterOrEqual" | "Greater")
+        && n.inputs.len() == 2
+        && n.inputs.iter().all(|i| from_range(ctx, i, 4));
+    comparison || (hops > 0 && n.inputs.iter().any(|i| compares_two_ranges(ctx, i, hops - 1)))
+}

@@ -1,0 +1,316 @@
+//! The rules of `passes/llama.rules`: per rule, a small graph in the form the
+//! exporters write, where it must fire (snapshot of before/after, numbers
+//! checked in tract after lowering contrib ops), and a near miss where it must
+//! not; then the whole pipeline on both Llama fixtures.
+
+mod common;
+
+use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model, Tensor};
+use onnxopt::passes::check::{rewrite_and_compare, Rewritten};
+use onnxopt::passes::fuse::Fuse;
+use onnxopt::passes::pipeline::{optimization_passes, Target};
+use onnxopt::passes::Pass;
+use onnxopt::verify::VerifyOptions;
+
+const BATCH: i64 = 2;
+const SEQ: i64 = 5;
+const HEADS: i64 = 4;
+const KV_HEADS: i64 = 2;
+const HEAD: i64 = 8;
+const HIDDEN: i64 = HEADS * HEAD;
+
+fn fuse(model: &Model, target: &str) -> Rewritten {
+    let passes: Vec<Box<dyn Pass>> = vec![Box::new(Fuse::new(target, None))];
+    rewrite_and_compare(model, &passes, &VerifyOptions { atol: 1e-5, rtol: 1e-4, ..Default::default() })
+}
+
+fn fired(r: &Rewritten, rule: &str) -> usize {
+    r.records.iter().map(|rec| rec.by_origin.get(rule).copied().unwrap_or(0)).sum()
+}
+
+/// Asserts the rule fired once, the numbers agree, and snapshots the rewrite.
+fn assert_fires(model: &Model, target: &str, rule: &str) -> Rewritten {
+    let r = fuse(model, target);
+    assert_eq!(fired(&r, rule), 1, "{rule} should fire once:\n{}", r.snapshot);
+    assert!(r.comparison.passed(), "{rule}: {:?}", r.comparison);
+    insta::assert_snapshot!(format!("fuse__{rule}"), r.snapshot);
+    r
+}
+
+fn assert_silent(model: &Model, target: &str) {
+    let r = fuse(model, target);
+    assert_eq!(r.patches(), 0, "nothing should fire:\n{}", r.snapshot);
+}
+
+fn count(model: &Model, op_type: &str) -> usize {
+    model.graph.nodes().filter(|n| n.op_type == op_type).count()
+}
+
+fn values(n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|i| ((i * 37 % 23) as f32 - 11.0) * scale).collect()
+}
+
+fn ints(b: &mut GraphBuilder, name: &str, v: &[i64]) -> String {
+    b.initializer_i64(name, &[v.len() as i64], v)
+}
+
+fn perm(p: &[i64]) -> Vec<(&'static str, AttrValue)> {
+    vec![("perm", AttrValue::Ints(p.to_vec()))]
+}
+
+/// How an exporter writes RMSNorm.
+#[derive(Clone, Copy)]
+enum Export {
+    /// TorchScript, opset 17: ReduceMean's axes an attribute, rsqrt as Div(1, Sqrt).
+    TorchScript,
+    /// dynamo, opset 18: ReduceMean's axes an input, rsqrt as Reciprocal(Sqrt).
+    Dynamo,
+}
+
+/// gamma * (x * rsqrt(mean(x^2, axis) + 1e-6)) on `x`.
+fn rms_norm(b: &mut GraphBuilder, x: &str, export: Export, axis: i64) -> String {
+    let two = b.initializer_f32("two", &[], &[2.0]);
+    let eps = b.initializer_f32("eps", &[], &[1e-6]);
+    let gamma = b.initializer_f32("gamma", &[HIDDEN as usize], &values(HIDDEN as usize, 0.1));
+    let square = b.node("Pow", &[x, &two]);
+    let mean = match export {
+        Export::TorchScript => b.node_with("ReduceMean", &[&square], vec![("axes", AttrValue::Ints(vec![axis]))]),
+        Export::Dynamo => {
+            let axes = ints(b, "axes", &[axis]);
+            b.node("ReduceMean", &[&square, &axes])
+        }
+    };
+    let shifted = b.node("Add", &[&mean, &eps]);
+    let rms = b.node("Sqrt", &[&shifted]);
+    let inverse = match export {
+        Export::TorchScript => {
+            let one = b.initializer_f32("one", &[], &[1.0]);
+            b.node("Div", &[&one, &rms])
+        }
+        Export::Dynamo => b.node("Reciprocal", &[&rms]),
+    };
+    let normalized = b.node("Mul", &[x, &inverse]);
+    b.node("Mul", &[&gamma, &normalized])
+}
+
+fn rms_norm_graph(export: Export, opset: i64, axis: i64) -> Model {
+    let mut b = GraphBuilder::new("rms_norm");
+    let x = b.input("x", DataType::Float, &[BATCH, SEQ, HIDDEN]);
+    let y = rms_norm(&mut b, &x, export, axis);
+    b.output(&y, DataType::Float, &[BATCH, SEQ, HIDDEN]);
+    b.into_model(opset)
+}
+
+#[test]
+fn rsqrt_as_reciprocal() {
+    let r = assert_fires(&rms_norm_graph(Export::TorchScript, 17, -1), "ort", "rsqrt-as-reciprocal");
+    assert_eq!(fired(&r, "rms-norm"), 1, "the RMSNorm it prepares fuses next");
+    // 2 / sqrt(v) is not a reciprocal square root
+    let mut m = rms_norm_graph(Export::TorchScript, 17, -1);
+    let one = m.graph.initializers.iter_mut().find(|t| t.name == "one").unwrap();
+    *one = Tensor::from_f32("one", &ndarray::arr0(2.0f32).into_dyn());
+    assert_silent(&m, "ort");
+}
+
+#[test]
+fn rms_norm_fuses() {
+    let r = assert_fires(&rms_norm_graph(Export::Dynamo, 18, -1), "ort", "rms-norm");
+    let norm = r.model.graph.nodes().next().unwrap();
+    assert_eq!((norm.op_type.as_str(), norm.domain.as_str()), ("SimplifiedLayerNormalization", ""), "ORT knows it in the default domain only");
+    assert_eq!(norm.attr_float("epsilon"), Some(1e-6));
+    // the mean over the sequence axis is not a norm over the hidden axis
+    assert_silent(&rms_norm_graph(Export::Dynamo, 18, 1), "ort");
+    // below opset 23 the portable target has no RMS norm op
+    assert_silent(&rms_norm_graph(Export::Dynamo, 18, -1), "portable");
+}
+
+#[test]
+fn rms_norm_portable_opset_23() {
+    let r = fuse(&rms_norm_graph(Export::Dynamo, 23, -1), "portable");
+    assert_eq!(fired(&r, "rms-norm"), 1, "{}", r.snapshot);
+    assert!(r.comparison.passed(), "{:?}", r.comparison);
+    assert_eq!(count(&r.model, "RMSNormalization"), 1);
+}
+
+/// RMSNorm(h + residual), the sum also read by the next residual Add, as
+/// decoder blocks write it; `skip_shape` may broadcast.
+fn skip_rms_norm_graph(skip_shape: &[i64]) -> Model {
+    let mut b = GraphBuilder::new("skip_rms_norm");
+    let x = b.input("x", DataType::Float, &[BATCH, SEQ, HIDDEN]);
+    let residual = b.input("residual", DataType::Float, skip_shape);
+    let w = b.initializer_f32("w", &[HIDDEN as usize, HIDDEN as usize], &values((HIDDEN * HIDDEN) as usize, 0.01));
+    let h = b.node("MatMul", &[&x, &w]);
+    let sum = b.node("Add", &[&residual, &h]);
+    let y = rms_norm(&mut b, &sum, Export::Dynamo, -1);
+    let next = b.node("Add", &[&sum, &y]);
+    b.output(&next, DataType::Float, &[BATCH, SEQ, HIDDEN]);
+    b.into_model(18)
+}
+
+#[test]
+fn skip_rms_norm() {
+    let r = assert_fires(&skip_rms_norm_graph(&[BATCH, SEQ, HIDDEN]), "ort", "skip-rms-norm");
+    let skip = r.model.graph.nodes().find(|n| n.op_type == "SkipSimplifiedLayerNormalization").unwrap();
+    assert_eq!(skip.outputs[1..3], ["", ""], "mean and inv_std_var are left out");
+    assert!(r.model.graph.nodes().any(|n| n.op_type == "Add" && n.inputs.contains(&skip.outputs[3])), "output 3 feeds the next Add");
+    // a residual broadcast over the batch: the RMS norm fuses, the Add stays
+    let r = fuse(&skip_rms_norm_graph(&[1, SEQ, HIDDEN]), "ort");
+    assert_eq!((fired(&r, "rms-norm"), fired(&r, "skip-rms-norm")), (1, 0), "{}", r.snapshot);
+}
+
+#[test]
+fn output_of_a_match_needs_a_label_in_the_pattern() {
+    use onnxopt::rewrite::{rule::parse_rules, Registry};
+    let registry = Registry::standard();
+    let text = "# c\n(rule a (Relu (Add@sum ?x ?y)) :ort (Relu ?x :output1 @other))";
+    let err = parse_rules("t.rules", text, &registry).unwrap_err();
+    assert!(err.to_string().contains("@other is written by the template but the pattern never labels it"), "{err}");
+    let text = "# c\n(rule a (Relu (Add@sum ?x ?y)) :ort (Relu ?x :output1 @sum) :portable (Relu ?x))";
+    let err = parse_rules("t.rules", text, &registry).unwrap_err();
+    assert!(err.to_string().contains("must write the same @labels"), "{err}");
+}
+
+/// Llama's rotary embedding of q = heads(x), as both exporters write it:
+/// cos, sin = Cos, Sin(Concat(f, f)) of f = positions * inv_freq, then q * cos +
+/// rotate_half(q) * sin. With `equal_halves` false the table's second half is
+/// Concat(f, 2f)'s: not a rotary table.
+fn rotary_graph(equal_halves: bool) -> Model {
+    let mut b = GraphBuilder::new("rotary");
+    let x = b.input("x", DataType::Float, &[BATCH, SEQ, HIDDEN]);
+    let positions = b.input("position_ids", DataType::Int64, &[1, SEQ]);
+    let half = HEAD / 2;
+    let inv_freq: Vec<f32> = (0..half).map(|i| 10000f32.powf(-2.0 * i as f32 / HEAD as f32)).collect();
+    let inv_freq = b.initializer_f32("inv_freq", &[half as usize], &inv_freq);
+    let axis_2 = ints(&mut b, "axis_2", &[2]);
+    let axis_1 = ints(&mut b, "axis_1", &[1]);
+    let p = b.node("Unsqueeze", &[&positions, &axis_2]);
+    let p = b.node_with("Cast", &[&p], vec![("to", AttrValue::Int(1))]);
+    let freqs = b.node("Mul", &[&p, &inv_freq]);
+    let second = if equal_halves {
+        freqs.clone()
+    } else {
+        let two = b.initializer_f32("two", &[], &[2.0]);
+        b.node("Mul", &[&freqs, &two])
+    };
+    let emb = b.node_with("Concat", &[&freqs, &second], vec![("axis", AttrValue::Int(-1))]);
+    let attention_scaling = b.initializer_f32("attention_scaling", &[], &[1.0]);
+    let cos = b.node("Cos", &[&emb]);
+    let cos = b.node("Mul", &[&cos, &attention_scaling]);
+    let cos = b.node("Unsqueeze", &[&cos, &axis_1]);
+    let sin = b.node("Sin", &[&emb]);
+    let sin = b.node("Mul", &[&sin, &attention_scaling]);
+    let sin = b.node("Unsqueeze", &[&sin, &axis_1]);
+    let split = ints(&mut b, "split", &[BATCH, SEQ, HEADS, HEAD]);
+    let q = b.node("Reshape", &[&x, &split]);
+    let q = b.node_with("Transpose", &[&q], perm(&[0, 2, 1, 3]));
+    let (zero, middle, end, last, one) =
+        (ints(&mut b, "zero", &[0]), ints(&mut b, "middle", &[half]), ints(&mut b, "end", &[i64::MAX]), ints(&mut b, "last", &[3]), ints(&mut b, "one", &[1]));
+    let q_cos = b.node("Mul", &[&q, &cos]);
+    let q1 = b.node("Slice", &[&q, &zero, &middle, &last, &one]);
+    let q2 = b.node("Slice", &[&q, &middle, &end, &last, &one]);
+    let minus_q2 = b.node("Neg", &[&q2]);
+    let rotated = b.node_with("Concat", &[&minus_q2, &q1], vec![("axis", AttrValue::Int(-1))]);
+    let rotated_sin = b.node("Mul", &[&rotated, &sin]);
+    let y = b.node("Add", &[&q_cos, &rotated_sin]);
+    b.output(&y, DataType::Float, &[BATCH, HEADS, SEQ, HEAD]);
+    b.into_model(17)
+}
+
+#[test]
+fn rotary_embedding() {
+    let r = assert_fires(&rotary_graph(true), "ort", "rotary-embedding");
+    let rotary = r.model.graph.nodes().find(|n| n.op_type == "RotaryEmbedding").unwrap();
+    assert_eq!((rotary.domain.as_str(), rotary.attr_int("num_heads")), ("com.microsoft", Some(HEADS)));
+    assert_silent(&rotary_graph(false), "ort");
+}
+
+/// Llama SDPA attention with K/V heads repeated for GQA (TorchScript form,
+/// static shapes): q [B,S,N*H], k, v [B,S,KV*H], additive mask [B,1,S,S].
+/// `group_axis` is where K/V get their repeat axis (2: torch's repeat_kv).
+fn attention_graph(group_axis: i64) -> Model {
+    let group = HEADS / KV_HEADS;
+    let mut b = GraphBuilder::new("attention");
+    let q = b.input("q", DataType::Float, &[BATCH, SEQ, HIDDEN]);
+    let k = b.input("k", DataType::Float, &[BATCH, SEQ, KV_HEADS * HEAD]);
+    let v = b.input("v", DataType::Float, &[BATCH, SEQ, KV_HEADS * HEAD]);
+    let mask = b.input("mask", DataType::Float, &[BATCH, 1, SEQ, SEQ]);
+    let q_split = ints(&mut b, "q_split", &[BATCH, SEQ, HEADS, HEAD]);
+    let kv_split = ints(&mut b, "kv_split", &[BATCH, SEQ, KV_HEADS, HEAD]);
+    let axis = ints(&mut b, "group_axis", &[group_axis]);
+    let expanded: Vec<i64> = if group_axis == 2 { vec![BATCH, KV_HEADS, group, SEQ, HEAD] } else { vec![BATCH, KV_HEADS, SEQ, group, HEAD] };
+    let expanded = ints(&mut b, "expanded", &expanded);
+    let repeated = ints(&mut b, "repeated", &[BATCH, HEADS, SEQ, HEAD]);
+    let merged = ints(&mut b, "merged", &[BATCH, SEQ, HIDDEN]);
+    let scale = b.initializer_f32("scale", &[], &[(HEAD as f32).powf(-0.25)]);
+    let heads = |b: &mut GraphBuilder, x: &str, split: &str| {
+        let r = b.node("Reshape", &[x, split]);
+        b.node_with("Transpose", &[&r], perm(&[0, 2, 1, 3]))
+    };
+    let repeat = |b: &mut GraphBuilder, x: &str| {
+        let u = b.node("Unsqueeze", &[x, &axis]);
+        let e = b.node("Expand", &[&u, &expanded]);
+        b.node("Reshape", &[&e, &repeated])
+    };
+    let q = heads(&mut b, &q, &q_split);
+    let k = heads(&mut b, &k, &kv_split);
+    let v = heads(&mut b, &v, &kv_split);
+    let k = repeat(&mut b, &k);
+    let v = repeat(&mut b, &v);
+    let k_t = b.node_with("Transpose", &[&k], perm(&[0, 1, 3, 2]));
+    let qs = b.node("Mul", &[&q, &scale]);
+    let ks = b.node("Mul", &[&k_t, &scale]);
+    let scores = b.node("MatMul", &[&qs, &ks]);
+    let masked = b.node("Add", &[&scores, &mask]);
+    let p = b.node_with("Softmax", &[&masked], vec![("axis", AttrValue::Int(-1))]);
+    let context = b.node("MatMul", &[&p, &v]);
+    let context = b.node_with("Transpose", &[&context], perm(&[0, 2, 1, 3]));
+    let y = b.node("Reshape", &[&context, &merged]);
+    b.output(&y, DataType::Float, &[BATCH, SEQ, HIDDEN]);
+    b.into_model(17)
+}
+
+#[test]
+fn repeated_kv_attention() {
+    let r = assert_fires(&attention_graph(2), "ort", "repeated-kv-attention");
+    let attention = r.model.graph.nodes().find(|n| n.op_type == "MultiHeadAttention").unwrap();
+    assert_eq!(attention.attr_int("num_heads"), Some(HEADS));
+    // an axis inserted after the sequence axis interleaves positions, not heads
+    assert_silent(&attention_graph(3), "ort");
+}
+
+/// The whole ORT pipeline on a Llama fixture: every block fused, and the result
+/// agrees with the original in tract.
+/// `attentions`: the TorchScript export fills its causal mask with -inf and
+/// guards softmax against a fully masked (left-padded) row; the fused kernel has
+/// no guard, so that attention stays unfused (see `softmax-nan-guard`).
+fn assert_llama_fuses(file: &str, attentions: usize) {
+    let model = onnxopt::onnx::load(&common::fixture(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let passes = optimization_passes(Target::Ort, &Default::default());
+    let r = rewrite_and_compare(&model, &passes, &VerifyOptions::default());
+    assert!(r.comparison.passed(), "{file}: {:?}", r.comparison);
+    let counts: Vec<(&str, usize)> = ["SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", "MultiHeadAttention"]
+        .into_iter()
+        .map(|op| (op, count(&r.model, op)))
+        .collect();
+    // 2 layers: input norm of layer 0; the post-attention norms, layer 1's input
+    // norm and the final norm follow a residual Add; q and k rotated per layer
+    assert_eq!(
+        counts,
+        [("SimplifiedLayerNormalization", 1), ("SkipSimplifiedLayerNormalization", 4), ("RotaryEmbedding", 4), ("MultiHeadAttention", attentions)],
+        "{file}"
+    );
+    for op in ["Pow", "ReduceMean", "Neg"] {
+        assert_eq!(count(&r.model, op), 0, "{file}: a {op} is left");
+    }
+    assert_eq!(count(&r.model, "Softmax"), 2 - attentions, "{file}");
+}
+
+#[test]
+fn llama_torchscript_pipeline() {
+    assert_llama_fuses("llama.ts.onnx", 0);
+}
+
+#[test]
+fn llama_dynamo_pipeline() {
+    assert_llama_fuses("llama.dynamo.onnx", 2);
+}
