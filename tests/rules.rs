@@ -276,7 +276,7 @@ fn attention_graph(mask_heads: i64, cross: bool) -> Model {
     let merge = b.initializer_i64("merge_shape", &[3], &[batch, seq, hidden]);
     let scale = (head as f32).powf(-0.25);
     let s = scalar(&mut b, "scale", scale);
-    let mut project = |b: &mut GraphBuilder, name: &str, input: &str, perm: Vec<i64>, k: usize| {
+    let project = |b: &mut GraphBuilder, name: &str, input: &str, perm: Vec<i64>, k: usize| {
         let w = b.initializer_f32(&format!("w_{name}"), &[hidden as usize, hidden as usize], &values(64, 0.02 * k as f32));
         let bias = b.initializer_f32(&format!("b_{name}"), &[hidden as usize], &values(8, 0.01 * k as f32));
         let mm = b.node("MatMul", &[input, &w]);

@@ -36,7 +36,7 @@ pub enum PatchError {
     Invalid {
         origin: String,
         #[source]
-        source: InvalidGraph,
+        source: Box<InvalidGraph>,
     },
 }
 
@@ -122,7 +122,7 @@ impl Graph {
             self.replace_uses(old, new);
         }
         if validate {
-            self.validate(&HashSet::new()).map_err(|source| PatchError::Invalid { origin, source })?;
+            self.validate(&HashSet::new()).map_err(|source| PatchError::Invalid { origin, source: Box::new(source) })?;
         }
         Ok(())
     }

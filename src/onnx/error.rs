@@ -25,8 +25,9 @@ pub enum LoadError {
     #[error("{}: {source}", path.display())]
     InvalidGraph {
         path: PathBuf,
+        // boxed: it carries several names, and LoadError travels in every Result
         #[source]
-        source: InvalidGraph,
+        source: Box<InvalidGraph>,
     },
 }
 

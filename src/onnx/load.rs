@@ -53,7 +53,7 @@ fn decode(bytes: Bytes, path: &Path, folder: Option<&Path>, options: LoadOptions
     model
         .graph
         .validate(&HashSet::new())
-        .map_err(|source| LoadError::InvalidGraph { path: path.to_path_buf(), source })?;
+        .map_err(|source| LoadError::InvalidGraph { path: path.to_path_buf(), source: Box::new(source) })?;
     Ok(model)
 }
 

@@ -214,6 +214,9 @@ struct OpHead {
     optional: bool,
 }
 
+/// A node form's `:key value` pairs and its positional items.
+type AttrsAndInputs<'e> = (Vec<(String, &'e SExpr)>, Vec<&'e SExpr>);
+
 struct RuleParser<'a> {
     file: &'a str,
     registry: &'a Registry,
@@ -328,7 +331,7 @@ impl RuleParser<'_> {
         Ok(OpHead { domain, op_type: op, output, label, optional })
     }
 
-    fn attrs_and_inputs<'e>(&self, items: &'e [SExpr]) -> Result<(Vec<(String, &'e SExpr)>, Vec<&'e SExpr>), RuleError> {
+    fn attrs_and_inputs<'e>(&self, items: &'e [SExpr]) -> Result<AttrsAndInputs<'e>, RuleError> {
         let mut attrs = Vec::new();
         let mut inputs = Vec::new();
         let mut it = items.iter();
