@@ -9,6 +9,7 @@
 
 pub mod check;
 pub mod lower_contrib;
+pub mod lower_standard;
 pub mod common_subexpression;
 pub mod constant_folding;
 pub mod dead_code;
@@ -29,8 +30,10 @@ pub enum PassError {
     #[error("pass {pass}: {source}")]
     Patch {
         pass: String,
+        // boxed: a graph error carries several names, and PassError travels in
+        // every pass's Result
         #[source]
-        source: PatchError,
+        source: Box<PatchError>,
     },
     #[error("pass {pass} still proposed changes after {iterations} rounds (a rule that undoes another?)")]
     NoFixpoint { pass: String, iterations: usize },
@@ -124,7 +127,7 @@ pub fn run_pipeline(model: &mut Model, passes: &[Box<dyn Pass>], options: &Drive
                     }
                     // overlapping an earlier patch of this round: the next round retries
                     Err(PatchError::Stale { .. }) => {}
-                    Err(source) => return Err(PassError::Patch { pass: pass.name().into(), source }),
+                    Err(source) => return Err(PassError::Patch { pass: pass.name().into(), source: Box::new(source) }),
                 }
             }
             if applied_this_round == 0 {
@@ -137,7 +140,7 @@ pub fn run_pipeline(model: &mut Model, passes: &[Box<dyn Pass>], options: &Drive
         import_used_domains(model);
         model.graph.validate(&std::collections::HashSet::new()).map_err(|source| PassError::Patch {
             pass: pass.name().into(),
-            source: PatchError::Invalid { origin: format!("the {} pass", pass.name()), source },
+            source: Box::new(PatchError::Invalid { origin: format!("the {} pass", pass.name()), source: Box::new(source) }),
         })?;
         record.notes = pass.take_notes();
         record.milliseconds = started.elapsed().as_millis() as u64;
@@ -174,20 +177,22 @@ fn import_used_domains(model: &mut Model) {
 /// Why a rewritten model could not be checked.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
-    #[error("lowering contrib ops for tract: {0}")]
+    #[error("lowering for tract: {0}")]
     Lower(#[from] PassError),
     #[error(transparent)]
     Verify(#[from] crate::verify::VerifyError),
 }
 
 /// Checks a rewritten model against its original in tract. tract never sees a
-/// com.microsoft op: both models are lowered to standard ONNX first
-/// (`lower_contrib`, each lowering checked against ONNX Runtime's kernels).
+/// com.microsoft op, nor a standard op it runs unfaithfully (opset-23 Attention
+/// and RMSNormalization): both models are lowered first (`lower_contrib`, then
+/// `lower_standard`, each lowering checked against ONNX Runtime's kernels).
 pub fn verify_rewrite(original: &Model, rewritten: &Model, options: &crate::verify::VerifyOptions) -> Result<crate::verify::Comparison, CheckError> {
     let driver = DriverOptions { validate: true, ..DriverOptions::default() };
     let lowered = |m: &Model| -> Result<Model, PassError> {
         let mut m = m.clone();
         lower_contrib::lower_contrib_ops(&mut m, &driver)?;
+        lower_standard::lower_standard_ops(&mut m, &driver)?;
         Ok(m)
     };
     Ok(crate::verify::compare(&lowered(original)?, &lowered(rewritten)?, options)?)

@@ -11,6 +11,11 @@
 //! - every other op: nothing, when [`OP_HISTORY`] says each schema change in
 //!   `(from, to]` is one that keeps the meaning of every node valid before it.
 //!
+//! (tract 0.23.9 reads an explicitly empty `axes` attribute as "no axes", the
+//! input unchanged, where ONNX's reference implementation, its shape inference
+//! and ONNX Runtime 1.32 reduce over every axis, measured: such a model's raise
+//! fails the tract check, loudly, though ORT agrees with it.)
+//!
 //! The driver then sets the model's default-domain import to `to` (through
 //! [`Pass::default_opset`]: a patch edits the graph only), after the conversion
 //! patch, so no pass sees nodes of one opset under the import of another. The IR
@@ -44,7 +49,7 @@
 
 use super::{Pass, PassError};
 use crate::ir::{AttrValue, Attribute, Model, Node, Patch, Tensor};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 /// The highest opset this pass converts to.
 pub const MAX_OPSET: i64 = 23;
@@ -212,7 +217,7 @@ pub enum RaiseError {
     #[error("the model has {count} model-local function(s), whose bodies import the default domain too; raise-opset does not convert them")]
     LocalFunctions { count: usize },
     #[error("cannot raise opset {from} to {to}: {}", .ops.join("; "))]
-    UnknownOps { from: i64, to: i64, ops: Vec<String> },
+    Unconvertible { from: i64, to: i64, ops: Vec<String> },
 }
 
 impl RaiseOpset {
@@ -235,18 +240,39 @@ impl RaiseOpset {
     }
 
     /// The schema changes of `node`'s op in `(from, to]`, or why there is no
-    /// knowing them.
+    /// knowing them (what follows "Op (node 'n') " in the refusal).
     fn changes(&self, node: &Node, from: i64) -> Result<Vec<Change>, String> {
         let op = &node.op_type;
         let history = op_history(op).ok_or_else(|| {
-            format!("{op} (node '{}') is not in raise-opset's table of ops whose meaning is known from opset {MIN_SOURCE_OPSET} to {MAX_OPSET}", node_label(node))
+            format!("is not in raise-opset's table of ops whose meaning is known from opset {MIN_SOURCE_OPSET} to {MAX_OPSET}")
         })?;
         if let Some((introduced, _)) = history.iter().find(|(_, c)| *c == Introduced) {
             if *introduced > from {
-                return Err(format!("{op} (node '{}') is not an ONNX op at opset {from} (ONNX's {op} exists from opset {introduced})", node_label(node)));
+                return Err(format!("is not an ONNX op at opset {from} (ONNX's {op} exists from opset {introduced})"));
             }
         }
         Ok(history.iter().filter(|(v, _)| *v > from && *v <= self.to).map(|(_, c)| *c).collect())
+    }
+}
+
+/// The ops a raise is refused for: one line per op, naming its first node.
+#[derive(Default)]
+struct Refusals(BTreeMap<String, (String, usize, String)>);
+
+impl Refusals {
+    fn add(&mut self, node: &Node, reason: String) {
+        let entry = self.0.entry(node.op_type.clone()).or_insert_with(|| (node_label(node).to_string(), 0, reason));
+        entry.1 += 1;
+    }
+
+    fn lines(self) -> Vec<String> {
+        self.0
+            .into_iter()
+            .map(|(op, (first, count, reason))| match count {
+                1 => format!("{op} (node '{first}') {reason}"),
+                n => format!("{op} (node '{first}' and {} more) {reason}", n - 1),
+            })
+            .collect()
     }
 }
 
@@ -263,7 +289,7 @@ impl Pass for RaiseOpset {
         if from == self.to {
             return Ok(Vec::new());
         }
-        let mut unknown = BTreeSet::new();
+        let mut refusals = Refusals::default();
         let mut patch = Patch::new(format!("opset {from} -> {}", self.to));
         for (id, node) in model.graph.nodes_with_ids() {
             if !(node.domain.is_empty() || node.domain == "ai.onnx") {
@@ -272,25 +298,30 @@ impl Pass for RaiseOpset {
             let changes = match self.changes(node, from) {
                 Ok(changes) => changes,
                 Err(reason) => {
-                    unknown.insert(reason);
+                    refusals.add(node, reason);
                     continue;
                 }
             };
             let mut converted = node.clone();
-            for change in changes.into_iter().filter(|c| !c.keeps_meaning()) {
-                match change {
-                    AxesToInput => axes_to_input(&mut converted, &mut patch),
-                    SplitNumOutputs => add_num_outputs(&mut converted),
-                    Types | Extended(_) | Introduced => {}
+            let converting = changes.into_iter().filter(|c| !c.keeps_meaning()).try_for_each(|change| match change {
+                AxesToInput => axes_to_input(&mut converted, &mut patch),
+                SplitNumOutputs => {
+                    add_num_outputs(&mut converted);
+                    Ok(())
                 }
+                Types | Extended(_) | Introduced => Ok(()),
+            });
+            if let Err(reason) = converting {
+                refusals.add(node, reason);
+                continue;
             }
             if converted != *node {
                 patch.remove_node(id);
                 patch.add_node(converted);
             }
         }
-        if !unknown.is_empty() {
-            return Err(failed(RaiseError::UnknownOps { from, to: self.to, ops: unknown.into_iter().collect() }));
+        if !refusals.0.is_empty() {
+            return Err(failed(RaiseError::Unconvertible { from, to: self.to, ops: refusals.lines() }));
         }
         Ok(if patch.is_empty() { Vec::new() } else { vec![patch] })
     }
@@ -312,21 +343,22 @@ fn node_label(node: &Node) -> &str {
 
 /// Reduce*-13 -> -18: the `axes` attribute becomes input 1 (a new initializer
 /// named after the node's output); an empty one is dropped (both mean every axis).
-fn axes_to_input(node: &mut Node, patch: &mut Patch) {
-    let Some(at) = node.attributes.iter().position(|a| a.name == "axes") else { return };
-    let attribute = node.attributes.remove(at);
-    let AttrValue::Ints(axes) = attribute.value else {
-        // not a valid Reduce*-13 node: leave it as it was
-        node.attributes.insert(at, attribute);
-        return;
-    };
-    if axes.is_empty() {
-        return;
+/// Without the attribute there is nothing to move (a node this pass converted
+/// already is left alone: the driver proposes again until nothing changes).
+fn axes_to_input(node: &mut Node, patch: &mut Patch) -> Result<(), String> {
+    let Some(at) = node.attributes.iter().position(|a| a.name == "axes") else { return Ok(()) };
+    if node.inputs.len() != 1 {
+        return Err(format!("has an axes attribute and {} inputs, where {}-13 has one input", node.inputs.len(), node.op_type));
     }
-    let name = format!("{}/axes", node.outputs.first().map(String::as_str).unwrap_or(&node.name));
-    patch.add_initializer(Tensor::from_i64(name.clone(), vec![axes.len() as i64], &axes));
-    node.inputs.truncate(1);
-    node.inputs.push(name);
+    let AttrValue::Ints(axes) = node.attributes.remove(at).value else {
+        return Err("has an axes attribute that is not a list of integers".into());
+    };
+    if !axes.is_empty() {
+        let name = format!("{}/axes", node.outputs.first().map(String::as_str).unwrap_or(&node.name));
+        patch.add_initializer(Tensor::from_i64(name.clone(), vec![axes.len() as i64], &axes));
+        node.inputs.push(name);
+    }
+    Ok(())
 }
 
 /// Split-13 -> -18: without a `split` input, `num_outputs` = the outputs it has.

@@ -1,0 +1,459 @@
+//! `lower-standard-ops`: replaces the standard ONNX ops that tract-onnx 0.23.9
+//! cannot run faithfully by standard ops it can, for verification only (like
+//! `lower_contrib` for com.microsoft ops; the portable target ships the ops
+//! themselves).
+//!
+//! What tract does with the opset 20-23 ops the portable target may emit, each
+//! run as a one-node model against ONNX Runtime 1.32 (float32 unless said):
+//! - `Gelu`-20 (none, tanh; float16 too): faithful (max abs 2.1e-6 on |y| < 6).
+//!   Not lowered. (tract has no float64 tanh Gelu: it fails, loudly.)
+//! - `RotaryEmbedding`-23 (3-D and 4-D, interleaved, partial, with and without
+//!   position_ids): faithful (2.4e-7). Not lowered.
+//! - `RMSNormalization`-23: faithful with the default `stash_type` (float), but
+//!   tract ignores `stash_type` and always computes in float32 (float64 with
+//!   stash_type double: 1.1e-7 from ORT, which computes in float64: 6e-13 from
+//!   numpy). Lowered.
+//! - `Attention`-23: faithful for plain, GQA, float-masked and past-free causal
+//!   attention, but with `is_causal` and a `past_key` tract aligns the causal
+//!   mask top-left (query i sees keys j <= i) where ONNX and ORT align it
+//!   bottom-right (j <= i + past length): max abs 2.5 on a 3-query, 2-past case;
+//!   and it rejects boolean masks and `softcap`. Lowered, every form.
+//!
+//! Semantics followed: the ONNX-23 schemas (their function bodies, from onnx
+//! 1.23), and ONNX Runtime 1.32's CPU kernels where those differ, measured:
+//! - Attention: scores `s = scale * q @ k^T` (scale defaults to
+//!   `1/sqrt(head_size)`), then `softcap * tanh(s / softcap)` when softcap > 0,
+//!   then the bias: a float mask is added; a boolean mask adds 0 where true and
+//!   `lowest()` where false; causal hides keys `j > i + past_length` by setting
+//!   the bias there to `lowest()` (ORT overlays rather than adds); softmax over
+//!   the keys; a row whose biased scores are all <= `lowest()` (every key
+//!   hidden, or a float mask of `lowest()` or -inf) is zero. That last rule is
+//!   ORT's: ONNX's function body zeroes only rows whose bias is -inf throughout,
+//!   and gives a row masked by `lowest()` (torch's `finfo.min`, what exporters
+//!   write) uniform weights. K and V heads are repeated for GQA (query head n
+//!   reads KV head n / (q_heads / kv_heads)); `past_key`/`past_value` are
+//!   prepended along the sequence axis and are the present outputs.
+//!   ORT 1.32 skips the causal mask when there is one query and a past, which
+//!   differs from the rule above only if that query comes with more than one
+//!   new key; this lowering follows ONNX there.
+//! - RMSNormalization: the function body: `xs = Cast(x, stash_type)`,
+//!   `y = Cast(xs / sqrt(mean(xs^2 over axis..) + epsilon), T) * scale`.
+//!
+//! Exactness: the same formulas in the same association as ORT's kernel, so
+//! float32 results differ by rounding only (`tests/scripts/check_lowerings.py`
+//! runs each case of `tests/lower_standard.rs` in ORT both ways).
+//!
+//! Refused (the pass fails, naming the node and the reason): Attention on types
+//! other than float32 (ORT computes float16 attention partly in float32, which
+//! this does not replicate), its `qk_matmul_output` output, a `softmax_precision`
+//! other than float, integer masks, head counts or head sizes that are not
+//! known numbers where needed; RMSNormalization whose scale type is not x's.
+//! Only nodes of a model importing opset 23 or later are lowered (before 23 a
+//! default-domain Attention is no ONNX op); nodes inside subgraphs are not.
+//!
+//! Sketch (4-D attention, no mask):
+//! ```text
+//! y = Attention(q, k, v) {is_causal=1}
+//!   ->
+//! y/scores = Mul(MatMul(q, Transpose(k) {perm=[0,1,3,2]}), y/scale)
+//! y/biased = Add(y/scores, Where(y/visible, 0, lowest))    (visible: j <= i + past)
+//! y        = MatMul(Where(y/empty_row, 0, Softmax(y/biased)), v)
+//! ```
+//! New tensors are named `{first output}/{what}`; the lowered ops write the
+//! node's own output names, so readers and graph outputs are untouched.
+
+use super::{run_pipeline, DriverOptions, Pass, PassError, PassRecord};
+use crate::ir::{infer_types, AttrValue, DataType, Model, Node, NodeId, Patch, Tensor, TypeMap};
+use bytes::Bytes;
+use half::{bf16, f16};
+use std::collections::{HashMap, HashSet};
+
+/// The pass. See the module documentation.
+pub struct LowerStandardOps;
+
+/// Why a node could not be lowered.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("node '{node}' ({op}): {reason}")]
+pub struct LowerError {
+    pub node: String,
+    pub op: String,
+    pub reason: String,
+}
+
+/// The opset at which the ops lowered here appear.
+const OPSET: i64 = 23;
+
+impl Pass for LowerStandardOps {
+    fn name(&self) -> &'static str {
+        "lower-standard-ops"
+    }
+
+    fn propose(&self, model: &Model) -> Result<Vec<Patch>, PassError> {
+        if model.opset("").is_none_or(|v| v < OPSET) {
+            return Ok(Vec::new());
+        }
+        let targets: Vec<NodeId> =
+            model.graph.nodes_with_ids().into_iter().filter(|(_, n)| needs_lowering(n)).map(|(id, _)| id).collect();
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let types = infer_types(model);
+        let failed = |e: LowerError| PassError::Failed { pass: self.name().into(), message: e.to_string() };
+        targets.into_iter().map(|id| lower_node(model, &types, id).map_err(failed)).collect()
+    }
+}
+
+/// `true` for the nodes this pass replaces (in a model at opset 23 or later).
+pub fn needs_lowering(node: &Node) -> bool {
+    node.is_onnx("Attention") || node.is_onnx("RMSNormalization")
+}
+
+/// Runs the pass to its fixpoint (what `verify_rewrite` does to both models).
+pub fn lower_standard_ops(model: &mut Model, options: &DriverOptions) -> Result<PassRecord, PassError> {
+    let passes: Vec<Box<dyn Pass>> = vec![Box::new(LowerStandardOps)];
+    Ok(run_pipeline(model, &passes, options)?.pop().unwrap_or_default())
+}
+
+/// The patch that replaces node `id`, or why it cannot be.
+pub fn lower_node(model: &Model, types: &TypeMap, id: NodeId) -> Result<Patch, LowerError> {
+    let Some(node) = model.graph.node(id) else {
+        return Err(LowerError { node: format!("{id:?}"), op: "?".into(), reason: "no such node".into() });
+    };
+    let mut lowering = Lowering::new(model, types, node, id);
+    let lowered = match node.op_type.as_str() {
+        "Attention" => lowering.attention(),
+        "RMSNormalization" => lowering.rms_normalization(),
+        other => Err(format!("{other} is not lowered here")),
+    };
+    lowered.map_err(|reason| LowerError {
+        node: if node.name.is_empty() { node.outputs.first().cloned().unwrap_or_default() } else { node.name.clone() },
+        op: node.op_type.clone(),
+        reason,
+    })?;
+    Ok(lowering.patch)
+}
+
+/// A lowering's reason for refusing a node.
+type Refusal = String;
+
+/// Builds one node's replacement into a patch: fresh names under the node's
+/// first output, constants as initializers. A smaller cousin of lower_contrib's
+/// `Lowering`: one builder serving both is a refactor still to do.
+struct Lowering<'m> {
+    node: &'m Node,
+    model: &'m Model,
+    types: &'m TypeMap,
+    root: String,
+    taken: HashMap<String, usize>,
+    constants: HashSet<String>,
+    patch: Patch,
+}
+
+impl<'m> Lowering<'m> {
+    fn new(model: &'m Model, types: &'m TypeMap, node: &'m Node, id: NodeId) -> Lowering<'m> {
+        let root = node.outputs.iter().find(|o| !o.is_empty()).cloned().unwrap_or_else(|| node.name.clone());
+        let mut patch = Patch::new(format!("lower {}", node.op_type));
+        patch.remove_node(id);
+        Lowering { node, model, types, root, taken: HashMap::new(), constants: HashSet::new(), patch }
+    }
+
+    // ---- reading the node ----
+
+    fn input(&self, i: usize) -> Option<&'m str> {
+        self.node.inputs.get(i).map(String::as_str).filter(|s| !s.is_empty())
+    }
+
+    fn required(&self, i: usize, what: &str) -> Result<&'m str, Refusal> {
+        self.input(i).ok_or_else(|| format!("input {i} ({what}) is missing"))
+    }
+
+    /// Output `i`, when something reads it or the graph returns it.
+    fn used_output(&self, i: usize) -> Option<&'m str> {
+        let name = self.node.outputs.get(i).map(String::as_str).filter(|s| !s.is_empty())?;
+        let graph = &self.model.graph;
+        (!graph.uses(name).is_empty() || graph.is_graph_output(name)).then_some(name)
+    }
+
+    fn elem_type(&self, name: &str) -> Result<DataType, Refusal> {
+        self.types.elem_type(name).ok_or_else(|| format!("the element type of '{name}' is unknown"))
+    }
+
+    fn rank(&self, name: &str) -> Result<usize, Refusal> {
+        self.types.rank(name).ok_or_else(|| format!("the rank of '{name}' is unknown"))
+    }
+
+    /// Dim `axis` (negative counts from the end) of `name`, when it is a known number.
+    fn fixed_dim(&self, name: &str, axis: isize) -> Option<i64> {
+        let dims = self.types.shape(name)?;
+        let axis = if axis < 0 { dims.len().checked_sub(axis.unsigned_abs())? } else { axis as usize };
+        dims.get(axis)?.fixed()
+    }
+
+    // ---- emitting ----
+
+    /// A fresh tensor name `{root}/{what}` (numbered from the second use on).
+    fn fresh(&mut self, what: &str) -> String {
+        let n = self.taken.entry(what.to_string()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            format!("{}/{what}", self.root)
+        } else {
+            format!("{}/{what}_{n}", self.root)
+        }
+    }
+
+    /// A one-output node writing `output` when given (one of the node's own
+    /// outputs), else a fresh name; returns what it wrote.
+    fn emit(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, AttrValue)>, output: Option<&str>, what: &str) -> String {
+        let out = output.map_or_else(|| self.fresh(what), str::to_string);
+        let mut node = Node::new(op, inputs, &[&out]);
+        for (key, value) in attrs {
+            node = node.with_attr(key, value);
+        }
+        self.patch.add_node(node);
+        out
+    }
+
+    fn op(&mut self, op: &str, inputs: &[&str], what: &str) -> String {
+        self.emit(op, inputs, Vec::new(), None, what)
+    }
+
+    /// A constant initializer named `{root}/{what}`, added once.
+    fn constant(&mut self, what: &str, dtype: DataType, dims: Vec<i64>, raw: Vec<u8>) -> String {
+        let name = format!("{}/{what}", self.root);
+        if self.constants.insert(name.clone()) {
+            self.patch.add_initializer(Tensor::from_raw(name.clone(), dtype, dims, Bytes::from(raw)));
+        }
+        name
+    }
+
+    /// A 1-D int64 constant, named by its values (`{root}/int64:[0,0,-1]`).
+    fn ints(&mut self, values: &[i64]) -> String {
+        let text: Vec<String> = values.iter().map(i64::to_string).collect();
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.constant(&format!("int64:[{}]", text.join(",")), DataType::Int64, vec![values.len() as i64], raw)
+    }
+
+    /// A scalar constant of a float type.
+    fn float_scalar(&mut self, what: &str, dtype: DataType, value: f64) -> Result<String, Refusal> {
+        let raw = match dtype {
+            DataType::Float => (value as f32).to_le_bytes().to_vec(),
+            DataType::Double => value.to_le_bytes().to_vec(),
+            DataType::Float16 => f16::from_f64(value).to_le_bytes().to_vec(),
+            DataType::Bfloat16 => bf16::from_f64(value).to_le_bytes().to_vec(),
+            other => return Err(format!("{other} is not a float type")),
+        };
+        Ok(self.constant(&format!("{dtype}:{what}"), dtype, Vec::new(), raw))
+    }
+
+    fn cast(&mut self, x: &str, to: DataType, what: &str) -> String {
+        self.emit("Cast", &[x], vec![("to", AttrValue::Int(to.code() as i64))], None, what)
+    }
+
+    fn reshape(&mut self, x: &str, shape: &[i64], output: Option<&str>, what: &str) -> String {
+        let shape = self.ints(shape);
+        self.emit("Reshape", &[x, &shape], Vec::new(), output, what)
+    }
+
+    fn transpose(&mut self, x: &str, perm: &[i64], output: Option<&str>, what: &str) -> String {
+        self.emit("Transpose", &[x], vec![("perm", AttrValue::Ints(perm.to_vec()))], output, what)
+    }
+
+    fn unsqueeze(&mut self, x: &str, axes: &[i64], what: &str) -> String {
+        let axes = self.ints(axes);
+        self.op("Unsqueeze", &[x, &axes], what)
+    }
+
+    /// Dim `axis` of `x` as an int64 scalar, at run time.
+    fn dim(&mut self, x: &str, axis: i64, what: &str) -> String {
+        let attrs = vec![("start", AttrValue::Int(axis)), ("end", AttrValue::Int(axis + 1))];
+        let dim = self.emit("Shape", &[x], attrs, None, &format!("{what}_1d"));
+        let axes = self.ints(&[0]);
+        self.op("Squeeze", &[&dim, &axes], what)
+    }
+
+    /// `0, 1, .., n-1` (int64) where `n` is dim `axis` of `x`.
+    fn positions(&mut self, x: &str, axis: i64, what: &str) -> String {
+        let len = self.dim(x, axis, &format!("{what}_count"));
+        let zero = self.constant("int64:0", DataType::Int64, Vec::new(), 0i64.to_le_bytes().to_vec());
+        let one = self.constant("int64:1", DataType::Int64, Vec::new(), 1i64.to_le_bytes().to_vec());
+        self.op("Range", &[&zero, &len, &one], what)
+    }
+
+    // ---- the lowerings ----
+
+    /// RMSNormalization-23 (X, scale) -> Y, as its function body: over axes
+    /// `axis..rank`, `xs = Cast(X, stash_type)`,
+    /// `Y = Cast(xs / Sqrt(ReduceMean(xs * xs) + epsilon), T) * scale`.
+    fn rms_normalization(&mut self) -> Result<(), Refusal> {
+        let (x, scale) = (self.required(0, "X")?, self.required(1, "scale")?);
+        let x_type = self.elem_type(x)?;
+        let scale_type = self.elem_type(scale)?;
+        if scale_type != x_type {
+            return Err(format!("scale is {scale_type} and X {x_type}: the function body multiplies them as one type"));
+        }
+        let stash_code = self.node.attr_int("stash_type").unwrap_or(DataType::Float.code() as i64);
+        let stash = i32::try_from(stash_code).ok().and_then(DataType::from_code).ok_or_else(|| format!("stash_type {stash_code} is not a data type"))?;
+        let rank = self.rank(x)? as i64;
+        let axis = self.node.attr_int("axis").unwrap_or(-1);
+        let first = if axis < 0 { axis + rank } else { axis };
+        if !(0..rank).contains(&first) {
+            return Err(format!("axis {axis} is out of range for rank {rank}"));
+        }
+        let epsilon = self.node.attr_float("epsilon").unwrap_or(1e-5);
+        let xs = if stash == x_type { x.to_string() } else { self.cast(x, stash, "x_stashed") };
+        let eps = self.float_scalar("epsilon", stash, epsilon as f64)?;
+        let square = self.op("Mul", &[&xs, &xs], "square");
+        let axes = self.ints(&(first..rank).collect::<Vec<_>>());
+        let mean_square = self.emit("ReduceMean", &[&square, &axes], vec![("keepdims", AttrValue::Int(1))], None, "mean_square");
+        let shifted = self.op("Add", &[&mean_square, &eps], "mean_square_eps");
+        let rms = self.op("Sqrt", &[&shifted], "rms");
+        let normalized = self.op("Div", &[&xs, &rms], "normalized");
+        let normalized = if stash == x_type { normalized } else { self.cast(&normalized, x_type, "normalized_t") };
+        self.emit("Mul", &[&normalized, scale], Vec::new(), self.used_output(0), "out");
+        Ok(())
+    }
+
+    /// Attention-23 (Q, K, V, attn_mask?, past_key?, past_value?) -> (Y,
+    /// present_key?, present_value?); see the module documentation.
+    fn attention(&mut self) -> Result<(), Refusal> {
+        let (q, k, v) = (self.required(0, "Q")?, self.required(1, "K")?, self.required(2, "V")?);
+        let dtype = self.elem_type(q)?;
+        if dtype != DataType::Float {
+            return Err(format!("{dtype} attention is not lowered (float32 only: ORT 1.32 computes float16 attention partly in float32)"));
+        }
+        if self.used_output(3).is_some() {
+            return Err("output 3 (qk_matmul_output) is used, and is not supported".into());
+        }
+        if self.node.attr_int("softmax_precision").is_some_and(|p| p != DataType::Float.code() as i64) {
+            return Err("a softmax_precision other than float is not supported".into());
+        }
+        let (past_key, past_value) = (self.input(4), self.input(5));
+        if past_key.is_some() != past_value.is_some() {
+            return Err("past_key and past_value must be given together".into());
+        }
+        let rank = self.rank(q)?;
+        let (q4, k4, v4, heads) = match rank {
+            3 => {
+                let positive = |name: &str| self.node.attr_int(name).filter(|&n| n > 0).ok_or_else(|| format!("3-D inputs need a positive {name}"));
+                let (q_heads, kv_heads) = (positive("q_num_heads")?, positive("kv_num_heads")?);
+                let split = |this: &mut Self, x: &str, n: i64, what: &str| {
+                    let x = this.reshape(x, &[0, 0, n, -1], None, &format!("{what}_split"));
+                    this.transpose(&x, &[0, 2, 1, 3], None, &format!("{what}_heads"))
+                };
+                let (q4, k4, v4) = (split(self, q, q_heads, "q"), split(self, k, kv_heads, "k"), split(self, v, kv_heads, "v"));
+                let per_head = |this: &Self, x: &str, n: i64| this.fixed_dim(x, -1).filter(|d| d % n == 0).map(|d| d / n);
+                let heads = Heads { q: q_heads, kv: kv_heads, qk_size: per_head(self, q, q_heads), v_size: per_head(self, v, kv_heads) };
+                (q4, k4, v4, heads)
+            }
+            4 => {
+                let count = |this: &Self, x: &str| this.fixed_dim(x, 1).ok_or_else(|| format!("the head count (dim 1) of '{x}' is unknown"));
+                let heads = Heads { q: count(self, q)?, kv: count(self, k)?, qk_size: self.fixed_dim(q, -1), v_size: self.fixed_dim(v, -1) };
+                (q.to_string(), k.to_string(), v.to_string(), heads)
+            }
+            other => return Err(format!("{other}-D inputs are not supported (3-D or 4-D)")),
+        };
+        let scale = match self.node.attr_float("scale") {
+            Some(s) => s,
+            None => 1.0 / (heads.qk_size.filter(|&h| h > 0).ok_or("the head size is unknown, and with it the default scale")? as f32).sqrt(),
+        };
+        // K and V with the past prepended: the present outputs
+        let with_past = |this: &mut Self, past: Option<&str>, x: &str, output: usize, what: &str| match (past, this.used_output(output)) {
+            (Some(past), present) => this.emit("Concat", &[past, x], vec![("axis", AttrValue::Int(2))], present, what),
+            (None, Some(present)) => this.emit("Identity", &[x], Vec::new(), Some(present), what),
+            (None, None) => x.to_string(),
+        };
+        let k_all = with_past(self, past_key, &k4, 1, "present_key");
+        let v_all = with_past(self, past_value, &v4, 2, "present_value");
+        let (k_rep, v_rep) = if heads.q == heads.kv {
+            (k_all.clone(), v_all)
+        } else {
+            if heads.kv <= 0 || heads.q % heads.kv != 0 {
+                return Err(format!("q heads {} are not a multiple of kv heads {}", heads.q, heads.kv));
+            }
+            let qk_size = heads.qk_size.ok_or("the head size is unknown, needed to repeat the K heads")?;
+            let v_size = heads.v_size.ok_or("V's head size is unknown, needed to repeat the V heads")?;
+            let group = heads.q / heads.kv;
+            (self.repeat_heads(&k_all, group, heads.q, qk_size, "k"), self.repeat_heads(&v_all, group, heads.q, v_size, "v"))
+        };
+        let k_t = self.transpose(&k_rep, &[0, 1, 3, 2], None, "k_t");
+        let qk = self.op("MatMul", &[&q4, &k_t], "qk");
+        let scale = self.float_scalar("scale", dtype, scale as f64)?;
+        let mut scores = self.op("Mul", &[&qk, &scale], "scores");
+        let softcap = self.node.attr_float("softcap").unwrap_or(0.0);
+        if softcap > 0.0 {
+            let cap = self.float_scalar("softcap", dtype, softcap as f64)?;
+            let ratio = self.op("Div", &[&scores, &cap], "scores_over_cap");
+            let tanh = self.op("Tanh", &[&ratio], "scores_tanh");
+            scores = self.op("Mul", &[&tanh, &cap], "capped_scores");
+        }
+        if let Some(bias) = self.attention_bias(&q4, &k_all, past_key, dtype)? {
+            scores = self.op("Add", &[&scores, &bias], "biased_scores");
+        }
+        let probs = self.emit("Softmax", &[&scores], vec![("axis", AttrValue::Int(-1))], None, "probs");
+        // ORT: a row whose scores are all <= lowest() is zero (module documentation)
+        let last = self.ints(&[-1]);
+        let row_max = self.emit("ReduceMax", &[&scores, &last], vec![("keepdims", AttrValue::Int(1))], None, "row_max");
+        let lowest = self.float_scalar("lowest", dtype, f32::MIN as f64)?;
+        let empty = self.op("LessOrEqual", &[&row_max, &lowest], "empty_row");
+        let zero = self.float_scalar("zero", dtype, 0.0)?;
+        let probs = self.op("Where", &[&empty, &zero, &probs], "kept_probs");
+        let output = self.used_output(0);
+        if rank == 4 {
+            self.emit("MatMul", &[&probs, &v_rep], Vec::new(), output, "out");
+        } else {
+            let context = self.op("MatMul", &[&probs, &v_rep], "context");
+            let merged = self.transpose(&context, &[0, 2, 1, 3], None, "context_bsnh");
+            self.reshape(&merged, &[0, 0, -1], output, "out");
+        }
+        Ok(())
+    }
+
+    /// [B, KV, T, H] -> [B, KV * group, T, H], head n being KV head n / group.
+    fn repeat_heads(&mut self, x: &str, group: i64, heads: i64, head_size: i64, what: &str) -> String {
+        let x5 = self.unsqueeze(x, &[2], &format!("{what}_group_axis"));
+        let repeats = self.ints(&[1, 1, group, 1, 1]);
+        let expanded = self.op("Expand", &[&x5, &repeats], &format!("{what}_groups"));
+        self.reshape(&expanded, &[0, heads, -1, head_size], None, &format!("{what}_repeated"))
+    }
+
+    /// The additive bias of the scores: the mask (a boolean one as 0 /
+    /// lowest()), with keys after `i + past_length` set to lowest() when causal.
+    fn attention_bias(&mut self, q4: &str, k_all: &str, past_key: Option<&str>, dtype: DataType) -> Result<Option<String>, Refusal> {
+        let lowest = self.float_scalar("lowest", dtype, f32::MIN as f64)?;
+        let zero = self.float_scalar("zero", dtype, 0.0)?;
+        let mask = match self.input(3) {
+            None => None,
+            Some(mask) => match self.elem_type(mask)? {
+                DataType::Bool => Some(self.op("Where", &[mask, &zero, &lowest], "mask_bias")),
+                t if t == dtype => Some(mask.to_string()),
+                other => return Err(format!("a {other} mask is not supported (boolean, or the type of Q)")),
+            },
+        };
+        if self.node.attr_int("is_causal").unwrap_or(0) == 0 {
+            return Ok(mask);
+        }
+        let q_pos = self.positions(q4, 2, "query_positions");
+        let q_pos = self.unsqueeze(&q_pos, &[1], "query_column");
+        let last_visible = match past_key {
+            Some(past) => {
+                let past_length = self.dim(past, 2, "past_length");
+                self.op("Add", &[&q_pos, &past_length], "last_visible_key")
+            }
+            None => q_pos,
+        };
+        let k_pos = self.positions(k_all, 2, "key_positions");
+        let k_pos = self.unsqueeze(&k_pos, &[0], "key_row");
+        let visible = self.op("LessOrEqual", &[&k_pos, &last_visible], "visible");
+        let kept = mask.as_deref().unwrap_or(&zero).to_string();
+        Ok(Some(self.op("Where", &[&visible, &kept, &lowest], "causal_bias")))
+    }
+}
+
+/// Head counts and sizes of an attention node.
+struct Heads {
+    q: i64,
+    kv: i64,
+    qk_size: Option<i64>,
+    v_size: Option<i64>,
+}
