@@ -4,14 +4,13 @@
 //! checks each lowering against ONNX Runtime's own kernel (when onnxruntime is
 //! importable). Refusals are tested at the end.
 
+mod common;
+
 use onnxopt::ir::{AttrValue, DataType, Extras, GraphBuilder, Model, Node, OpsetImport, Tensor};
-use onnxopt::onnx::{self, SaveOptions};
 use onnxopt::passes::lower_contrib::{lower_contrib_ops, LowerContribOps};
 use onnxopt::passes::{DriverOptions, Pass, PassError};
 use onnxopt::verify::{self, DimSizes, NamedInput};
 use std::collections::HashSet;
-use std::path::Path;
-use std::process::Command;
 use tract_onnx::prelude::{IntoTensor, Tensor as TractTensor};
 
 const MS: &str = "com.microsoft";
@@ -340,27 +339,10 @@ fn every_case_lowers_to_standard_ops_that_tract_runs() {
 /// The lowering against ONNX Runtime's contrib kernels (max abs per case printed).
 #[test]
 fn ort_conformance() {
-    let probe = Command::new("python3").args(["-c", "import onnxruntime"]).output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        let ci = if std::env::var_os("CI").is_some() { " (CI installs onnx only, not onnxruntime)" } else { "" };
-        eprintln!("skipping: python3 cannot import onnxruntime{ci}");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut args = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/check_lowerings.py")];
-    for Case { name, model } in cases() {
+    common::onnxruntime_agrees(cases().into_iter().map(|Case { name, model }| {
         let lowered = lower(&model).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let case_dir = dir.path().join(name);
-        std::fs::create_dir(&case_dir).unwrap();
-        for (file, m) in [("fused.onnx", &model), ("lowered.onnx", &lowered)] {
-            onnx::save(m, &case_dir.join(file), &SaveOptions::default()).unwrap();
-            args.push(case_dir.join(file));
-        }
-    }
-    let run = Command::new("python3").args(&args).output().unwrap();
-    let report = String::from_utf8_lossy(&run.stdout);
-    eprintln!("{report}{}", String::from_utf8_lossy(&run.stderr));
-    assert!(run.status.success(), "ONNX Runtime disagrees with a lowering:\n{report}");
+        (name, model, lowered)
+    }));
 }
 
 #[test]

@@ -5,14 +5,13 @@
 //! forms tract gets right; `ort_conformance` compares every case with ONNX
 //! Runtime's kernels (when onnxruntime is importable). Refusals at the end.
 
+mod common;
+
 use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model, Node, Tensor};
-use onnxopt::onnx::{self, SaveOptions};
 use onnxopt::passes::lower_standard::{lower_standard_ops, LowerStandardOps};
 use onnxopt::passes::{DriverOptions, Pass, PassError};
 use onnxopt::verify::{self, DimSizes, VerifyOptions};
 use std::collections::HashSet;
-use std::path::Path;
-use std::process::Command;
 
 const B: i64 = 2;
 
@@ -213,26 +212,10 @@ fn tract_agrees_where_it_is_faithful() {
 /// Each lowering against ONNX Runtime's kernels (max abs per case printed).
 #[test]
 fn ort_conformance() {
-    let probe = Command::new("python3").args(["-c", "import onnxruntime"]).output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        eprintln!("skipping: python3 cannot import onnxruntime");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut args = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/check_lowerings.py")];
-    for Case { name, model } in cases() {
+    common::onnxruntime_agrees(cases().into_iter().map(|Case { name, model }| {
         let lowered = lower(&model).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let case_dir = dir.path().join(name);
-        std::fs::create_dir(&case_dir).unwrap();
-        for (file, m) in [("fused.onnx", &model), ("lowered.onnx", &lowered)] {
-            onnx::save(m, &case_dir.join(file), &SaveOptions::default()).unwrap();
-            args.push(case_dir.join(file));
-        }
-    }
-    let run = Command::new("python3").args(&args).output().unwrap();
-    let report = String::from_utf8_lossy(&run.stdout);
-    eprintln!("{report}{}", String::from_utf8_lossy(&run.stderr));
-    assert!(run.status.success(), "ONNX Runtime disagrees with a lowering:\n{report}");
+        (name, model, lowered)
+    }));
 }
 
 #[test]

@@ -5,19 +5,8 @@
 mod common;
 
 use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model};
-use onnxopt::passes::check::{rewrite_and_compare, Rewritten};
-use onnxopt::passes::fuse::Fuse;
-use onnxopt::passes::Pass;
-use onnxopt::verify::VerifyOptions;
-
-fn fuse(model: &Model, target: &str) -> Rewritten {
-    let passes: Vec<Box<dyn Pass>> = vec![Box::new(Fuse::new(target, None))];
-    rewrite_and_compare(model, &passes, &VerifyOptions { atol: 1e-5, rtol: 1e-4, ..Default::default() })
-}
-
-fn fired(r: &Rewritten, rule: &str) -> usize {
-    r.records.iter().map(|rec| rec.by_origin.get(rule).copied().unwrap_or(0)).sum()
-}
+use onnxopt::passes::check::Rewritten;
+use common::fusion::{assert_silent, fired, fuse};
 
 /// Asserts the rule fired once, the numbers agree, and snapshots the rewrite.
 fn assert_fires(model: &Model, target: &str, rule: &str) -> Rewritten {
@@ -26,11 +15,6 @@ fn assert_fires(model: &Model, target: &str, rule: &str) -> Rewritten {
     assert!(r.comparison.passed(), "{rule}: {:?}", r.comparison);
     insta::assert_snapshot!(format!("fuse__{rule}"), r.snapshot);
     r
-}
-
-fn assert_silent(model: &Model, target: &str) {
-    let r = fuse(model, target);
-    assert_eq!(r.patches(), 0, "nothing should fire:\n{}", r.snapshot);
 }
 
 fn scalar(b: &mut GraphBuilder, name: &str, v: f32) -> String {

@@ -11,9 +11,8 @@ use common::fixture;
 use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model, Node};
 use onnxopt::onnx;
 use onnxopt::passes::check::{rewrite_and_compare, Rewritten};
-use onnxopt::passes::fuse::Fuse;
+use common::fusion::{count, fired, fuse};
 use onnxopt::passes::pipeline::{optimization_passes, Target};
-use onnxopt::passes::Pass;
 use onnxopt::verify::VerifyOptions;
 
 // Batch, sequence, hidden size and heads of the hand-built graphs.
@@ -23,22 +22,9 @@ const HIDDEN: i64 = 8;
 const HEADS: i64 = 2;
 const HEAD: i64 = HIDDEN / HEADS;
 
-fn fuse(model: &Model) -> Rewritten {
-    let passes: Vec<Box<dyn Pass>> = vec![Box::new(Fuse::new("ort", None))];
-    rewrite_and_compare(model, &passes, &VerifyOptions { atol: 1e-5, rtol: 1e-4, ..Default::default() })
-}
-
-fn fired(r: &Rewritten, rule: &str) -> usize {
-    r.records.iter().map(|rec| rec.by_origin.get(rule).copied().unwrap_or(0)).sum()
-}
-
-fn count(model: &Model, op_type: &str) -> usize {
-    model.graph.nodes().filter(|n| n.op_type == op_type).count()
-}
-
 /// Asserts `rule` fired once, the numbers agree, and snapshots the rewrite as `case`.
 fn assert_fires(model: &Model, rule: &str, case: &str) -> Rewritten {
-    let r = fuse(model);
+    let r = fuse(model, "ort");
     assert_eq!(fired(&r, rule), 1, "{rule} should fire once:\n{}", r.snapshot);
     assert!(r.comparison.passed(), "{rule}: {:?}", r.comparison);
     insta::assert_snapshot!(format!("fuse__{case}"), r.snapshot);
@@ -46,7 +32,7 @@ fn assert_fires(model: &Model, rule: &str, case: &str) -> Rewritten {
 }
 
 fn assert_not_fused(model: &Model) {
-    let r = fuse(model);
+    let r = fuse(model, "ort");
     assert_eq!(count(&r.model, "Attention"), 0, "nothing should fuse:\n{}", r.snapshot);
 }
 
@@ -313,7 +299,7 @@ fn merge_heads_before_flatten() {
     let r = assert_fires(&merged_heads_graph(&[-1, HIDDEN]), "merge-heads-before-flatten", "merge-heads-before-flatten");
     assert_eq!(count(&r.model, "Reshape"), 2);
     // merged into [batch, seq, hidden] already: nothing to do
-    let r = fuse(&merged_heads_graph(&[BATCH, SEQ, HIDDEN]));
+    let r = fuse(&merged_heads_graph(&[BATCH, SEQ, HIDDEN]), "ort");
     assert_eq!(r.patches(), 0, "{}", r.snapshot);
 }
 

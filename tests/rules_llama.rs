@@ -7,9 +7,8 @@ mod common;
 
 use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model, Tensor};
 use onnxopt::passes::check::{rewrite_and_compare, Rewritten};
-use onnxopt::passes::fuse::Fuse;
+use common::fusion::{assert_silent, count, fired, fuse};
 use onnxopt::passes::pipeline::{optimization_passes, Target};
-use onnxopt::passes::Pass;
 use onnxopt::verify::VerifyOptions;
 
 const BATCH: i64 = 2;
@@ -19,15 +18,6 @@ const KV_HEADS: i64 = 2;
 const HEAD: i64 = 8;
 const HIDDEN: i64 = HEADS * HEAD;
 
-fn fuse(model: &Model, target: &str) -> Rewritten {
-    let passes: Vec<Box<dyn Pass>> = vec![Box::new(Fuse::new(target, None))];
-    rewrite_and_compare(model, &passes, &VerifyOptions { atol: 1e-5, rtol: 1e-4, ..Default::default() })
-}
-
-fn fired(r: &Rewritten, rule: &str) -> usize {
-    r.records.iter().map(|rec| rec.by_origin.get(rule).copied().unwrap_or(0)).sum()
-}
-
 /// Asserts the rule fired once, the numbers agree, and snapshots the rewrite.
 fn assert_fires(model: &Model, target: &str, rule: &str) -> Rewritten {
     let r = fuse(model, target);
@@ -35,15 +25,6 @@ fn assert_fires(model: &Model, target: &str, rule: &str) -> Rewritten {
     assert!(r.comparison.passed(), "{rule}: {:?}", r.comparison);
     insta::assert_snapshot!(format!("fuse__{rule}"), r.snapshot);
     r
-}
-
-fn assert_silent(model: &Model, target: &str) {
-    let r = fuse(model, target);
-    assert_eq!(r.patches(), 0, "nothing should fire:\n{}", r.snapshot);
-}
-
-fn count(model: &Model, op_type: &str) -> usize {
-    model.graph.nodes().filter(|n| n.op_type == op_type).count()
 }
 
 fn values(n: usize, scale: f32) -> Vec<f32> {

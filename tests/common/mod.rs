@@ -2,6 +2,8 @@
 //! and the optional real models under ../shared.
 #![allow(dead_code)]
 
+pub mod fusion;
+
 use onnxopt::ir::{DataType, GraphBuilder, Model};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -55,4 +57,29 @@ pub fn files_in(dir: &Path) -> Vec<String> {
         std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     names
+}
+
+/// Checks in ONNX Runtime that each lowered model computes what its original
+/// does (`tests/scripts/check_lowerings.py`, max abs per case printed). Skips
+/// with a message where python3 cannot import onnxruntime (CI installs onnx only).
+pub fn onnxruntime_agrees(cases: impl IntoIterator<Item = (&'static str, Model, Model)>) {
+    let probe = Command::new("python3").args(["-c", "import onnxruntime"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipping: python3 cannot import onnxruntime (CI installs onnx only, not onnxruntime)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/check_lowerings.py")];
+    for (name, original, lowered) in cases {
+        let case_dir = dir.path().join(name);
+        std::fs::create_dir(&case_dir).unwrap();
+        for (file, m) in [("fused.onnx", &original), ("lowered.onnx", &lowered)] {
+            onnxopt::onnx::save(m, &case_dir.join(file), &Default::default()).unwrap();
+            args.push(case_dir.join(file));
+        }
+    }
+    let run = Command::new("python3").args(&args).output().unwrap();
+    let report = String::from_utf8_lossy(&run.stdout);
+    eprintln!("{report}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "ONNX Runtime disagrees with a lowering:\n{report}");
 }
