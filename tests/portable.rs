@@ -180,6 +180,23 @@ fn portable_gelu_needs_opset_20() {
     }
 }
 
+/// At opset 23 the portable target fuses self-attention into ONNX's own
+/// Attention (3-D Q, K, V; the exporter's mask as attn_mask); below, it cannot.
+#[test]
+fn portable_attention_needs_opset_23() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    for (file, opset, attentions) in
+        [("bert.ts.onnx", "23", 2), ("bert.dynamo.onnx", "23", 2), ("vit.dynamo.onnx", "23", 2), ("bert.dynamo.onnx", "20", 0)]
+    {
+        let o = optimize(&fixture(file), &out, &["--target", "portable", "--opset", opset]);
+        assert!(o.status.success(), "{file} {opset}: {}", stderr(&o));
+        let model = onnx::load(&out).unwrap();
+        assert_eq!(op_count(&model, "Attention"), attentions, "{file} {opset}");
+        assert!(model.graph.nodes().all(|n| n.domain.is_empty()), "{file} {opset}: standard ops only");
+    }
+}
+
 /// --opset serves the other targets too: ORT's fused ops at opset 23.
 #[test]
 fn ort_target_at_opset_23() {

@@ -374,6 +374,7 @@ fn infer_node(node: &Node, map: &TypeMap) -> Option<Vec<Inferred>> {
             Inferred::new(Some(DataType::Float), Some(vec![])),
             Inferred::new(Some(DataType::Uint8), Some(vec![])),
         ]),
+        "Attention" if !contrib => one(standard_attention(node, &x)),
         // com.microsoft (ORT ContribOperators.md)
         "SkipLayerNormalization" | "SkipSimplifiedLayerNormalization" if contrib => Some(skip_layer_norm(&x)),
         "EmbedLayerNormalization" if contrib => Some(embed_layer_norm(&x)),
@@ -1399,6 +1400,23 @@ fn multi_head_attention(node: &Node, x: &Inputs) -> Vec<Inferred> {
     let fallback = query.map(|q| vec![q[0].clone(), heads(node), Dim::Unknown, head_size]);
     let cache = Inferred::new(dtype, present(x.shape(6), 2, fallback));
     vec![Inferred::new(dtype, output), cache.clone(), cache]
+}
+
+/// ONNX Attention-23, output Y only: 3-D Q [B, S, q_hidden] gives
+/// [B, S, q_num_heads * v_head_size] with v_head_size = V's hidden / kv_num_heads;
+/// 4-D Q [B, q_heads, S, head] gives [B, q_heads, S, v_head] (Operators.md).
+fn standard_attention(node: &Node, x: &Inputs) -> Inferred {
+    let dtype = x.dtype(0);
+    let shape = match (x.shape(0), x.shape(2)) {
+        (Some([b, s, _]), Some([_, _, v_hidden])) => {
+            let q_heads = node.attr_int("q_num_heads").filter(|&n| n > 0).map_or(Dim::Unknown, Dim::Fixed);
+            let kv_heads = node.attr_int("kv_num_heads").filter(|&n| n > 0).map_or(Dim::Unknown, Dim::Fixed);
+            Some(vec![b.clone(), s.clone(), mul(&q_heads, &div_exact(v_hidden, &kv_heads))])
+        }
+        (Some([b, heads, s, _]), Some([_, _, _, v_head])) => Some(vec![b.clone(), heads.clone(), s.clone(), v_head.clone()]),
+        _ => None,
+    };
+    Inferred::new(dtype, shape)
 }
 
 /// GroupQueryAttention: output [B, S, heads * head_size]; present_key/value
