@@ -305,3 +305,36 @@ fn rules_list_their_math() {
     assert!(text.contains("# x * (1 + erf(x / sqrt2)) * 0.5 -> Gelu(x)"), "{text}");
 }
 
+
+/// LayerNorm as exported below opset 17: (x - mean) / sqrt(var + eps) * gamma + beta,
+/// the means over `axis` (the attribute form of ReduceMean's axes).
+fn decomposed_layer_norm_graph(axis: i64) -> Model {
+    let mut b = GraphBuilder::new("layer_norm");
+    let x = b.input("x", DataType::Float, &[2, 3, 8]);
+    let axes = || vec![("axes", AttrValue::Ints(vec![axis]))];
+    let two = scalar(&mut b, "two", 2.0);
+    let eps = scalar(&mut b, "eps", 1e-5);
+    let gamma = b.initializer_f32("gamma", &[8], &values(8, 0.2));
+    let beta = b.initializer_f32("beta", &[8], &values(8, 0.03));
+    let mean = b.node_with("ReduceMean", &[&x], axes());
+    let centered = b.node("Sub", &[&x, &mean]);
+    let squared = b.node("Pow", &[&centered, &two]);
+    let variance = b.node_with("ReduceMean", &[&squared], axes());
+    let shifted = b.node("Add", &[&variance, &eps]);
+    let std = b.node("Sqrt", &[&shifted]);
+    let normalized = b.node("Div", &[&centered, &std]);
+    let scaled = b.node("Mul", &[&normalized, &gamma]);
+    let y = b.node("Add", &[&scaled, &beta]);
+    b.output(&y, DataType::Float, &[2, 3, 8]);
+    b.into_model(16)
+}
+
+#[test]
+fn layer_norm_decomposed() {
+    let r = assert_fires(&decomposed_layer_norm_graph(-1), "ort", "layer-norm-decomposed");
+    assert!(r.model.graph.nodes().all(|n| n.op_type == "LayerNormalization"));
+    // normalising over the middle axis is not LayerNormalization's last-axis form
+    assert_silent(&decomposed_layer_norm_graph(1), "ort");
+    // standard LayerNormalization exists from opset 17 only
+    assert_silent(&decomposed_layer_norm_graph(-1), "portable");
+}
