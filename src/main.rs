@@ -223,6 +223,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             save(&model, &input, &output, quiet)?;
         }
         Command::Optimize { input, output, target, opset, report, no_verify, passes, skip, stop_after, trace_rule, atol, rtol } => {
+            let known = onnxopt::passes::pipeline::pass_names();
+            if let Some(unknown) = passes.iter().flatten().chain(&skip).find(|n| !known.contains(&n.as_str())) {
+                return Err(Failure::BadInput(anyhow::anyhow!("unknown pass '{unknown}' (passes: {})", known.join(", "))));
+            }
             let original = load(&input, quiet, true)?;
             let options = PipelineOptions { only: passes, skip, trace_rule, opset };
             let pipeline = optimization_passes(target, &options);

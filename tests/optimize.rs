@@ -105,6 +105,15 @@ fn optimize_is_idempotent() {
 }
 
 #[test]
+fn unknown_pass_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = optimize(&fixture("bert.ts.onnx"), &dir.path().join("o.onnx"), &["--skip", "fusee"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("unknown pass 'fusee'"), "{}", stderr(&o));
+    assert!(files_in(dir.path()).is_empty());
+}
+
+#[test]
 fn unknown_target_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
     let o = optimize(&fixture("bert.ts.onnx"), &dir.path().join("o.onnx"), &["--target", "tpu"]);

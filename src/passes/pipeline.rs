@@ -18,7 +18,7 @@
 //! 5. `eliminate-dead-code`: drops what 1-4 disconnected, so that rules see
 //!    single-use intermediates (a fusion refuses a value used outside its match).
 //! 6. `fuse`: the rules of `passes/*.rules` for the target (canonical forms,
-//!    attention, layer norm, Gelu), to a fixpoint.
+//!    Llama's norms and rotary, attention, layer norm, Gelu), to a fixpoint.
 //! 7. `merge-common-subexpressions` again: fusions compute new constants
 //!    (packed QKV weights) that may repeat (all-zero biases of several layers).
 //! 8. `eliminate-dead-code` again: what only the fused nodes read, and the
@@ -108,6 +108,7 @@ pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box
 /// Every pass name, for `--passes` / `--skip` validation.
 pub fn pass_names() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = optimization_passes(Target::Ort, &PipelineOptions::default()).iter().map(|p| p.name()).collect();
+    names.sort();
     names.dedup();
     names
 }
