@@ -161,6 +161,14 @@ fn set_default_opset(model: &mut Model, version: i64) {
     }
 }
 
+/// Whether a pass may add initializers that are not graph inputs: before IR
+/// version 4 every initializer must also be a graph input (ORT's
+/// remove_initializer_from_input.py refuses such models), so folding passes
+/// leave those models alone.
+pub(crate) fn initializers_may_be_added(model: &Model) -> bool {
+    model.ir_version >= 4
+}
+
 /// Adds an opset import for every domain a node now uses (a fusion that emits
 /// the first com.microsoft op needs `com.microsoft` version 1).
 fn import_used_domains(model: &mut Model) {

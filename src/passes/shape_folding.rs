@@ -42,9 +42,7 @@ impl Pass for FoldShapes {
     }
 
     fn propose(&self, model: &Model) -> Result<Vec<Patch>, PassError> {
-        if model.ir_version < 4 {
-            // Before IR 4 every initializer must also be a graph input (ORT's
-            // remove_initializer_from_input.py refuses such models): none is added.
+        if !super::initializers_may_be_added(model) {
             return Ok(Vec::new());
         }
         let graph = &model.graph;
