@@ -5,8 +5,10 @@
 //! - [`ir`]: the graph every pass works on (no files, no protobuf);
 //! - [`onnx`]: ONNX files <-> IR, zero-copy weights, external data, atomic writes;
 //! - [`verify`]: runs two models in tract on the same inputs and compares outputs;
+//! - [`calibrate`]: runs a model on text or `.npz` batches and gathers statistics of chosen tensors;
 //! - [`inspect`]: what a model holds, for humans and JSON.
 
+pub mod calibrate;
 pub mod inspect;
 pub mod ir;
 pub mod onnx;

@@ -1,0 +1,176 @@
+//! Where calibration inputs come from: sentences through a tokenizer, or arrays
+//! from an `.npz` file, yielded batch by batch as the model's named inputs.
+
+use super::CalibrateError;
+use crate::ir::{DataType, Model, ValueInfo};
+use crate::verify::{read_npz, NamedInput};
+use std::path::{Path, PathBuf};
+use tokenizers::{Tokenizer, TruncationParams};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ndarray::Array2;
+
+#[derive(Clone, Debug)]
+pub enum CalibrationSource {
+    /// One sentence per non-blank line of `file`, tokenized with `tokenizer` (a
+    /// `tokenizer.json`), truncated to `max_len` tokens (special tokens included).
+    /// Each batch of `batch` sentences is right-padded to its longest one; the
+    /// model's inputs are filled by name: `input_ids`, `attention_mask` (1 for
+    /// tokens, 0 for padding) and `token_type_ids` (zeros).
+    Text { file: PathBuf, tokenizer: PathBuf, max_len: usize, batch: usize },
+    /// Arrays named after the model's inputs, sharing a first (batch) axis, cut
+    /// into batches of `batch` rows.
+    Npz { path: PathBuf, batch: usize },
+}
+
+/// Batches of named inputs; an error ends the calibration.
+pub struct Batches(Box<dyn Iterator<Item = Result<Vec<NamedInput>, CalibrateError>>>);
+
+impl Iterator for Batches {
+    type Item = Result<Vec<NamedInput>, CalibrateError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next()
+    }
+}
+
+impl CalibrationSource {
+    /// The batches for `model`, after checking that every one of its inputs can
+    /// be filled.
+    pub fn batches(&self, model: &Model) -> Result<Batches, CalibrateError> {
+        let inputs: Vec<&ValueInfo> =
+            model.graph.inputs.iter().filter(|i| model.graph.initializer(&i.name).is_none()).collect();
+        match self {
+            CalibrationSource::Text { file, tokenizer, max_len, batch } => {
+                text_batches(&inputs, file, tokenizer, *max_len, *batch)
+            }
+            CalibrationSource::Npz { path, batch } => npz_batches(&inputs, path, *batch),
+        }
+    }
+}
+
+fn source_error(path: &Path, why: impl ToString) -> CalibrateError {
+    CalibrateError::Source { path: path.to_path_buf(), why: why.to_string() }
+}
+
+/// What a text source puts in a model input.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum TextField {
+    TokenIds,
+    AttentionMask,
+    TokenTypeIds,
+}
+
+/// The field a model input takes, from its name, and its integer type.
+fn text_field(input: &ValueInfo) -> Result<(TextField, DataType), CalibrateError> {
+    let unfillable = |why: &str| CalibrateError::UnfillableInput {
+        input: input.name.clone(),
+        source_kind: "text",
+        why: why.into(),
+    };
+    let name = input.name.to_lowercase();
+    let field = if name.contains("mask") {
+        TextField::AttentionMask
+    } else if name.contains("token_type") || name.contains("segment") {
+        TextField::TokenTypeIds
+    } else if name.contains("input_ids") {
+        TextField::TokenIds
+    } else {
+        return Err(unfillable("a text source fills only input_ids, attention_mask and token_type_ids"));
+    };
+    match input.tensor_type().and_then(|t| t.elem_type) {
+        Some(dtype @ (DataType::Int64 | DataType::Int32)) => Ok((field, dtype)),
+        other => Err(unfillable(&format!("expected int64 or int32, the model declares {other:?}"))),
+    }
+}
+
+fn text_batches(
+    inputs: &[&ValueInfo],
+    file: &Path,
+    tokenizer_file: &Path,
+    max_len: usize,
+    batch: usize,
+) -> Result<Batches, CalibrateError> {
+    if batch == 0 || max_len == 0 {
+        return Err(source_error(file, "batch and max_len must be at least 1"));
+    }
+    let fields: Vec<(String, TextField, DataType)> = inputs
+        .iter()
+        .map(|i| text_field(i).map(|(field, dtype)| (i.name.clone(), field, dtype)))
+        .collect::<Result<_, _>>()?;
+    let mut tokenizer = Tokenizer::from_file(tokenizer_file).map_err(|e| source_error(tokenizer_file, e))?;
+    // tokenizer.json files often pad every sentence to a fixed length; batches
+    // here pad to their longest sentence instead, with the same pad id.
+    let pad_id = tokenizer.get_padding().map(|p| p.pad_id).or_else(|| tokenizer.token_to_id("[PAD]")).unwrap_or(0);
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
+        .map_err(|e| source_error(tokenizer_file, e))?;
+    let text = std::fs::read_to_string(file).map_err(|e| source_error(file, e))?;
+    let lines: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    let file = file.to_path_buf();
+    let chunks: Vec<Vec<String>> = lines.chunks(batch).map(<[String]>::to_vec).collect();
+    let batches = chunks.into_iter().map(move |sentences| {
+        let mut ids = Vec::with_capacity(sentences.len());
+        for sentence in &sentences {
+            let encoding = tokenizer.encode(sentence.as_str(), true).map_err(|e| source_error(&file, e))?;
+            ids.push(encoding.get_ids().to_vec());
+        }
+        padded_batch(&ids, pad_id, &fields).map_err(|e| source_error(&file, e))
+    });
+    Ok(Batches(Box::new(batches)))
+}
+
+/// The named inputs for token ids of one batch, right-padded to the longest.
+fn padded_batch(ids: &[Vec<u32>], pad_id: u32, fields: &[(String, TextField, DataType)]) -> TractResult<Vec<NamedInput>> {
+    let len = ids.iter().map(Vec::len).max().unwrap_or(0);
+    let table = |value: &dyn Fn(&[u32], usize) -> i64| -> Vec<i64> {
+        ids.iter().flat_map(|row| (0..len).map(move |c| value(row, c))).collect()
+    };
+    fields
+        .iter()
+        .map(|(name, field, dtype)| {
+            let values = match field {
+                TextField::TokenIds => table(&|row, c| row.get(c).copied().unwrap_or(pad_id) as i64),
+                TextField::AttentionMask => table(&|row, c| (c < row.len()) as i64),
+                TextField::TokenTypeIds => vec![0; ids.len() * len],
+            };
+            let tensor = Array2::from_shape_vec((ids.len(), len), values)?.into_tensor();
+            let value = if *dtype == DataType::Int32 { tensor.cast_to::<i32>()?.into_owned() } else { tensor };
+            Ok(NamedInput { name: name.clone(), value })
+        })
+        .collect()
+}
+
+fn npz_batches(inputs: &[&ValueInfo], path: &Path, batch: usize) -> Result<Batches, CalibrateError> {
+    if batch == 0 {
+        return Err(source_error(path, "batch must be at least 1"));
+    }
+    let mut arrays = read_npz(path)?;
+    let mut columns = Vec::new();
+    for input in inputs {
+        let unfillable = |why: &str| CalibrateError::UnfillableInput {
+            input: input.name.clone(),
+            source_kind: "an .npz file",
+            why: why.into(),
+        };
+        let at = arrays.iter().position(|a| a.name == input.name).ok_or_else(|| unfillable("no array of that name"))?;
+        let array = arrays.swap_remove(at);
+        if array.value.rank() == 0 {
+            return Err(unfillable("the array is a scalar, with no batch axis"));
+        }
+        columns.push(array);
+    }
+    let rows = columns.first().map_or(0, |c| c.value.shape()[0]);
+    if let Some(other) = columns.iter().find(|c| c.value.shape()[0] != rows) {
+        return Err(source_error(path, format!("arrays disagree on the batch axis: {} rows in '{}', {rows} in '{}'", other.value.shape()[0], other.name, columns[0].name)));
+    }
+    let path = path.to_path_buf();
+    let batches = (0..rows).step_by(batch).map(move |start| {
+        let end = (start + batch).min(rows);
+        columns
+            .iter()
+            .map(|c| Ok(NamedInput { name: c.name.clone(), value: c.value.slice(0, start, end).map_err(|e| source_error(&path, e))? }))
+            .collect()
+    });
+    Ok(Batches(Box::new(batches)))
+}
