@@ -4,7 +4,8 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use onnxopt::passes::pipeline::{optimization_passes, PipelineOptions, Target};
+use onnxopt::passes::pipeline::{optimization_passes, quantization_passes, PipelineOptions, Target};
+use onnxopt::passes::quantize_dynamic::QuantizeDynamic;
 use onnxopt::passes::{run_pipeline, DriverOptions, PassRecord};
 use onnxopt::{inspect, ir::Model, onnx, verify};
 use std::path::{Path, PathBuf};
@@ -84,6 +85,37 @@ enum Command {
         #[arg(long, default_value_t = 1e-3)]
         rtol: f32,
     },
+    /// Quantize a model's constant-weight MatMuls to int8, check it in tract, write it.
+    #[command(after_help = "Examples:\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --target portable --exclude /pooler/dense/MatMul\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --atol 0.2 --report report.json")]
+    Quantize {
+        input: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
+        /// int8-dynamic: int8 weights per output channel, activations quantized at run time.
+        #[arg(long)]
+        mode: QuantizeMode,
+        /// ort (com.microsoft.DynamicQuantizeMatMul) or portable (standard ops).
+        #[arg(long, default_value = "ort")]
+        target: Target,
+        /// Keep these MatMul/Gemm nodes in float (comma-separated node names).
+        #[arg(long, value_delimiter = ',')]
+        exclude: Vec<String>,
+        /// Write what each pass did and the verification as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Skip the tract check of the result against the input.
+        #[arg(long)]
+        no_verify: bool,
+        /// Smallest cosine similarity allowed between each output and the input's,
+        /// in tract on seeded inputs (int8 rounding moves single values, not directions).
+        #[arg(long, default_value_t = 0.98)]
+        min_cosine: f64,
+        /// Also bound every element: |a - b| <= atol + rtol * |a|.
+        #[arg(long)]
+        atol: Option<f32>,
+        #[arg(long, default_value_t = 0.0)]
+        rtol: f32,
+    },
     /// List the fusion rules with the math each relies on.
     Rules,
     /// Run two models in tract on the same inputs and compare every output.
@@ -109,6 +141,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum QuantizeMode {
+    /// int8 weights, activations quantized per tensor at run time.
+    Int8Dynamic,
 }
 
 #[derive(Args)]
@@ -274,6 +312,55 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             save(&optimized, &input, &output, quiet)?;
+        }
+        Command::Quantize { input, output, mode: QuantizeMode::Int8Dynamic, target, exclude, report, no_verify, min_cosine, atol, rtol } => {
+            if target == Target::TensorRt {
+                return Err(Failure::BadInput(anyhow::anyhow!("quantize --target: ort or portable (TensorRT wants static Q/DQ, not dynamic quantization)")));
+            }
+            let original = load(&input, quiet, true)?;
+            let named = |name: &String| original.graph.nodes().any(|n| &n.name == name || n.outputs.first() == Some(name));
+            if let Some(unknown) = exclude.iter().find(|name| !named(name)) {
+                return Err(Failure::BadInput(anyhow::anyhow!("--exclude: no node named '{unknown}' (nor writing a tensor of that name)")));
+            }
+            let pipeline = quantization_passes(QuantizeDynamic { target, exclude: exclude.into_iter().collect() });
+            let mut quantized = original.clone();
+            let records = {
+                let _progress = Progress::start(quiet, format!("quantizing for {target}"));
+                run_pipeline(&mut quantized, &pipeline, &DriverOptions::default()).map_err(anyhow::Error::from)?
+            };
+            if !quiet {
+                print_records(&records);
+            }
+            let comparison = if no_verify {
+                None
+            } else {
+                let _progress = Progress::start(quiet, "checking the result in tract".into());
+                let options = verify::VerifyOptions { atol: atol.unwrap_or(f32::INFINITY), rtol, ..Default::default() };
+                Some(onnxopt::passes::verify_rewrite(&original, &quantized, &options).map_err(anyhow::Error::from)?)
+            };
+            if let Some(path) = &report {
+                let json = serde_json::json!({
+                    "input": input, "output": output.output, "target": target.name(), "mode": "int8-dynamic",
+                    "nodes_before": original.graph.node_count(), "nodes_after": quantized.graph.node_count(),
+                    "passes": records, "verification": comparison,
+                });
+                std::fs::write(path, serde_json::to_string_pretty(&json).context("encoding the report")?)
+                    .with_context(|| format!("{}: cannot write the report", path.display()))?;
+            }
+            if let Some(c) = &comparison {
+                if !quiet {
+                    eprintln!("tract check: max abs {:.3e}, cosine {:.6}", c.max_abs(), c.outputs.iter().map(|o| o.cosine).fold(1.0, f64::min));
+                }
+                let cosine = c.outputs.iter().map(|o| o.cosine).fold(1.0, f64::min);
+                if !c.passed() || cosine < min_cosine {
+                    eprintln!(
+                        "error: the quantized model differs from the input beyond tolerance (cosine {cosine:.6}, --min-cosine {min_cosine}{}); nothing written (--exclude the sensitive MatMuls, or loosen the bound)",
+                        atol.map(|a| format!(", --atol {a}")).unwrap_or_default()
+                    );
+                    return Err(Failure::VerificationFailed);
+                }
+            }
+            save(&quantized, &input, &output, quiet)?;
         }
         Command::Rules => {
             let rules = onnxopt::rewrite::standard_rules().map_err(anyhow::Error::from)?;

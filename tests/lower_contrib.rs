@@ -258,6 +258,23 @@ fn group_query_attention(packed: bool) -> Model {
     with_contrib_import(b, 17)
 }
 
+/// DynamicQuantizeMatMul over A [2, 3, 8]: int8 B [8, 6] with per-column scales
+/// and (nonzero, to exercise the subtraction) zero points, and a bias.
+fn dynamic_quantize_matmul() -> Model {
+    let mut b = GraphBuilder::new("dynamic_quantize_matmul");
+    let a = b.input("a", DataType::Float, &[B, 3, 8]);
+    let quantized: Vec<u8> = values(48, 7).iter().map(|v| ((v * 127.0).round() as i8) as u8).collect();
+    let b_int8 = b.initializer(Tensor::from_raw("b_int8", DataType::Int8, vec![8, 6], quantized.into()));
+    let scales: Vec<f32> = values(6, 8).iter().map(|v| 0.01 + v.abs() * 0.02).collect();
+    let scale = b.initializer_f32("b_scale", &[6], &scales);
+    let zero_points: Vec<u8> = [0i8, 1, -2, 3, 0, -1].iter().map(|z| *z as u8).collect();
+    let zero_point = b.initializer(Tensor::from_raw("b_zero_point", DataType::Int8, vec![6], zero_points.into()));
+    let bias = weight(&mut b, "bias", &[6], 9);
+    b.add(contrib("DynamicQuantizeMatMul", &[&a, &b_int8, &scale, &zero_point, &bias], &["y"], vec![]));
+    b.output("y", DataType::Float, &[B, 3, 6]);
+    with_contrib_import(b, 17)
+}
+
 fn cases() -> Vec<Case> {
     vec![
         case("gelu", activation("Gelu", false)),
@@ -283,6 +300,7 @@ fn cases() -> Vec<Case> {
         case("rotary_embedding_4d_interleaved_partial", rotary(true)),
         case("group_query_attention", group_query_attention(false)),
         case("group_query_attention_packed_window", group_query_attention(true)),
+        case("dynamic_quantize_matmul", dynamic_quantize_matmul()),
     ]
 }
 

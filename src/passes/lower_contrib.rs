@@ -146,6 +146,7 @@ pub fn lower_node(model: &Model, types: &TypeMap, id: NodeId) -> Result<Patch, L
         "Attention" => lowering.attention(),
         "RotaryEmbedding" => lowering.rotary_embedding(),
         "GroupQueryAttention" => lowering.group_query_attention(),
+        "DynamicQuantizeMatMul" => lowering.dynamic_quantize_matmul(),
         other => Err(format!("no lowering of {other} to standard ONNX ops")),
     };
     lowered.map_err(unsupported)?;
@@ -600,6 +601,43 @@ impl<'m> Lowering<'m> {
     }
 
     // ---- the lowerings ----
+
+    /// DynamicQuantizeMatMul(A, B, b_scale, b_zero_point?, bias?): `A` quantized to
+    /// uint8 per tensor exactly as DynamicQuantizeLinear does (ORT's kernel calls the
+    /// same `GetQuantizationParameter`: the range includes 0, scale = range / 255),
+    /// an int32 product with B's zero point subtracted (scalar or per column `[N]`),
+    /// then `Y = acc * (a_scale * b_scale) (+ bias)`, ORT's association
+    /// (`matmul_integer_to_float.cc` multiplies the two scales first).
+    fn dynamic_quantize_matmul(&mut self) -> Result<(), Refusal> {
+        let a = self.required(0, "A")?;
+        let b = self.required(1, "B")?;
+        let b_scale = self.required(2, "b_scale")?;
+        if self.types.elem_type(a) != Some(DataType::Float) {
+            return Err(format!("'{a}' must be float32 (DynamicQuantizeLinear's only input type)"));
+        }
+        let output = self.used_output(0);
+        let names = [self.fresh("a_quantized"), self.fresh("a_scale"), self.fresh("a_zero_point")];
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.emit("DynamicQuantizeLinear", &[a], Vec::new(), &refs);
+        let [a_quantized, a_scale, a_zero_point] = &names;
+        let mut matmul_inputs = vec![a_quantized.as_str(), b, a_zero_point];
+        if let Some(b_zero_point) = self.input(3) {
+            matmul_inputs.push(b_zero_point);
+        }
+        let accumulated = self.op("MatMulInteger", &matmul_inputs, "accumulated");
+        let accumulated = self.cast(&accumulated, DataType::Float, "accumulated_float");
+        let scale = self.op("Mul", &[a_scale, b_scale], "scale");
+        match self.input(4) {
+            Some(bias) => {
+                let scaled = self.op("Mul", &[&accumulated, &scale], "scaled");
+                self.op_into("Add", &[&scaled, bias], Vec::new(), output, "y");
+            }
+            None => {
+                self.op_into("Mul", &[&accumulated, &scale], Vec::new(), output, "y");
+            }
+        }
+        Ok(())
+    }
 
     /// com.microsoft Gelu: `y = 0.5 * x * (1 + erf(x / sqrt2))`.
     fn gelu(&mut self) -> Result<(), Refusal> {

@@ -16,6 +16,7 @@ pub mod dead_code;
 pub mod fuse;
 pub mod no_op;
 pub mod pipeline;
+pub mod quantize_dynamic;
 pub mod raise_opset;
 pub mod shape_folding;
 

@@ -29,6 +29,7 @@ use super::constant_folding::FoldConstants;
 use super::dead_code::EliminateDeadCode;
 use super::fuse::Fuse;
 use super::no_op::RemoveNoOps;
+use super::quantize_dynamic::QuantizeDynamic;
 use super::raise_opset::RaiseOpset;
 use super::shape_folding::FoldShapes;
 use super::Pass;
@@ -103,6 +104,21 @@ pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box
         .filter(|p| options.only.as_ref().is_none_or(|only| only.iter().any(|n| n == p.name())))
         .filter(|p| !options.skip.iter().any(|n| n == p.name()));
     raise.into_iter().chain(selected).collect()
+}
+
+/// The passes of `onnxopt quantize`, in order:
+/// 1. the cleanup passes of [`optimization_passes`] (1-5 and their second
+///    round), without `fuse`: a fused Attention holds its Q/K/V weights inside
+///    one op, where `quantize-dynamic` does not see a MatMul;
+/// 2. `quantize-dynamic`, on the cleaned graph (folded constants are the
+///    weights it looks for);
+/// 3. `eliminate-dead-code`: the float weights the int8 ones replaced.
+pub fn quantization_passes(quantize: QuantizeDynamic) -> Vec<Box<dyn Pass>> {
+    let cleanup = PipelineOptions { skip: vec!["fuse".into()], ..PipelineOptions::default() };
+    let mut passes = optimization_passes(quantize.target, &cleanup);
+    passes.push(Box::new(quantize));
+    passes.push(Box::new(EliminateDeadCode));
+    passes
 }
 
 /// Every pass name, for `--passes` / `--skip` validation.

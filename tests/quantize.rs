@@ -1,0 +1,202 @@
+//! `quantize-dynamic` and `onnxopt quantize`: int8 weights where a MatMul's or
+//! Gemm's weight is constant, the tract check against the float model, the
+//! portable (standard ops) and ort (DynamicQuantizeMatMul) targets, exclusions,
+//! and ONNX Runtime running the result.
+
+mod common;
+
+use common::*;
+use onnxopt::ir::{DataType, GraphBuilder, Model, Node};
+use onnxopt::passes::dead_code::EliminateDeadCode;
+use onnxopt::passes::pipeline::Target;
+use onnxopt::passes::quantize_dynamic::QuantizeDynamic;
+use onnxopt::passes::{run_pipeline, verify_rewrite, DriverOptions, Pass, PassRecord};
+use onnxopt::{onnx, verify};
+use std::path::Path;
+
+fn quantize(model: &Model, target: Target, exclude: &[&str]) -> (Model, PassRecord) {
+    let exclude = exclude.iter().map(|s| s.to_string()).collect();
+    let passes: Vec<Box<dyn Pass>> = vec![Box::new(QuantizeDynamic { target, exclude }), Box::new(EliminateDeadCode)];
+    let mut quantized = model.clone();
+    let options = DriverOptions { validate: true, ..DriverOptions::default() };
+    let records = run_pipeline(&mut quantized, &passes, &options).unwrap();
+    (quantized, records[0].clone())
+}
+
+fn min_cosine(original: &Model, quantized: &Model) -> f64 {
+    let options = verify::VerifyOptions { atol: 1.0, rtol: 0.0, ..Default::default() };
+    let comparison = verify_rewrite(original, quantized, &options).unwrap();
+    comparison.outputs.iter().map(|o| o.cosine).fold(1.0, f64::min)
+}
+
+fn ops(model: &Model) -> Vec<String> {
+    model.graph.nodes().map(|n| n.qualified_op()).collect()
+}
+
+#[test]
+fn small_mlp_gets_int8_weights_for_both_targets() {
+    let model = small_mlp();
+    for (target, case) in [(Target::Ort, "small_mlp_ort"), (Target::Portable, "small_mlp_portable")] {
+        let (quantized, record) = quantize(&model, target, &[]);
+        assert_eq!(record.patches, 1, "{case}");
+        assert!(quantized.graph.initializers.iter().any(|t| t.dtype == DataType::Int8 && t.dims == [4, 8]), "{case}");
+        assert!(quantized.graph.initializer("w").is_none(), "{case}: the float weight stays");
+        assert!(!ops(&quantized).contains(&"MatMul".to_string()), "{case}: {:?}", ops(&quantized));
+        let cosine = min_cosine(&model, &quantized);
+        assert!(cosine > 0.999, "{case}: cosine {cosine}");
+        insta::assert_snapshot!(format!("quantize_dynamic__{case}"), format!("before:\n{model}\nafter:\n{quantized}"));
+    }
+}
+
+/// ort: the bias Add folds into DynamicQuantizeMatMul; portable: it stays an Add.
+#[test]
+fn the_bias_add_folds_only_into_the_ort_op() {
+    let (ort, _) = quantize(&small_mlp(), Target::Ort, &[]);
+    assert_eq!(ops(&ort), ["com.microsoft.DynamicQuantizeMatMul", "Relu"]);
+    let (portable, _) = quantize(&small_mlp(), Target::Portable, &[]);
+    assert!(ops(&portable).contains(&"Add".to_string()));
+    assert!(ops(&portable).iter().all(|op| !op.contains("com.microsoft")));
+}
+
+/// Q, K and V read one activation: it is quantized once.
+#[test]
+fn a_shared_activation_is_quantized_once() {
+    let mut b = GraphBuilder::new("qkv");
+    let x = b.input("x", DataType::Float, &[-1, 4]);
+    let mut outputs = Vec::new();
+    for name in ["q", "k", "v"] {
+        let w: Vec<f32> = (0..16).map(|i| ((i * 7 + name.len() * 3) % 11) as f32 / 5.0 - 1.0).collect();
+        let w = b.initializer_f32(&format!("{name}_weight"), &[4, 4], &w);
+        let out = b.node("MatMul", &[&x, &w]);
+        b.output(&out, DataType::Float, &[-1, 4]);
+        outputs.push(out);
+    }
+    let model = b.into_model(17);
+    let (quantized, _) = quantize(&model, Target::Portable, &[]);
+    let ops = ops(&quantized);
+    assert_eq!(ops.iter().filter(|op| *op == "DynamicQuantizeLinear").count(), 1, "{ops:?}");
+    assert_eq!(ops.iter().filter(|op| *op == "MatMulInteger").count(), 3, "{ops:?}");
+    assert!(min_cosine(&model, &quantized) > 0.999);
+}
+
+/// A Gemm with transB and a [N] C: quantized, C becomes the bias.
+#[test]
+fn gemm_with_transposed_weight() {
+    let mut b = GraphBuilder::new("gemm");
+    let x = b.input("x", DataType::Float, &[3, 4]);
+    let w: Vec<f32> = (0..24).map(|i| (i as f32 - 11.0) / 7.0).collect();
+    let w = b.initializer_f32("w", &[6, 4], &w);
+    let c = b.initializer_f32("c", &[6], &[0.5, -0.5, 0.25, 0.0, 1.0, -1.0]);
+    b.add(Node::new("Gemm", &[&x, &w, &c], &["y"]).with_attr("transB", onnxopt::ir::AttrValue::Int(1)));
+    b.output("y", DataType::Float, &[3, 6]);
+    let model = b.into_model(17);
+    for target in [Target::Ort, Target::Portable] {
+        let (quantized, record) = quantize(&model, target, &[]);
+        assert_eq!(record.patches, 1);
+        assert!(quantized.graph.initializers.iter().any(|t| t.dtype == DataType::Int8 && t.dims == [4, 6]));
+        assert!(min_cosine(&model, &quantized) > 0.999);
+    }
+}
+
+#[test]
+fn a_model_without_constant_weights_is_left_alone() {
+    let mut b = GraphBuilder::new("activations_only");
+    let x = b.input("x", DataType::Float, &[2, 4]);
+    let y = b.input("y", DataType::Float, &[4, 3]);
+    let z = b.node("MatMul", &[&x, &y]);
+    b.output(&z, DataType::Float, &[2, 3]);
+    let model = b.into_model(17);
+    for target in [Target::Ort, Target::Portable] {
+        let (quantized, record) = quantize(&model, target, &[]);
+        assert_eq!(record.patches, 0);
+        assert_eq!(quantized, model);
+    }
+}
+
+#[test]
+fn excluded_nodes_stay_in_float() {
+    let mut b = GraphBuilder::new("two_layers");
+    let x = b.input("x", DataType::Float, &[-1, 4]);
+    let w1 = b.initializer_f32("w1", &[4, 4], &(0..16).map(|i| i as f32 / 8.0 - 1.0).collect::<Vec<_>>());
+    let w2 = b.initializer_f32("w2", &[4, 2], &(0..8).map(|i| 1.0 - i as f32 / 4.0).collect::<Vec<_>>());
+    b.add(Node::new("MatMul", &[&x, &w1], &["h"]).with_name("first"));
+    b.add(Node::new("MatMul", &["h", &w2], &["y"]).with_name("classifier"));
+    b.output("y", DataType::Float, &[-1, 2]);
+    let model = b.into_model(17);
+    let (quantized, record) = quantize(&model, Target::Ort, &["classifier"]);
+    assert_eq!(record.patches, 1);
+    let kept: Vec<&Node> = quantized.graph.nodes().filter(|n| n.op_type == "MatMul").collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].name, "classifier");
+    assert!(quantized.graph.initializer("w2").is_some());
+}
+
+fn quantize_cli(input: &Path, output: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["--quiet", "quantize", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--mode", "int8-dynamic"];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// Every weight MatMul of the tiny BERT becomes DynamicQuantizeMatMul (2 layers x
+/// Q, K, V, output, 2 feed-forward = 12; the 4 attention products stay), and ONNX
+/// Runtime runs it close to the float model.
+#[test]
+fn bert_ort_target_runs_in_onnxruntime() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bert.int8.onnx");
+    let report = dir.path().join("report.json");
+    let o = quantize_cli(&fixture("bert.ts.onnx"), &out, &["--target", "ort", "--report", report.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let model = onnx::load(&out).unwrap();
+    let ops = ops(&model);
+    assert_eq!(ops.iter().filter(|op| *op == "com.microsoft.DynamicQuantizeMatMul").count(), 12, "{ops:?}");
+    let graph = &model.graph;
+    let weight_matmuls = graph.nodes().filter(|n| n.op_type == "MatMul" && graph.initializer(&n.inputs[1]).is_some()).count();
+    assert_eq!(weight_matmuls, 0);
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["verification"]["outputs"][0]["within_tolerance"], true);
+    assert!(report["verification"]["outputs"][0]["cosine"].as_f64().unwrap() >= 0.99);
+
+    let probe = std::process::Command::new("python3").args(["-c", "import onnxruntime"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipping the ONNX Runtime run: python3 cannot import onnxruntime");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/compare_in_ort.py");
+    let run = std::process::Command::new("python3").arg(script).arg(fixture("bert.ts.onnx")).arg(&out).output().unwrap();
+    let text = String::from_utf8_lossy(&run.stdout).into_owned();
+    eprintln!("{text}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "ONNX Runtime could not run the quantized model");
+    let cosine: f64 = text.split_whitespace().last().unwrap().parse().unwrap();
+    assert!(cosine >= 0.99, "cosine {cosine}");
+}
+
+#[test]
+fn a_result_beyond_tolerance_is_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let o = quantize_cli(&fixture("bert.ts.onnx"), &out, &["--atol", "0"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(files_in(dir.path()).is_empty());
+    // the default bound is on direction: cosine 0.98; asking for 1.0 exactly fails
+    let o = quantize_cli(&fixture("bert.ts.onnx"), &out, &["--min-cosine", "1.0000001"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--min-cosine"), "{}", stderr(&o));
+    assert!(files_in(dir.path()).is_empty());
+}
+
+#[test]
+fn tensorrt_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = quantize_cli(&fixture("bert.ts.onnx"), &dir.path().join("out.onnx"), &["--target", "tensorrt"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+
+#[test]
+fn an_unknown_exclusion_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = quantize_cli(&fixture("bert.ts.onnx"), &dir.path().join("out.onnx"), &["--exclude", "no_such_node"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no_such_node"), "{}", stderr(&o));
+}
