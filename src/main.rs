@@ -294,12 +294,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     "opset_before": original.opset(""), "opset_after": optimized.opset(""),
                     "passes": records, "verification": comparison,
                 });
-                std::fs::write(path, serde_json::to_string_pretty(&json).context("encoding the report")?)
-                    .with_context(|| format!("{}: cannot write the report", path.display()))?;
+                write_report(path, &json)?;
             }
             if let Some(c) = &comparison {
                 if !quiet {
-                    eprintln!("tract check: max abs {:.3e}, cosine {:.6}", c.max_abs(), c.outputs.iter().map(|o| o.cosine).fold(1.0, f64::min));
+                    eprintln!("tract check: max abs {:.3e}, cosine {:.6}", c.max_abs(), c.min_cosine());
                 }
                 if !c.passed() {
                     let culprit = {
@@ -344,14 +343,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     "nodes_before": original.graph.node_count(), "nodes_after": quantized.graph.node_count(),
                     "passes": records, "verification": comparison,
                 });
-                std::fs::write(path, serde_json::to_string_pretty(&json).context("encoding the report")?)
-                    .with_context(|| format!("{}: cannot write the report", path.display()))?;
+                write_report(path, &json)?;
             }
             if let Some(c) = &comparison {
                 if !quiet {
-                    eprintln!("tract check: max abs {:.3e}, cosine {:.6}", c.max_abs(), c.outputs.iter().map(|o| o.cosine).fold(1.0, f64::min));
+                    eprintln!("tract check: max abs {:.3e}, cosine {:.6}", c.max_abs(), c.min_cosine());
                 }
-                let cosine = c.outputs.iter().map(|o| o.cosine).fold(1.0, f64::min);
+                let cosine = c.min_cosine();
                 if !c.passed() || cosine < min_cosine {
                     eprintln!(
                         "error: the quantized model differs from the input beyond tolerance (cosine {cosine:.6}, --min-cosine {min_cosine}{}); nothing written (--exclude the sensitive MatMuls, or loosen the bound)",
@@ -406,6 +404,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Writes a JSON report (optimize, quantize).
+fn write_report(path: &Path, json: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(json).context("encoding the report")?;
+    std::fs::write(path, text).with_context(|| format!("{}: cannot write the report", path.display()))
 }
 
 /// Writes to stdout; a reader that closed the pipe early (`| head`) is not an error.

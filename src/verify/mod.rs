@@ -77,6 +77,11 @@ impl Comparison {
     pub fn max_abs(&self) -> f64 {
         self.outputs.iter().map(|o| o.max_abs).fold(0.0, f64::max)
     }
+
+    /// The smallest cosine similarity over all outputs.
+    pub fn min_cosine(&self) -> f64 {
+        self.outputs.iter().map(|o| o.cosine).fold(1.0, f64::min)
+    }
 }
 
 /// Runs both models on the same inputs and compares their outputs by name (by
