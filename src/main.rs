@@ -116,6 +116,22 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         rtol: f32,
     },
+    /// Run a model on calibration data and print statistics of the tensors that
+    /// quantization and pruning read (every MatMul/Gemm activation, or --tensors).
+    #[command(after_help = "Examples:\n  onnxopt calibrate model.onnx --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt calibrate model.onnx --calib batch.npz --tensors x,h --json")]
+    Calibrate {
+        model: PathBuf,
+        #[command(flatten)]
+        data: CalibrationArgs,
+        /// Tensors to observe (comma-separated); default: the activation every
+        /// MatMul or Gemm with a constant weight reads (the layers quantization
+        /// and pruning change).
+        #[arg(long, value_delimiter = ',')]
+        tensors: Vec<String>,
+        /// Everything, histograms included, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the fusion rules with the math each relies on.
     Rules,
     /// Run two models in tract on the same inputs and compare every output.
@@ -147,6 +163,41 @@ enum Command {
 enum QuantizeMode {
     /// int8 weights, activations quantized per tensor at run time.
     Int8Dynamic,
+}
+
+#[derive(Args)]
+struct CalibrationArgs {
+    /// Sentences, one per line (needs --tokenizer).
+    #[arg(long, requires = "tokenizer", conflicts_with = "calib")]
+    calib_text: Option<PathBuf>,
+    /// The tokenizer.json of the model.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Input tensors as an .npz of arrays named after the model's inputs.
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Tokens per sentence at most (special tokens included).
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    /// Sentences (or npz rows) per batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+}
+
+impl CalibrationArgs {
+    fn source(&self) -> Result<onnxopt::calibrate::CalibrationSource> {
+        use onnxopt::calibrate::CalibrationSource;
+        match (&self.calib_text, &self.tokenizer, &self.calib) {
+            (Some(file), Some(tokenizer), _) => Ok(CalibrationSource::Text {
+                file: file.clone(),
+                tokenizer: tokenizer.clone(),
+                max_len: self.max_len,
+                batch: self.batch,
+            }),
+            (_, _, Some(path)) => Ok(CalibrationSource::Npz { path: path.clone(), batch: self.batch }),
+            _ => anyhow::bail!("calibration data needed: --calib-text FILE --tokenizer tokenizer.json, or --calib data.npz"),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -359,6 +410,41 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             save(&quantized, &input, &output, quiet)?;
+        }
+        Command::Calibrate { model: path, data, tensors, json } => {
+            let source = data.source()?;
+            let model = load(&path, quiet, true)?;
+            let taps: Vec<String> = if tensors.is_empty() {
+                let mut reads: Vec<String> = model
+                    .graph
+                    .nodes()
+                    .filter(|n| n.is_onnx("MatMul") || n.is_onnx("Gemm"))
+                    .filter(|n| n.inputs.get(1).is_some_and(|w| model.graph.initializer(w).is_some()))
+                    .filter_map(|n| n.inputs.first().cloned())
+                    .filter(|t| model.graph.initializer(t).is_none())
+                    .collect();
+                let mut seen = std::collections::HashSet::new();
+                reads.retain(|t| seen.insert(t.clone()));
+                reads
+            } else {
+                tensors
+            };
+            let tap_names: Vec<&str> = taps.iter().map(String::as_str).collect();
+            let stats = {
+                let _progress = Progress::start(quiet, format!("calibrating {} tensors", taps.len()));
+                onnxopt::calibrate::calibrate(&model, &tap_names, &source).map_err(anyhow::Error::from)?
+            };
+            let text = if json {
+                serde_json::to_string_pretty(&stats).context("encoding the statistics")? + "\n"
+            } else {
+                let mut lines = String::new();
+                for s in &stats {
+                    let range = s.percentile_range(99.9).map(|(lo, hi)| format!("{lo:.4} .. {hi:.4}")).unwrap_or_else(|| "-".into());
+                    lines += &format!("{}: min {:.4}, max {:.4}, 99.9% in {range}, {} values\n", s.name, s.min, s.max, s.count);
+                }
+                lines
+            };
+            write_stdout(&text)?;
         }
         Command::Rules => {
             let rules = onnxopt::rewrite::standard_rules().map_err(anyhow::Error::from)?;

@@ -207,3 +207,28 @@ fn minilm_attention_outputs_have_sane_statistics() {
         assert_eq!(s.histogram.as_ref().unwrap().total(), s.count);
     }
 }
+
+/// `onnxopt calibrate`: by default the activation of every MatMul with a constant
+/// weight; JSON statistics; no data is a usage error.
+#[test]
+fn calibrate_command() {
+    use ndarray_npy::NpzWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = dir.path().join("mlp.onnx");
+    std::fs::write(&model_path, onnxopt::onnx::to_bytes(&common::small_mlp())).unwrap();
+    let npz = dir.path().join("x.npz");
+    let mut w = NpzWriter::new(std::fs::File::create(&npz).unwrap());
+    let x = ndarray::Array2::<f32>::from_shape_fn((5, 4), |(i, j)| i as f32 - j as f32);
+    w.add_array("x", &x).unwrap();
+    w.finish().unwrap();
+    let o = common::run(&["--quiet", "calibrate", model_path.to_str().unwrap(), "--calib", npz.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(stats.as_array().unwrap().len(), 1);
+    assert_eq!(stats[0]["name"], "x");
+    assert_eq!(stats[0]["min"], -3.0);
+    assert_eq!(stats[0]["max"], 4.0);
+    let o = common::run(&["calibrate", model_path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(common::stderr(&o).contains("calibration data needed"), "{}", common::stderr(&o));
+}
