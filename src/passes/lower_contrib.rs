@@ -52,6 +52,7 @@
 //! Patches name new tensors `{first output}/{what}`; the lowered ops write the
 //! contrib node's own output names, so consumers and graph outputs are untouched.
 
+use super::lowering::{Emitter, Refusal};
 use super::{run_pipeline, DriverOptions, Pass, PassError, PassRecord};
 use crate::ir::{infer_types, AttrValue, DataType, Dim, Graph, Model, Node, NodeId, Patch, Tensor, TypeMap};
 use bytes::Bytes;
@@ -153,9 +154,6 @@ pub fn lower_node(model: &Model, types: &TypeMap, id: NodeId) -> Result<Patch, L
     Ok(lowering.patch)
 }
 
-/// A lowering's reason for refusing a node.
-type Refusal = String;
-
 /// How attention scores are formed: `scale * q @ k^T + additive`, then the
 /// scores where `visible` is false hidden.
 struct ScoreRule<'a> {
@@ -180,6 +178,47 @@ struct Lowering<'m> {
     patch: Patch,
 }
 
+impl<'m> Emitter<'m> for Lowering<'m> {
+    fn node(&self) -> &'m Node {
+        self.node
+    }
+
+    fn graph(&self) -> &'m Graph {
+        self.graph
+    }
+
+    fn types(&self) -> &'m TypeMap {
+        self.types
+    }
+
+    fn root(&self) -> &str {
+        &self.root
+    }
+
+    fn taken(&mut self) -> &mut HashMap<String, usize> {
+        &mut self.taken
+    }
+
+    /// A one-output node writing `output` when given (a contrib output), else a fresh name.
+    fn op_into(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, AttrValue)>, output: Option<&str>, what: &str) -> String {
+        let out = output.map_or_else(|| self.fresh(what), str::to_string);
+        self.emit(op, inputs, attrs, &[&out]);
+        out
+    }
+
+    /// One constant per distinct `what` and value.
+    fn constant(&mut self, what: &str, dtype: DataType, dims: Vec<i64>, raw: Vec<u8>) -> String {
+        let key = (what.to_string(), dtype, dims.clone(), raw.clone());
+        if let Some(name) = self.constants.get(&key) {
+            return name.clone();
+        }
+        let name = self.fresh(what);
+        self.patch.add_initializer(Tensor::from_raw(name.clone(), dtype, dims, Bytes::from(raw)));
+        self.constants.insert(key, name.clone());
+        name
+    }
+}
+
 impl<'m> Lowering<'m> {
     fn new(model: &'m Model, types: &'m TypeMap, node: &'m Node, id: NodeId, opset: i64) -> Lowering<'m> {
         let root = node.outputs.iter().find(|o| !o.is_empty()).cloned().unwrap_or_else(|| node.name.clone());
@@ -189,21 +228,6 @@ impl<'m> Lowering<'m> {
     }
 
     // ---- reading the node ----
-
-    /// Input `i`, when given.
-    fn input(&self, i: usize) -> Option<&'m str> {
-        self.node.inputs.get(i).map(String::as_str).filter(|s| !s.is_empty())
-    }
-
-    fn required(&self, i: usize, what: &str) -> Result<&'m str, Refusal> {
-        self.input(i).ok_or_else(|| format!("input {i} ({what}) is missing"))
-    }
-
-    /// Output `i`, when something reads it or the graph returns it.
-    fn used_output(&self, i: usize) -> Option<&'m str> {
-        let name = self.node.outputs.get(i).map(String::as_str).filter(|s| !s.is_empty())?;
-        (!self.graph.uses(name).is_empty() || self.graph.is_graph_output(name)).then_some(name)
-    }
 
     fn refuse_inputs(&self, inputs: &[(usize, &str)]) -> Result<(), Refusal> {
         match inputs.iter().find(|(i, _)| self.input(*i).is_some()) {
@@ -244,29 +268,7 @@ impl<'m> Lowering<'m> {
         self.types.shape(name)
     }
 
-    fn rank(&self, name: &str) -> Result<usize, Refusal> {
-        self.types.rank(name).ok_or_else(|| format!("the rank of '{name}' is unknown"))
-    }
-
-    /// Dim `axis` (negative counts from the end) of `name`, when it is a known number.
-    fn fixed_dim(&self, name: &str, axis: isize) -> Option<i64> {
-        let dims = self.shape(name)?;
-        let axis = if axis < 0 { dims.len().checked_sub(axis.unsigned_abs())? } else { axis as usize };
-        dims.get(axis)?.fixed()
-    }
-
     // ---- emitting ----
-
-    /// A fresh tensor name `{root}/{what}` (numbered from the second use on).
-    fn fresh(&mut self, what: &str) -> String {
-        let n = self.taken.entry(what.to_string()).or_insert(0);
-        *n += 1;
-        if *n == 1 {
-            format!("{}/{what}", self.root)
-        } else {
-            format!("{}/{what}_{n}", self.root)
-        }
-    }
 
     /// Adds a node writing `outputs` (names already chosen).
     fn emit(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, AttrValue)>, outputs: &[&str]) {
@@ -276,47 +278,6 @@ impl<'m> Lowering<'m> {
             node = node.with_attr(key, value);
         }
         self.patch.add_node(node);
-    }
-
-    /// A one-output node writing a fresh name; returns it.
-    fn op(&mut self, op: &str, inputs: &[&str], what: &str) -> String {
-        self.op_with(op, inputs, Vec::new(), what)
-    }
-
-    fn op_with(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, AttrValue)>, what: &str) -> String {
-        let out = self.fresh(what);
-        self.emit(op, inputs, attrs, &[&out]);
-        out
-    }
-
-    /// A one-output node writing `output` when given (a contrib output), else a fresh name.
-    fn op_into(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, AttrValue)>, output: Option<&str>, what: &str) -> String {
-        match output {
-            Some(name) => {
-                self.emit(op, inputs, attrs, &[name]);
-                name.to_string()
-            }
-            None => self.op_with(op, inputs, attrs, what),
-        }
-    }
-
-    /// A constant initializer; one per distinct `what` and value.
-    fn constant(&mut self, what: &str, dtype: DataType, dims: Vec<i64>, raw: Vec<u8>) -> String {
-        let key = (what.to_string(), dtype, dims.clone(), raw.clone());
-        if let Some(name) = self.constants.get(&key) {
-            return name.clone();
-        }
-        let name = self.fresh(what);
-        self.patch.add_initializer(Tensor::from_raw(name.clone(), dtype, dims, Bytes::from(raw)));
-        self.constants.insert(key, name.clone());
-        name
-    }
-
-    /// A 1-D int64 constant, named by its values (`{root}/int64:[0,0,2,-1]`).
-    fn ints(&mut self, values: &[i64]) -> String {
-        let text: Vec<String> = values.iter().map(i64::to_string).collect();
-        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.constant(&format!("int64:[{}]", text.join(",")), DataType::Int64, vec![values.len() as i64], raw)
     }
 
     /// A scalar int32 or int64 constant, named by its value (`{root}/int32:0`).
@@ -352,11 +313,6 @@ impl<'m> Lowering<'m> {
         self.float_scalar("lowest", dtype, value)
     }
 
-    fn unsqueeze(&mut self, x: &str, axes: &[i64], what: &str) -> String {
-        let axes = self.ints(axes);
-        self.op("Unsqueeze", &[x, &axes], what)
-    }
-
     fn squeeze(&mut self, x: &str, axes: &[i64], what: &str) -> String {
         let axes = self.ints(axes);
         self.op("Squeeze", &[x, &axes], what)
@@ -371,15 +327,6 @@ impl<'m> Lowering<'m> {
         } else {
             self.op_with("ReduceMean", &[x], vec![keep, ("axes", AttrValue::Ints(axes.to_vec()))], what)
         }
-    }
-
-    fn reshape(&mut self, x: &str, shape: &[i64], output: Option<&str>, what: &str) -> String {
-        let shape = self.ints(shape);
-        self.op_into("Reshape", &[x, &shape], Vec::new(), output, what)
-    }
-
-    fn transpose(&mut self, x: &str, perm: &[i64], output: Option<&str>, what: &str) -> String {
-        self.op_into("Transpose", &[x], vec![("perm", AttrValue::Ints(perm.to_vec()))], output, what)
     }
 
     /// `x[..., start:end]` on the last axis.
@@ -397,10 +344,6 @@ impl<'m> Lowering<'m> {
         let refs: Vec<&str> = outputs.iter().map(String::as_str).collect();
         self.emit("Split", &[x, &split], vec![("axis", AttrValue::Int(-1))], &refs);
         outputs
-    }
-
-    fn cast(&mut self, x: &str, to: DataType, what: &str) -> String {
-        self.op_with("Cast", &[x], vec![("to", AttrValue::Int(to.code() as i64))], what)
     }
 
     /// `0, 1, .., n-1` (int64) where n is dim `axis` of `x`.

@@ -62,8 +62,9 @@
 //! New tensors are named `{first output}/{what}`; the lowered ops write the
 //! node's own output names, so readers and graph outputs are untouched.
 
+use super::lowering::{Emitter, Refusal};
 use super::{run_pipeline, DriverOptions, Pass, PassError, PassRecord};
-use crate::ir::{infer_types, AttrValue, DataType, Model, Node, NodeId, Patch, Tensor, TypeMap};
+use crate::ir::{infer_types, AttrValue, DataType, Graph, Model, Node, NodeId, Patch, Tensor, TypeMap};
 use bytes::Bytes;
 use half::{bf16, f16};
 use std::collections::{HashMap, HashSet};
@@ -133,12 +134,9 @@ pub fn lower_node(model: &Model, types: &TypeMap, id: NodeId) -> Result<Patch, L
     Ok(lowering.patch)
 }
 
-/// A lowering's reason for refusing a node.
-type Refusal = String;
-
 /// Builds one node's replacement into a patch: fresh names under the node's
-/// first output, constants as initializers. A smaller cousin of lower_contrib's
-/// `Lowering`: one builder serving both is a refactor still to do.
+/// first output, constants as initializers (named by what they hold, added
+/// once); the shared helpers are `lowering::Emitter`'s.
 struct Lowering<'m> {
     node: &'m Node,
     model: &'m Model,
@@ -147,6 +145,47 @@ struct Lowering<'m> {
     taken: HashMap<String, usize>,
     constants: HashSet<String>,
     patch: Patch,
+}
+
+impl<'m> Emitter<'m> for Lowering<'m> {
+    fn node(&self) -> &'m Node {
+        self.node
+    }
+
+    fn graph(&self) -> &'m Graph {
+        &self.model.graph
+    }
+
+    fn types(&self) -> &'m TypeMap {
+        self.types
+    }
+
+    fn root(&self) -> &str {
+        &self.root
+    }
+
+    fn taken(&mut self) -> &mut HashMap<String, usize> {
+        &mut self.taken
+    }
+
+    fn op_into(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, AttrValue)>, output: Option<&str>, what: &str) -> String {
+        let out = output.map_or_else(|| self.fresh(what), str::to_string);
+        let mut node = Node::new(op, inputs, &[&out]);
+        for (key, value) in attrs {
+            node = node.with_attr(key, value);
+        }
+        self.patch.add_node(node);
+        out
+    }
+
+    /// A constant initializer named `{root}/{what}`, added once.
+    fn constant(&mut self, what: &str, dtype: DataType, dims: Vec<i64>, raw: Vec<u8>) -> String {
+        let name = format!("{}/{what}", self.root);
+        if self.constants.insert(name.clone()) {
+            self.patch.add_initializer(Tensor::from_raw(name.clone(), dtype, dims, Bytes::from(raw)));
+        }
+        name
+    }
 }
 
 impl<'m> Lowering<'m> {
@@ -159,80 +198,11 @@ impl<'m> Lowering<'m> {
 
     // ---- reading the node ----
 
-    fn input(&self, i: usize) -> Option<&'m str> {
-        self.node.inputs.get(i).map(String::as_str).filter(|s| !s.is_empty())
-    }
-
-    fn required(&self, i: usize, what: &str) -> Result<&'m str, Refusal> {
-        self.input(i).ok_or_else(|| format!("input {i} ({what}) is missing"))
-    }
-
-    /// Output `i`, when something reads it or the graph returns it.
-    fn used_output(&self, i: usize) -> Option<&'m str> {
-        let name = self.node.outputs.get(i).map(String::as_str).filter(|s| !s.is_empty())?;
-        let graph = &self.model.graph;
-        (!graph.uses(name).is_empty() || graph.is_graph_output(name)).then_some(name)
-    }
-
     fn elem_type(&self, name: &str) -> Result<DataType, Refusal> {
         self.types.elem_type(name).ok_or_else(|| format!("the element type of '{name}' is unknown"))
     }
 
-    fn rank(&self, name: &str) -> Result<usize, Refusal> {
-        self.types.rank(name).ok_or_else(|| format!("the rank of '{name}' is unknown"))
-    }
-
-    /// Dim `axis` (negative counts from the end) of `name`, when it is a known number.
-    fn fixed_dim(&self, name: &str, axis: isize) -> Option<i64> {
-        let dims = self.types.shape(name)?;
-        let axis = if axis < 0 { dims.len().checked_sub(axis.unsigned_abs())? } else { axis as usize };
-        dims.get(axis)?.fixed()
-    }
-
     // ---- emitting ----
-
-    /// A fresh tensor name `{root}/{what}` (numbered from the second use on).
-    fn fresh(&mut self, what: &str) -> String {
-        let n = self.taken.entry(what.to_string()).or_insert(0);
-        *n += 1;
-        if *n == 1 {
-            format!("{}/{what}", self.root)
-        } else {
-            format!("{}/{what}_{n}", self.root)
-        }
-    }
-
-    /// A one-output node writing `output` when given (one of the node's own
-    /// outputs), else a fresh name; returns what it wrote.
-    fn emit(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, AttrValue)>, output: Option<&str>, what: &str) -> String {
-        let out = output.map_or_else(|| self.fresh(what), str::to_string);
-        let mut node = Node::new(op, inputs, &[&out]);
-        for (key, value) in attrs {
-            node = node.with_attr(key, value);
-        }
-        self.patch.add_node(node);
-        out
-    }
-
-    fn op(&mut self, op: &str, inputs: &[&str], what: &str) -> String {
-        self.emit(op, inputs, Vec::new(), None, what)
-    }
-
-    /// A constant initializer named `{root}/{what}`, added once.
-    fn constant(&mut self, what: &str, dtype: DataType, dims: Vec<i64>, raw: Vec<u8>) -> String {
-        let name = format!("{}/{what}", self.root);
-        if self.constants.insert(name.clone()) {
-            self.patch.add_initializer(Tensor::from_raw(name.clone(), dtype, dims, Bytes::from(raw)));
-        }
-        name
-    }
-
-    /// A 1-D int64 constant, named by its values (`{root}/int64:[0,0,-1]`).
-    fn ints(&mut self, values: &[i64]) -> String {
-        let text: Vec<String> = values.iter().map(i64::to_string).collect();
-        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.constant(&format!("int64:[{}]", text.join(",")), DataType::Int64, vec![values.len() as i64], raw)
-    }
 
     /// A scalar constant of a float type.
     fn float_scalar(&mut self, what: &str, dtype: DataType, value: f64) -> Result<String, Refusal> {
@@ -246,28 +216,10 @@ impl<'m> Lowering<'m> {
         Ok(self.constant(&format!("{dtype}:{what}"), dtype, Vec::new(), raw))
     }
 
-    fn cast(&mut self, x: &str, to: DataType, what: &str) -> String {
-        self.emit("Cast", &[x], vec![("to", AttrValue::Int(to.code() as i64))], None, what)
-    }
-
-    fn reshape(&mut self, x: &str, shape: &[i64], output: Option<&str>, what: &str) -> String {
-        let shape = self.ints(shape);
-        self.emit("Reshape", &[x, &shape], Vec::new(), output, what)
-    }
-
-    fn transpose(&mut self, x: &str, perm: &[i64], output: Option<&str>, what: &str) -> String {
-        self.emit("Transpose", &[x], vec![("perm", AttrValue::Ints(perm.to_vec()))], output, what)
-    }
-
-    fn unsqueeze(&mut self, x: &str, axes: &[i64], what: &str) -> String {
-        let axes = self.ints(axes);
-        self.op("Unsqueeze", &[x, &axes], what)
-    }
-
     /// Dim `axis` of `x` as an int64 scalar, at run time.
     fn dim(&mut self, x: &str, axis: i64, what: &str) -> String {
         let attrs = vec![("start", AttrValue::Int(axis)), ("end", AttrValue::Int(axis + 1))];
-        let dim = self.emit("Shape", &[x], attrs, None, &format!("{what}_1d"));
+        let dim = self.op_into("Shape", &[x], attrs, None, &format!("{what}_1d"));
         let axes = self.ints(&[0]);
         self.op("Squeeze", &[&dim, &axes], what)
     }
@@ -305,12 +257,12 @@ impl<'m> Lowering<'m> {
         let eps = self.float_scalar("epsilon", stash, epsilon as f64)?;
         let square = self.op("Mul", &[&xs, &xs], "square");
         let axes = self.ints(&(first..rank).collect::<Vec<_>>());
-        let mean_square = self.emit("ReduceMean", &[&square, &axes], vec![("keepdims", AttrValue::Int(1))], None, "mean_square");
+        let mean_square = self.op_into("ReduceMean", &[&square, &axes], vec![("keepdims", AttrValue::Int(1))], None, "mean_square");
         let shifted = self.op("Add", &[&mean_square, &eps], "mean_square_eps");
         let rms = self.op("Sqrt", &[&shifted], "rms");
         let normalized = self.op("Div", &[&xs, &rms], "normalized");
         let normalized = if stash == x_type { normalized } else { self.cast(&normalized, x_type, "normalized_t") };
-        self.emit("Mul", &[&normalized, scale], Vec::new(), self.used_output(0), "out");
+        self.op_into("Mul", &[&normalized, scale], Vec::new(), self.used_output(0), "out");
         Ok(())
     }
 
@@ -359,8 +311,8 @@ impl<'m> Lowering<'m> {
         };
         // K and V with the past prepended: the present outputs
         let with_past = |this: &mut Self, past: Option<&str>, x: &str, output: usize, what: &str| match (past, this.used_output(output)) {
-            (Some(past), present) => this.emit("Concat", &[past, x], vec![("axis", AttrValue::Int(2))], present, what),
-            (None, Some(present)) => this.emit("Identity", &[x], Vec::new(), Some(present), what),
+            (Some(past), present) => this.op_into("Concat", &[past, x], vec![("axis", AttrValue::Int(2))], present, what),
+            (None, Some(present)) => this.op_into("Identity", &[x], Vec::new(), Some(present), what),
             (None, None) => x.to_string(),
         };
         let k_all = with_past(self, past_key, &k4, 1, "present_key");
@@ -390,17 +342,17 @@ impl<'m> Lowering<'m> {
         if let Some(bias) = self.attention_bias(&q4, &k_all, past_key, dtype)? {
             scores = self.op("Add", &[&scores, &bias], "biased_scores");
         }
-        let probs = self.emit("Softmax", &[&scores], vec![("axis", AttrValue::Int(-1))], None, "probs");
+        let probs = self.op_into("Softmax", &[&scores], vec![("axis", AttrValue::Int(-1))], None, "probs");
         // ORT: a row whose scores are all <= lowest() is zero (module documentation)
         let last = self.ints(&[-1]);
-        let row_max = self.emit("ReduceMax", &[&scores, &last], vec![("keepdims", AttrValue::Int(1))], None, "row_max");
+        let row_max = self.op_into("ReduceMax", &[&scores, &last], vec![("keepdims", AttrValue::Int(1))], None, "row_max");
         let lowest = self.float_scalar("lowest", dtype, f32::MIN as f64)?;
         let empty = self.op("LessOrEqual", &[&row_max, &lowest], "empty_row");
         let zero = self.float_scalar("zero", dtype, 0.0)?;
         let probs = self.op("Where", &[&empty, &zero, &probs], "kept_probs");
         let output = self.used_output(0);
         if rank == 4 {
-            self.emit("MatMul", &[&probs, &v_rep], Vec::new(), output, "out");
+            self.op_into("MatMul", &[&probs, &v_rep], Vec::new(), output, "out");
         } else {
             let context = self.op("MatMul", &[&probs, &v_rep], "context");
             let merged = self.transpose(&context, &[0, 2, 1, 3], None, "context_bsnh");

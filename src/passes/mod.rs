@@ -10,6 +10,7 @@
 pub mod check;
 pub mod lower_contrib;
 pub mod lower_standard;
+mod lowering;
 pub mod common_subexpression;
 pub mod constant_folding;
 pub mod dead_code;
