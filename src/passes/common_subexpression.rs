@@ -49,9 +49,7 @@ impl Pass for MergeCommonSubexpressions {
 
     fn propose(&self, model: &Model) -> Result<Vec<Patch>, PassError> {
         let graph = &model.graph;
-        let order = graph
-            .node_ids()
-            .map_err(|cycle| PassError::Failed { pass: self.name().into(), message: cycle.to_string() })?;
+        let order = graph.node_ids().map_err(|cycle| PassError::cycle(self.name(), cycle))?;
         // A merged tensor -> the one its readers read now.
         let mut merged: HashMap<String, String> = HashMap::new();
         let mut patches = merge_initializers(graph, &mut merged);

@@ -78,9 +78,7 @@ impl Pass for FoldConstants {
         }
         let graph = &model.graph;
         let types = infer_types(model);
-        let order = graph
-            .node_ids()
-            .map_err(|cycle| PassError::Failed { pass: self.name().into(), message: cycle.to_string() })?;
+        let order = graph.node_ids().map_err(|cycle| PassError::cycle(self.name(), cycle))?;
         let mut constants = Constants::of(graph);
         let mut patches = Vec::new();
         for id in order {

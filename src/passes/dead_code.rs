@@ -41,9 +41,7 @@ impl Pass for EliminateDeadCode {
 
     fn propose(&self, model: &Model) -> Result<Vec<Patch>, PassError> {
         let graph = &model.graph;
-        let order = graph
-            .node_ids()
-            .map_err(|cycle| PassError::Failed { pass: self.name().into(), message: cycle.to_string() })?;
+        let order = graph.node_ids().map_err(|cycle| PassError::cycle(self.name(), cycle))?;
         let live = Liveness::of(graph);
         let mut patches = Vec::new();
 

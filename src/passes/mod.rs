@@ -41,6 +41,13 @@ pub enum PassError {
     NoFixpoint { pass: String, iterations: usize },
 }
 
+impl PassError {
+    /// A pass met a graph with a cycle (no topological order to walk).
+    pub fn cycle(pass: &str, cycle: crate::ir::CycleError) -> PassError {
+        PassError::Failed { pass: pass.into(), message: cycle.to_string() }
+    }
+}
+
 /// A rewrite of the model, proposed as patches.
 pub trait Pass {
     /// Kebab-case, as used by `--passes` / `--skip` and in reports.

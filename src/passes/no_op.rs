@@ -78,9 +78,7 @@ impl Pass for RemoveNoOps {
         let graph = &model.graph;
         let types = infer_types(model);
         let facts = Facts { graph, types: &types, opset: model.opset("") };
-        let order = graph
-            .node_ids()
-            .map_err(|cycle| PassError::Failed { pass: self.name().into(), message: cycle.to_string() })?;
+        let order = graph.node_ids().map_err(|cycle| PassError::cycle(self.name(), cycle))?;
         // Output of a no-op removed this round -> the tensor its readers now read.
         let mut replaced_by: HashMap<&str, &str> = HashMap::new();
         let mut patches = Vec::new();

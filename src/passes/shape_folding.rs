@@ -47,9 +47,7 @@ impl Pass for FoldShapes {
         }
         let graph = &model.graph;
         let types = infer_types(model);
-        let order = graph
-            .node_ids()
-            .map_err(|cycle| PassError::Failed { pass: self.name().into(), message: cycle.to_string() })?;
+        let order = graph.node_ids().map_err(|cycle| PassError::cycle(self.name(), cycle))?;
         // Foldable nodes, with the value of each output that something reads.
         let mut foldable: HashMap<NodeId, Vec<Tensor>> = HashMap::new();
         for &id in &order {
