@@ -205,22 +205,25 @@ pub enum CheckError {
 /// and RMSNormalization): both models are lowered first (`lower_contrib`, then
 /// `lower_standard`, each lowering checked against ONNX Runtime's kernels).
 pub fn verify_rewrite(original: &Model, rewritten: &Model, options: &crate::verify::VerifyOptions) -> Result<crate::verify::Comparison, CheckError> {
+    Ok(crate::verify::compare(&lowered_for_tract(original)?, &lowered_for_tract(rewritten)?, options)?)
+}
+
+/// A copy of `model` tract can run faithfully: contrib ops and the standard ops
+/// tract misreads lowered to what it runs right.
+fn lowered_for_tract(model: &Model) -> Result<Model, PassError> {
     let driver = DriverOptions { validate: true, ..DriverOptions::default() };
-    let lowered = |m: &Model| -> Result<Model, PassError> {
-        let mut m = m.clone();
-        // The lowerings emit LayerNormalization-17. Opsets 13 to 16 differ from
-        // 17 only by additions (new types, optional attributes, new ops), so the
-        // copy tract runs, never written, may declare 17.
-        if let Some(import) = m.opset_imports.iter_mut().find(|o| o.domain.is_empty() || o.domain == "ai.onnx") {
-            if (13..17).contains(&import.version) {
-                import.version = 17;
-            }
+    let mut m = model.clone();
+    // The lowerings emit LayerNormalization-17. Opsets 13 to 16 differ from
+    // 17 only by additions (new types, optional attributes, new ops), so the
+    // copy tract runs, never written, may declare 17.
+    if let Some(import) = m.opset_imports.iter_mut().find(|o| o.domain.is_empty() || o.domain == "ai.onnx") {
+        if (13..17).contains(&import.version) {
+            import.version = 17;
         }
-        lower_contrib::lower_contrib_ops(&mut m, &driver)?;
-        lower_standard::lower_standard_ops(&mut m, &driver)?;
-        Ok(m)
-    };
-    Ok(crate::verify::compare(&lowered(original)?, &lowered(rewritten)?, options)?)
+    }
+    lower_contrib::lower_contrib_ops(&mut m, &driver)?;
+    lower_standard::lower_standard_ops(&mut m, &driver)?;
+    Ok(m)
 }
 
 /// The first pass after which `original` and the rewritten model differ beyond
@@ -232,13 +235,15 @@ pub fn first_failing_pass(
     driver: &DriverOptions,
     options: &crate::verify::VerifyOptions,
 ) -> Result<Option<String>, CheckError> {
+    // the original runs in tract once; each pass's result is compared with it
+    let reference = crate::verify::Reference::run(&lowered_for_tract(original)?, options)?;
     let mut model = original.clone();
     for (index, pass) in passes.iter().enumerate() {
         let record = run_pipeline(&mut model, std::slice::from_ref(pass), driver)?;
         if record.iter().all(|r| r.patches == 0) {
             continue;
         }
-        if !verify_rewrite(original, &model, options)?.passed() {
+        if !crate::verify::compare_to(&reference, &lowered_for_tract(&model)?, options)?.passed() {
             return Ok(Some(format!("{} (pass {} of {})", pass.name(), index + 1, passes.len())));
         }
     }

@@ -87,20 +87,41 @@ impl Comparison {
 /// Runs both models on the same inputs and compares their outputs by name (by
 /// position when the names differ).
 pub fn compare(reference: &Model, candidate: &Model, options: &VerifyOptions) -> Result<Comparison, VerifyError> {
-    let inputs = match &options.inputs {
-        Some(given) => given.clone(),
-        None => random_inputs(reference, options.seed, options.sizes)?,
-    };
-    let expected = run(reference, "reference", &inputs)?;
-    let candidate_inputs: Vec<NamedInput> = inputs
+    compare_to(&Reference::run(reference, options)?, candidate, options)
+}
+
+/// A reference model's inputs and outputs, computed once for comparing several
+/// candidates against it.
+pub struct Reference {
+    inputs: Vec<NamedInput>,
+    outputs: Vec<(String, Tensor)>,
+}
+
+impl Reference {
+    /// Runs `reference` on the options' inputs (seeded random ones by default).
+    pub fn run(reference: &Model, options: &VerifyOptions) -> Result<Reference, VerifyError> {
+        let inputs = match &options.inputs {
+            Some(given) => given.clone(),
+            None => random_inputs(reference, options.seed, options.sizes)?,
+        };
+        let outputs = run(reference, "reference", &inputs)?;
+        Ok(Reference { inputs, outputs })
+    }
+}
+
+/// Runs `candidate` on the reference's inputs and compares its outputs.
+pub fn compare_to(reference: &Reference, candidate: &Model, options: &VerifyOptions) -> Result<Comparison, VerifyError> {
+    let candidate_inputs: Vec<NamedInput> = reference
+        .inputs
         .iter()
         .filter(|i| candidate.graph.inputs.iter().any(|c| c.name == i.name))
         .cloned()
         .collect();
     let actual = run(candidate, "candidate", &candidate_inputs)?;
+    let expected = &reference.outputs;
     if expected.len() != actual.len() {
         return Err(VerifyError::OutputsDiffer {
-            reference: expected.into_iter().map(|(n, _)| n).collect(),
+            reference: expected.iter().map(|(n, _)| n.clone()).collect(),
             candidate: actual.into_iter().map(|(n, _)| n).collect(),
         });
     }
