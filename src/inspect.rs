@@ -132,12 +132,7 @@ fn architecture(model: &Model) -> Architecture {
     let normalizations = count("LayerNormalization") + count("SkipLayerNormalization") + count("SimplifiedLayerNormalization")
         + count("SkipSimplifiedLayerNormalization") + count("RMSNormalization");
     // A causal mask compares two position ranges (i <= j), or is a Trilu.
-    let compares_positions = |n: &Node| {
-        matches!(n.op_type.as_str(), "LessOrEqual" | "Less" | "GreaterOrEqual" | "Greater")
-            && n.inputs.len() == 2
-            && n.inputs.iter().all(|i| comes_from_op(g, i, "Range", 4))
-    };
-    let causal = count("Trilu") > 0 || g.nodes().any(compares_positions);
+    let causal = count("Trilu") > 0 || g.nodes().any(|n| g.is_causal_comparison(n));
     let kind = if has_input("decoder_input_ids") {
         "encoder-decoder"
     } else if has_input("pixel_values") {
@@ -168,12 +163,6 @@ fn derives_from(g: &Graph, tensor: &str, source: &str, hops: usize) -> bool {
     hops > 0
         && matches!(node.op_type.as_str(), "Reshape" | "Cast" | "Unsqueeze" | "Flatten" | "Squeeze")
         && node.inputs.first().is_some_and(|i| derives_from(g, i, source, hops - 1))
-}
-
-/// `tensor` is computed by an `op` node within `hops` producers (any input).
-fn comes_from_op(g: &Graph, tensor: &str, op: &str, hops: usize) -> bool {
-    let Some(node) = g.producer(tensor).and_then(|(id, _)| g.node(id)) else { return false };
-    node.op_type == op || (hops > 0 && node.inputs.iter().any(|i| comes_from_op(g, i, op, hops - 1)))
 }
 
 fn human_bytes(n: u64) -> String {

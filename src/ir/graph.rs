@@ -291,6 +291,20 @@ impl Graph {
         ids.into_iter().map(|id| (id, &self.dag[id])).collect()
     }
 
+    /// `tensor` is computed by an `op` node within `hops` producers (through any input).
+    pub fn computed_by(&self, tensor: &str, op: &str, hops: usize) -> bool {
+        let Some(node) = self.producer(tensor).and_then(|(id, _)| self.node(id)) else { return false };
+        node.op_type == op || (hops > 0 && node.inputs.iter().any(|i| self.computed_by(i, op, hops - 1)))
+    }
+
+    /// `node` compares two position ranges (`i <= j` between two Range-derived
+    /// tensors): how exporters build a causal mask without Trilu.
+    pub fn is_causal_comparison(&self, node: &Node) -> bool {
+        matches!(node.op_type.as_str(), "LessOrEqual" | "Less" | "GreaterOrEqual" | "Greater")
+            && node.inputs.len() == 2
+            && node.inputs.iter().all(|i| self.computed_by(i, "Range", 4))
+    }
+
     /// Names this graph reads but does not define: its outer-scope captures.
     pub fn collect_free_names(&self, free: &mut HashSet<String>) {
         let defined: HashSet<&str> = self

@@ -228,13 +228,6 @@ fn rows_never_fully_masked(ctx: &MatchContext, args: &[Arg]) -> Result<(), Strin
 /// A comparison of two tensors that both come from Range nodes (i <= j: the
 /// causal triangle) feeds `tensor` within `hops` producers.
 fn compares_two_ranges(ctx: &MatchContext, tensor: &str, hops: usize) -> bool {
-    fn from_range(ctx: &MatchContext, t: &str, hops: usize) -> bool {
-        let Some(n) = ctx.graph.producer(t).and_then(|(id, _)| ctx.graph.node(id)) else { return false };
-        n.op_type == "Range" || (hops > 0 && n.inputs.iter().any(|i| from_range(ctx, i, hops - 1)))
-    }
     let Some(n) = ctx.graph.producer(tensor).and_then(|(id, _)| ctx.graph.node(id)) else { return false };
-    let comparison = matches!(n.op_type.as_str(), "LessOrEqual" | "Less" | "GreaterOrEqual" | "Greater")
-        && n.inputs.len() == 2
-        && n.inputs.iter().all(|i| from_range(ctx, i, 4));
-    comparison || (hops > 0 && n.inputs.iter().any(|i| compares_two_ranges(ctx, i, hops - 1)))
+    ctx.graph.is_causal_comparison(n) || (hops > 0 && n.inputs.iter().any(|i| compares_two_ranges(ctx, i, hops - 1)))
 }
