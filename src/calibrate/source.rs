@@ -3,7 +3,7 @@
 
 use super::CalibrateError;
 use crate::ir::{DataType, Model, ValueInfo};
-use crate::verify::{read_npz, NamedInput};
+use crate::verify::{read_npz, NamedInput, TokenInput};
 use std::path::{Path, PathBuf};
 use tokenizers::{Tokenizer, TruncationParams};
 use tract_onnx::prelude::*;
@@ -15,7 +15,8 @@ pub enum CalibrationSource {
     /// `tokenizer.json`), truncated to `max_len` tokens (special tokens included).
     /// Each batch of `batch` sentences is right-padded to its longest one; the
     /// model's inputs are filled by name: `input_ids`, `attention_mask` (1 for
-    /// tokens, 0 for padding) and `token_type_ids` (zeros).
+    /// tokens, 0 for padding), `token_type_ids` (zeros) and `position_ids`
+    /// (0, 1, ...).
     Text { file: PathBuf, tokenizer: PathBuf, max_len: usize, batch: usize },
     /// Arrays named after the model's inputs, sharing a first (batch) axis, cut
     /// into batches of `batch` rows.
@@ -52,30 +53,17 @@ fn source_error(path: &Path, why: impl ToString) -> CalibrateError {
     CalibrateError::Source { path: path.to_path_buf(), why: why.to_string() }
 }
 
-/// What a text source puts in a model input.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum TextField {
-    TokenIds,
-    AttentionMask,
-    TokenTypeIds,
-}
 
 /// The field a model input takes, from its name, and its integer type.
-fn text_field(input: &ValueInfo) -> Result<(TextField, DataType), CalibrateError> {
+fn text_field(input: &ValueInfo) -> Result<(TokenInput, DataType), CalibrateError> {
     let unfillable = |why: &str| CalibrateError::UnfillableInput {
         input: input.name.clone(),
         source_kind: "text",
         why: why.into(),
     };
-    let name = input.name.to_lowercase();
-    let field = if name.contains("mask") {
-        TextField::AttentionMask
-    } else if name.contains("token_type") || name.contains("segment") {
-        TextField::TokenTypeIds
-    } else if name.contains("input_ids") {
-        TextField::TokenIds
-    } else {
-        return Err(unfillable("a text source fills only input_ids, attention_mask and token_type_ids"));
+    let field = match TokenInput::of(&input.name) {
+        Some(field) => field,
+        None => return Err(unfillable("a text source fills only input_ids, attention_mask, token_type_ids and position_ids")),
     };
     match input.tensor_type().and_then(|t| t.elem_type) {
         Some(dtype @ (DataType::Int64 | DataType::Int32)) => Ok((field, dtype)),
@@ -93,7 +81,7 @@ fn text_batches(
     if batch == 0 || max_len == 0 {
         return Err(source_error(file, "batch and max_len must be at least 1"));
     }
-    let fields: Vec<(String, TextField, DataType)> = inputs
+    let fields: Vec<(String, TokenInput, DataType)> = inputs
         .iter()
         .map(|i| text_field(i).map(|(field, dtype)| (i.name.clone(), field, dtype)))
         .collect::<Result<_, _>>()?;
@@ -121,7 +109,7 @@ fn text_batches(
 }
 
 /// The named inputs for token ids of one batch, right-padded to the longest.
-fn padded_batch(ids: &[Vec<u32>], pad_id: u32, fields: &[(String, TextField, DataType)]) -> TractResult<Vec<NamedInput>> {
+fn padded_batch(ids: &[Vec<u32>], pad_id: u32, fields: &[(String, TokenInput, DataType)]) -> TractResult<Vec<NamedInput>> {
     let len = ids.iter().map(Vec::len).max().unwrap_or(0);
     let table = |value: &dyn Fn(&[u32], usize) -> i64| -> Vec<i64> {
         ids.iter().flat_map(|row| (0..len).map(move |c| value(row, c))).collect()
@@ -130,9 +118,10 @@ fn padded_batch(ids: &[Vec<u32>], pad_id: u32, fields: &[(String, TextField, Dat
         .iter()
         .map(|(name, field, dtype)| {
             let values = match field {
-                TextField::TokenIds => table(&|row, c| row.get(c).copied().unwrap_or(pad_id) as i64),
-                TextField::AttentionMask => table(&|row, c| (c < row.len()) as i64),
-                TextField::TokenTypeIds => vec![0; ids.len() * len],
+                TokenInput::Ids => table(&|row, c| row.get(c).copied().unwrap_or(pad_id) as i64),
+                TokenInput::AttentionMask => table(&|row, c| (c < row.len()) as i64),
+                TokenInput::TokenTypes => vec![0; ids.len() * len],
+                TokenInput::Positions => table(&|_, c| c as i64),
             };
             let tensor = Array2::from_shape_vec((ids.len(), len), values)?.into_tensor();
             let value = if *dtype == DataType::Int32 { tensor.cast_to::<i32>()?.into_owned() } else { tensor };

@@ -134,7 +134,36 @@ pub fn random_inputs(model: &Model, seed: u64, sizes: DimSizes) -> Result<Vec<Na
     Ok(inputs)
 }
 
-/// Values for an integer input, by what its name says it is.
+/// What an integer model input holds, read from its name the way transformer
+/// exporters name them (`input_ids`, `attention_mask`, `token_type_ids`,
+/// `position_ids`; `segment_ids` as token types).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenInput {
+    Ids,
+    AttentionMask,
+    TokenTypes,
+    Positions,
+}
+
+impl TokenInput {
+    pub fn of(name: &str) -> Option<TokenInput> {
+        let name = name.to_lowercase();
+        if name.contains("mask") {
+            Some(TokenInput::AttentionMask)
+        } else if name.contains("position") {
+            Some(TokenInput::Positions)
+        } else if name.contains("token_type") || name.contains("segment") {
+            Some(TokenInput::TokenTypes)
+        } else if name.contains("input_ids") {
+            Some(TokenInput::Ids)
+        } else {
+            None
+        }
+    }
+}
+
+/// Values for an integer input, by what its name says it is (token ids for an
+/// unrecognised name).
 fn integer_input(name: &str, shape: &[usize], vocabulary: Option<i64>, rng: &mut SeededRng) -> Vec<i64> {
     let count: usize = shape.iter().product();
     let (rows, cols) = match shape {
@@ -142,7 +171,8 @@ fn integer_input(name: &str, shape: &[usize], vocabulary: Option<i64>, rng: &mut
         [n] => (1, *n),
         [rows, rest @ ..] => (*rows, rest.iter().product()),
     };
-    if name.contains("mask") {
+    let role = TokenInput::of(name);
+    if role == Some(TokenInput::AttentionMask) {
         // Ones, with the second half of the batch right-padded to random lengths:
         // the masking path must survive every rewrite.
         let mut mask = vec![1i64; count];
@@ -154,10 +184,10 @@ fn integer_input(name: &str, shape: &[usize], vocabulary: Option<i64>, rng: &mut
         }
         return mask;
     }
-    if name.contains("position") {
+    if role == Some(TokenInput::Positions) {
         return (0..count).map(|i| (i % cols) as i64).collect();
     }
-    if name.contains("token_type") || name.contains("segment") {
+    if role == Some(TokenInput::TokenTypes) {
         return vec![0; count];
     }
     let high = vocabulary.unwrap_or(100).max(1);

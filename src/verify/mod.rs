@@ -9,7 +9,7 @@
 
 mod inputs;
 
-pub use inputs::{random_inputs, read_npz, DimSizes, NamedInput, SeededRng};
+pub use inputs::{random_inputs, read_npz, DimSizes, NamedInput, SeededRng, TokenInput};
 
 use crate::ir::Model;
 use crate::onnx;
