@@ -89,6 +89,22 @@ fn non_finite_values_are_counted_apart() {
 }
 
 #[test]
+fn gram_matrix_is_x_transpose_x_over_all_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let npz = dir.path().join("x.npz");
+    // h = [a, -a] for each row's first value a: X^T X = sum a^2 * [[1, -1], [-1, 1]]
+    write_npz(&npz, arr2(&[[1.0, 9.0, 9.0], [4.0, 9.0, 9.0], [-2.0, 9.0, 9.0]]));
+    let source = CalibrationSource::Npz { path: npz, batch: 2 };
+    let grams = calibrate::gram_matrices(&tiny_model(), &["matmul_1", "x"], &source).unwrap();
+    let h = &grams[0];
+    assert_eq!((h.features(), h.rows), (2, 3));
+    let entries = [h.xtx[(0, 0)], h.xtx[(0, 1)], h.xtx[(1, 0)], h.xtx[(1, 1)]];
+    assert_eq!(entries, [21.0, -21.0, -21.0, 21.0]);
+    assert_eq!(grams[1].squared_norms(), vec![21.0, 243.0, 243.0]);
+    assert_eq!(grams[1].xtx[(0, 1)], 9.0 * (1.0 + 4.0 - 2.0));
+}
+
+#[test]
 fn npz_source_cuts_batches_along_the_first_axis() {
     let dir = tempfile::tempdir().unwrap();
     let npz = dir.path().join("x.npz");

@@ -15,16 +15,19 @@
 //! like any other (the model computes them); sort sentences by length or use
 //! small batches to keep their weight down.
 
+mod gram;
 mod source;
 mod stats;
 mod taps;
 
+pub use gram::Gram;
 pub use source::{Batches, CalibrationSource};
 pub use stats::{ChannelStats, Histogram, Stats, HISTOGRAM_BINS};
 pub use taps::with_taps;
 
 use crate::ir::Model;
-use crate::verify::{self, VerifyError};
+use crate::verify::{self, NamedInput, VerifyError};
+use tract_onnx::prelude::Tensor;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,24 +47,86 @@ pub enum CalibrateError {
 }
 
 /// Runs `model` on every batch of `source` and returns the statistics of each
-/// tensor in `taps`, in the order given. Each batch is a separate
-/// `verify::run`, which optimises the model for that batch's concrete shape:
-/// fine for a few hundred sentences, not for a large data set.
+/// tensor in `taps`, in the order given.
 pub fn calibrate(model: &Model, taps: &[&str], source: &CalibrationSource) -> Result<Vec<Stats>, CalibrateError> {
-    let tapped = with_taps(model, taps)?;
     let mut stats: Vec<Stats> = taps.iter().map(|t| Stats::new(t)).collect();
-    let mut batches = 0;
-    for batch in source.batches(model)? {
-        let outputs = verify::run(&tapped, "calibration", &batch?)?;
-        for s in &mut stats {
-            let value = outputs.iter().find(|(name, _)| *name == s.name).map(|(_, v)| v);
-            let value = value.ok_or_else(|| CalibrateError::Tap { tensor: s.name.clone(), why: "tract did not return it".into() })?;
+    for_each_batch(model, taps, source, |batch| {
+        for (s, value) in stats.iter_mut().zip(&batch.taps) {
             s.observe(value)?;
         }
+        Ok(())
+    })?;
+    Ok(stats)
+}
+
+/// [`Gram`] matrices (`X^T X`) of each tensor in `taps`, over the rows of real
+/// tokens (padding left out when the inputs have an `attention_mask`).
+pub fn gram_matrices(model: &Model, taps: &[&str], source: &CalibrationSource) -> Result<Vec<Gram>, CalibrateError> {
+    let mut grams: Vec<Gram> = taps.iter().map(|t| Gram::new(t)).collect();
+    for_each_batch(model, taps, source, |batch| {
+        for (gram, value) in grams.iter_mut().zip(&batch.taps) {
+            gram.observe(value, batch.token_rows(value).as_deref())?;
+        }
+        Ok(())
+    })?;
+    Ok(grams)
+}
+
+/// One calibration batch after the model ran on it.
+pub struct ObservedBatch<'a> {
+    /// The inputs the model was given.
+    pub inputs: &'a [NamedInput],
+    /// The tapped tensors, in the order of `taps`.
+    pub taps: Vec<Tensor>,
+    /// The model's own outputs, in graph order.
+    pub outputs: Vec<Tensor>,
+}
+
+impl ObservedBatch<'_> {
+    /// For a tensor whose leading axes are the `attention_mask`'s `[batch,
+    /// sequence]`, which of its rows (everything but the last axis, row-major)
+    /// are real tokens. `None` without a mask or when the shapes do not line up
+    /// (every row then counts).
+    pub fn token_rows(&self, value: &Tensor) -> Option<Vec<bool>> {
+        let mask = self.inputs.iter().find(|i| i.name == "attention_mask")?;
+        let mask = mask.value.cast_to::<i64>().ok()?;
+        let mask = mask.to_plain_array_view::<i64>().ok()?;
+        let shape = value.shape();
+        if shape.len() != 3 || mask.shape() != &shape[..2] {
+            return None;
+        }
+        Some(mask.iter().map(|&m| m != 0).collect())
+    }
+}
+
+/// Runs `model` on every batch of `source` with `taps` exposed and hands each
+/// batch to `visit`; returns how many batches there were (at least one). Each
+/// batch is a separate `verify::run`, which optimises the model for that
+/// batch's concrete shape: fine for a few hundred sentences, not for a large
+/// data set.
+pub fn for_each_batch(
+    model: &Model,
+    taps: &[&str],
+    source: &CalibrationSource,
+    mut visit: impl FnMut(ObservedBatch) -> Result<(), CalibrateError>,
+) -> Result<usize, CalibrateError> {
+    let tapped = with_taps(model, taps)?;
+    let own_outputs = model.graph.outputs.len();
+    let mut batches = 0;
+    for inputs in source.batches(model)? {
+        let inputs = inputs?;
+        let mut outputs: Vec<(String, Tensor)> = verify::run(&tapped, "calibration", &inputs)?;
+        let mut tapped_values = Vec::with_capacity(taps.len());
+        for tap in taps {
+            let value = outputs.iter().find(|(name, _)| name == tap).map(|(_, v)| v.clone());
+            tapped_values.push(value.ok_or_else(|| CalibrateError::Tap { tensor: tap.to_string(), why: "tract did not return it".into() })?);
+        }
+        outputs.truncate(own_outputs);
+        visit(ObservedBatch { inputs: &inputs, taps: tapped_values, outputs: outputs.into_iter().map(|(_, v)| v).collect() })?;
         batches += 1;
     }
     if batches == 0 {
         return Err(CalibrateError::Empty("the source holds no samples".into()));
     }
-    Ok(stats)
+    Ok(batches)
 }
