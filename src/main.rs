@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use onnxopt::passes::pipeline::{optimization_passes, quantization_passes, PipelineOptions, Target};
-use onnxopt::passes::quantize_dynamic::QuantizeDynamic;
+use onnxopt::passes::quantize_dynamic::{ActivationScale, QuantizeDynamic};
 use onnxopt::passes::{run_pipeline, DriverOptions, PassRecord};
 use onnxopt::{inspect, ir::Model, onnx, verify};
 use std::path::{Path, PathBuf};
@@ -97,9 +97,20 @@ enum Command {
         /// ort (com.microsoft.DynamicQuantizeMatMul) or portable (standard ops).
         #[arg(long, default_value = "ort")]
         target: Target,
+        /// per-tensor (one scale per activation tensor) or per-token (one scale
+        /// per row: closer to float, a few more ops).
+        #[arg(long, default_value = "per-tensor")]
+        activations: ActivationArg,
         /// Keep these MatMul/Gemm nodes in float (comma-separated node names).
         #[arg(long, value_delimiter = ',')]
         exclude: Vec<String>,
+        /// SmoothQuant migration strength (0..1, typically 0.5): move outlier
+        /// channels' range from activations into weights first (needs
+        /// calibration data; an exact rewrite, checked in tract).
+        #[arg(long, value_name = "ALPHA")]
+        smoothquant: Option<f32>,
+        #[command(flatten)]
+        calibration: CalibrationArgs,
         /// Write what each pass did and the verification as JSON.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -160,6 +171,21 @@ enum Command {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum ActivationArg {
+    PerTensor,
+    PerToken,
+}
+
+impl From<ActivationArg> for ActivationScale {
+    fn from(a: ActivationArg) -> ActivationScale {
+        match a {
+            ActivationArg::PerTensor => ActivationScale::PerTensor,
+            ActivationArg::PerToken => ActivationScale::PerToken,
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum QuantizeMode {
     /// int8 weights, activations quantized per tensor at run time.
     Int8Dynamic,
@@ -185,6 +211,11 @@ struct CalibrationArgs {
 }
 
 impl CalibrationArgs {
+    /// Whether any calibration data was given.
+    fn given(&self) -> bool {
+        self.calib_text.is_some() || self.calib.is_some()
+    }
+
     fn source(&self) -> Result<onnxopt::calibrate::CalibrationSource> {
         use onnxopt::calibrate::CalibrationSource;
         match (&self.calib_text, &self.tokenizer, &self.calib) {
@@ -363,7 +394,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             save(&optimized, &input, &output, quiet)?;
         }
-        Command::Quantize { input, output, mode: QuantizeMode::Int8Dynamic, target, exclude, report, no_verify, min_cosine, atol, rtol } => {
+        Command::Quantize { input, output, mode: QuantizeMode::Int8Dynamic, target, activations, exclude, smoothquant, calibration, report, no_verify, min_cosine, atol, rtol } => {
             if target == Target::TensorRt {
                 return Err(Failure::BadInput(anyhow::anyhow!("quantize --target: ort or portable (TensorRT wants static Q/DQ, not dynamic quantization)")));
             }
@@ -372,8 +403,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(unknown) = exclude.iter().find(|name| !named(name)) {
                 return Err(Failure::BadInput(anyhow::anyhow!("--exclude: no node named '{unknown}' (nor writing a tensor of that name)")));
             }
-            let pipeline = quantization_passes(QuantizeDynamic { target, exclude: exclude.into_iter().collect() });
-            let mut quantized = original.clone();
+            let mut original_or_smoothed = original.clone();
+            if let Some(alpha) = smoothquant {
+                if !(0.0..=1.0).contains(&alpha) {
+                    return Err(Failure::BadInput(anyhow::anyhow!("--smoothquant {alpha}: the strength is between 0 and 1")));
+                }
+                if !calibration.given() {
+                    return Err(Failure::BadInput(anyhow::anyhow!("--smoothquant needs calibration data: --calib-text FILE --tokenizer tokenizer.json, or --calib data.npz")));
+                }
+                let smoothed = smooth(&original, alpha, &calibration.source()?, quiet)?;
+                original_or_smoothed = smoothed;
+            }
+            let pipeline = quantization_passes(QuantizeDynamic { target, exclude: exclude.into_iter().collect(), activations: activations.into() });
+            let mut quantized = original_or_smoothed;
             let records = {
                 let _progress = Progress::start(quiet, format!("quantizing for {target}"));
                 run_pipeline(&mut quantized, &pipeline, &DriverOptions::default()).map_err(anyhow::Error::from)?
@@ -414,21 +456,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Calibrate { model: path, data, tensors, json } => {
             let source = data.source()?;
             let model = load(&path, quiet, true)?;
-            let taps: Vec<String> = if tensors.is_empty() {
-                let mut reads: Vec<String> = model
-                    .graph
-                    .nodes()
-                    .filter(|n| n.is_onnx("MatMul") || n.is_onnx("Gemm"))
-                    .filter(|n| n.inputs.get(1).is_some_and(|w| model.graph.initializer(w).is_some()))
-                    .filter_map(|n| n.inputs.first().cloned())
-                    .filter(|t| model.graph.initializer(t).is_none())
-                    .collect();
-                let mut seen = std::collections::HashSet::new();
-                reads.retain(|t| seen.insert(t.clone()));
-                reads
-            } else {
-                tensors
-            };
+            let taps = if tensors.is_empty() { onnxopt::calibrate::matmul_activations(&model) } else { tensors };
             let tap_names: Vec<&str> = taps.iter().map(String::as_str).collect();
             let stats = {
                 let _progress = Progress::start(quiet, format!("calibrating {} tensors", taps.len()));
@@ -490,6 +518,31 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// SmoothQuant with ranges from calibration: the smoothed model, after a tract
+/// check that it still computes what `original` does (it is an exact rewrite).
+fn smooth(original: &Model, alpha: f32, source: &onnxopt::calibrate::CalibrationSource, quiet: bool) -> Result<Model> {
+    use onnxopt::passes::smooth_quant::SmoothQuant;
+    let taps = onnxopt::calibrate::matmul_activations(original);
+    let tap_names: Vec<&str> = taps.iter().map(String::as_str).collect();
+    let stats = {
+        let _progress = Progress::start(quiet, format!("calibrating {} activations", taps.len()));
+        onnxopt::calibrate::calibrate(original, &tap_names, source)?
+    };
+    let mut smoothed = original.clone();
+    let passes: Vec<Box<dyn onnxopt::passes::Pass>> = vec![Box::new(SmoothQuant::from_stats(&stats, alpha))];
+    let records = run_pipeline(&mut smoothed, &passes, &DriverOptions::default())?;
+    if !quiet {
+        print_records(&records);
+    }
+    let _progress = Progress::start(quiet, "checking the smoothing in tract".into());
+    let exact = verify::VerifyOptions { atol: 1e-3, rtol: 1e-3, ..Default::default() };
+    let comparison = onnxopt::passes::verify_rewrite(original, &smoothed, &exact)?;
+    if !comparison.passed() {
+        anyhow::bail!("smooth-quant changed the model's outputs (max abs {:.3e}): a bug, please report it", comparison.max_abs());
+    }
+    Ok(smoothed)
 }
 
 /// Writes a JSON report (optimize, quantize).

@@ -9,14 +9,18 @@ use common::*;
 use onnxopt::ir::{DataType, GraphBuilder, Model, Node};
 use onnxopt::passes::dead_code::EliminateDeadCode;
 use onnxopt::passes::pipeline::Target;
-use onnxopt::passes::quantize_dynamic::QuantizeDynamic;
+use onnxopt::passes::quantize_dynamic::{ActivationScale, QuantizeDynamic};
 use onnxopt::passes::{run_pipeline, verify_rewrite, DriverOptions, Pass, PassRecord};
 use onnxopt::{onnx, verify};
 use std::path::Path;
 
 fn quantize(model: &Model, target: Target, exclude: &[&str]) -> (Model, PassRecord) {
+    quantize_with(model, target, exclude, ActivationScale::PerTensor)
+}
+
+fn quantize_with(model: &Model, target: Target, exclude: &[&str], activations: ActivationScale) -> (Model, PassRecord) {
     let exclude = exclude.iter().map(|s| s.to_string()).collect();
-    let passes: Vec<Box<dyn Pass>> = vec![Box::new(QuantizeDynamic { target, exclude }), Box::new(EliminateDeadCode)];
+    let passes: Vec<Box<dyn Pass>> = vec![Box::new(QuantizeDynamic { target, exclude, activations }), Box::new(EliminateDeadCode)];
     let mut quantized = model.clone();
     let options = DriverOptions { validate: true, ..DriverOptions::default() };
     let records = run_pipeline(&mut quantized, &passes, &options).unwrap();
@@ -46,6 +50,43 @@ fn small_mlp_gets_int8_weights_for_both_targets() {
         assert!(cosine > 0.999, "{case}: cosine {cosine}");
         insta::assert_snapshot!(format!("quantize_dynamic__{case}"), format!("before:\n{model}\nafter:\n{quantized}"));
     }
+}
+
+/// Per token: one scale per row, quantized once per activation; tract agrees
+/// closely, and ONNX Runtime runs both targets' ops (MatMulIntegerToFloat and a
+/// QuantizeLinear with a computed scale) as their tract lowerings compute them.
+#[test]
+fn per_token_activations_for_both_targets() {
+    let mut b = GraphBuilder::new("per_token");
+    // rows of very different ranges: a per-tensor scale would flatten the small one
+    let x = b.input("x", DataType::Float, &[2, -1, 4]);
+    let w: Vec<f32> = (0..32).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
+    let w = b.initializer_f32("w", &[4, 8], &w);
+    let bias = b.initializer_f32("b", &[8], &[0.1; 8]);
+    let h = b.node("MatMul", &[&x, &w]);
+    let y = b.node("Add", &[&h, &bias]);
+    b.output(&y, DataType::Float, &[2, -1, 8]);
+    let model = b.into_model(17);
+    let mut lowered_cases = Vec::new();
+    for (target, case) in [(Target::Ort, "per_token_ort"), (Target::Portable, "per_token_portable")] {
+        let (quantized, record) = quantize_with(&model, target, &[], ActivationScale::PerToken);
+        assert_eq!(record.patches, 1, "{case}");
+        let ops = ops(&quantized);
+        assert_eq!(ops.iter().filter(|op| *op == "QuantizeLinear").count(), 1, "{case}: {ops:?}");
+        assert!(!ops.contains(&"DynamicQuantizeLinear".to_string()), "{case}");
+        let zero_point = quantized.graph.initializer("x/zero_point").expect("the row zero point");
+        assert_eq!((zero_point.dtype, zero_point.to_i64().unwrap().iter().copied().collect::<Vec<_>>()), (DataType::Uint8, vec![64]));
+        let cosine = min_cosine(&model, &quantized);
+        assert!(cosine > 0.9995, "{case}: cosine {cosine}");
+        insta::assert_snapshot!(format!("quantize_dynamic__{case}"), format!("before:\n{model}\nafter:\n{quantized}"));
+        let mut lowered = quantized.clone();
+        let driver = DriverOptions { validate: true, ..DriverOptions::default() };
+        onnxopt::passes::lower_contrib::lower_contrib_ops(&mut lowered, &driver).unwrap();
+        onnxopt::passes::lower_standard::lower_standard_ops(&mut lowered, &driver).unwrap();
+        assert!(lowered.graph.nodes().all(|n| n.op_type != "QuantizeLinear" && n.domain.is_empty()), "{case}: lowered for tract");
+        lowered_cases.push((case, quantized, lowered));
+    }
+    onnxruntime_agrees(lowered_cases);
 }
 
 /// ort: the bias Add folds into DynamicQuantizeMatMul; portable: it stays an Add.
@@ -169,6 +210,30 @@ fn bert_ort_target_runs_in_onnxruntime() {
     assert!(run.status.success(), "ONNX Runtime could not run the quantized model");
     let cosine: f64 = text.split_whitespace().last().unwrap().parse().unwrap();
     assert!(cosine >= 0.99, "cosine {cosine}");
+}
+
+/// Per token on the tiny BERT, both targets: ORT runs it close to float.
+#[test]
+fn bert_per_token_runs_in_onnxruntime() {
+    let dir = tempfile::tempdir().unwrap();
+    for target in ["ort", "portable"] {
+        let out = dir.path().join(format!("bert.{target}.onnx"));
+        let o = quantize_cli(&fixture("bert.dynamo.onnx"), &out, &["--target", target, "--activations", "per-token", "--min-cosine", "0.999"]);
+        assert!(o.status.success(), "{target}: {}", stderr(&o));
+        let model = onnx::load(&out).unwrap();
+        assert!(model.graph.nodes().filter(|n| n.is_onnx("QuantizeLinear")).count() >= 4, "{target}");
+        let probe = std::process::Command::new("python3").args(["-c", "import onnxruntime"]).output();
+        if !probe.is_ok_and(|o| o.status.success()) {
+            eprintln!("skipping the ONNX Runtime run: python3 cannot import onnxruntime");
+            return;
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/compare_in_ort.py");
+        let run = std::process::Command::new("python3").arg(script).arg(fixture("bert.dynamo.onnx")).arg(&out).output().unwrap();
+        let text = String::from_utf8_lossy(&run.stdout).into_owned();
+        assert!(run.status.success(), "{target}: ONNX Runtime could not run it: {text}{}", String::from_utf8_lossy(&run.stderr));
+        let cosine: f64 = text.split_whitespace().last().unwrap().parse().unwrap();
+        assert!(cosine >= 0.999, "{target}: cosine {cosine}");
+    }
 }
 
 #[test]

@@ -59,6 +59,21 @@ pub fn calibrate(model: &Model, taps: &[&str], source: &CalibrationSource) -> Re
     Ok(stats)
 }
 
+/// The activations that quantization and pruning change the reading of: the
+/// first input of every MatMul or Gemm whose weight is an initializer, each
+/// once, in graph order.
+pub fn matmul_activations(model: &Model) -> Vec<String> {
+    let graph = &model.graph;
+    let mut seen = std::collections::HashSet::new();
+    graph
+        .nodes()
+        .filter(|n| n.is_onnx("MatMul") || n.is_onnx("Gemm"))
+        .filter(|n| n.inputs.get(1).is_some_and(|w| graph.initializer(w).is_some()))
+        .filter_map(|n| n.inputs.first().cloned())
+        .filter(|t| graph.initializer(t).is_none() && seen.insert(t.clone()))
+        .collect()
+}
+
 /// [`Gram`] matrices (`X^T X`) of each tensor in `taps`, over the rows of real
 /// tokens (padding left out when the inputs have an `attention_mask`).
 pub fn gram_matrices(model: &Model, taps: &[&str], source: &CalibrationSource) -> Result<Vec<Gram>, CalibrateError> {

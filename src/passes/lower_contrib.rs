@@ -148,6 +148,7 @@ pub fn lower_node(model: &Model, types: &TypeMap, id: NodeId) -> Result<Patch, L
         "RotaryEmbedding" => lowering.rotary_embedding(),
         "GroupQueryAttention" => lowering.group_query_attention(),
         "DynamicQuantizeMatMul" => lowering.dynamic_quantize_matmul(),
+        "MatMulIntegerToFloat" => lowering.matmul_integer_to_float(),
         other => Err(format!("no lowering of {other} to standard ONNX ops")),
     };
     lowered.map_err(unsupported)?;
@@ -571,6 +572,52 @@ impl<'m> Lowering<'m> {
         let accumulated = self.cast(&accumulated, DataType::Float, "accumulated_float");
         let scale = self.op("Mul", &[a_scale, b_scale], "scale");
         match self.input(4) {
+            Some(bias) => {
+                let scaled = self.op("Mul", &[&accumulated, &scale], "scaled");
+                self.op_into("Add", &[&scaled, bias], Vec::new(), output, "y");
+            }
+            None => {
+                self.op_into("Mul", &[&accumulated, &scale], Vec::new(), output, "y");
+            }
+        }
+        Ok(())
+    }
+
+    /// MatMulIntegerToFloat(A, B, a_scale, b_scale, a_zero_point?, b_zero_point?, bias?):
+    /// `Y = (A - a_zero_point) (B - b_zero_point) * (a_scale * b_scale) + bias`,
+    /// the integer product exact in int32 as in ORT's kernel.
+    fn matmul_integer_to_float(&mut self) -> Result<(), Refusal> {
+        let a = self.required(0, "A")?;
+        let b = self.required(1, "B")?;
+        let a_scale = self.required(2, "a_scale")?;
+        let b_scale = self.required(3, "b_scale")?;
+        let output = self.used_output(0);
+        let mut matmul_inputs = vec![a, b];
+        match (self.input(4), self.input(5)) {
+            (a_zero_point, Some(b_zero_point)) => {
+                let a_zero_point = match a_zero_point {
+                    Some(z) => z.to_string(),
+                    None => {
+                        let dtype = self.types.elem_type(a).ok_or_else(|| format!("the element type of '{a}' is unknown"))?;
+                        self.constant(&format!("{dtype}:0"), dtype, Vec::new(), vec![0])
+                    }
+                };
+                let refs = [a, b, a_zero_point.as_str(), b_zero_point];
+                let accumulated = self.op("MatMulInteger", &refs, "accumulated");
+                return self.scale_and_bias(&accumulated, a_scale, b_scale, output);
+            }
+            (Some(a_zero_point), None) => matmul_inputs.push(a_zero_point),
+            (None, None) => {}
+        }
+        let accumulated = self.op("MatMulInteger", &matmul_inputs, "accumulated");
+        self.scale_and_bias(&accumulated, a_scale, b_scale, output)
+    }
+
+    /// `Cast<float>(accumulated) * (a_scale * b_scale) (+ input 6, the bias)`.
+    fn scale_and_bias(&mut self, accumulated: &str, a_scale: &str, b_scale: &str, output: Option<&'m str>) -> Result<(), Refusal> {
+        let accumulated = self.cast(accumulated, DataType::Float, "accumulated_float");
+        let scale = self.op("Mul", &[a_scale, b_scale], "scale");
+        match self.input(6) {
             Some(bias) => {
                 let scaled = self.op("Mul", &[&accumulated, &scale], "scaled");
                 self.op_into("Add", &[&scaled, bias], Vec::new(), output, "y");

@@ -19,6 +19,13 @@
 //!   bottom-right (j <= i + past length): max abs 2.5 on a 3-query, 2-past case;
 //!   and it rejects boolean masks and `softcap`. Lowered, every form.
 //!
+//! - `QuantizeLinear` whose scale is computed at run time (per-token
+//!   quantization): tract 0.23.9 refuses it ("y_scale must be a const").
+//!   Lowered, at any opset, to its definition
+//!   `y = saturate(round(x / y_scale) + y_zero_point)`: Div, Round (half to
+//!   even, as QuantizeLinear), Add, Clip to the output type's range, Cast.
+//!   Exact: the same float32 division, and everything after it is on integers.
+//!
 //! Semantics followed: the ONNX-23 schemas (their function bodies, from onnx
 //! 1.23), and ONNX Runtime 1.32's CPU kernels where those differ, measured:
 //! - Attention: scores `s = scale * q @ k^T` (scale defaults to
@@ -48,8 +55,9 @@
 //! this does not replicate), its `qk_matmul_output` output, a `softmax_precision`
 //! other than float, integer masks, head counts or head sizes that are not
 //! known numbers where needed; RMSNormalization whose scale type is not x's.
-//! Only nodes of a model importing opset 23 or later are lowered (before 23 a
-//! default-domain Attention is no ONNX op); nodes inside subgraphs are not.
+//! Attention and RMSNormalization are lowered only in a model importing opset 23
+//! or later (before 23 a default-domain Attention is no ONNX op); nodes inside
+//! subgraphs are not lowered.
 //!
 //! Sketch (4-D attention, no mask):
 //! ```text
@@ -90,11 +98,14 @@ impl Pass for LowerStandardOps {
     }
 
     fn propose(&self, model: &Model) -> Result<Vec<Patch>, PassError> {
-        if model.opset("").is_none_or(|v| v < OPSET) {
-            return Ok(Vec::new());
-        }
-        let targets: Vec<NodeId> =
-            model.graph.nodes_with_ids().into_iter().filter(|(_, n)| needs_lowering(n)).map(|(id, _)| id).collect();
+        let opset = model.opset("").unwrap_or(0);
+        let targets: Vec<NodeId> = model
+            .graph
+            .nodes_with_ids()
+            .into_iter()
+            .filter(|(_, n)| needs_lowering(&model.graph, n, opset))
+            .map(|(id, _)| id)
+            .collect();
         if targets.is_empty() {
             return Ok(Vec::new());
         }
@@ -104,9 +115,11 @@ impl Pass for LowerStandardOps {
     }
 }
 
-/// `true` for the nodes this pass replaces (in a model at opset 23 or later).
-pub fn needs_lowering(node: &Node) -> bool {
-    node.is_onnx("Attention") || node.is_onnx("RMSNormalization")
+/// `true` for the nodes this pass replaces in a model importing `opset`.
+pub fn needs_lowering(graph: &Graph, node: &Node, opset: i64) -> bool {
+    let opset_23_op = opset >= OPSET && (node.is_onnx("Attention") || node.is_onnx("RMSNormalization"));
+    let computed_scale = node.is_onnx("QuantizeLinear") && node.inputs.get(1).is_some_and(|s| graph.initializer(s).is_none());
+    opset_23_op || computed_scale
 }
 
 /// Runs the pass to its fixpoint (what `verify_rewrite` does to both models).
@@ -124,6 +137,7 @@ pub fn lower_node(model: &Model, types: &TypeMap, id: NodeId) -> Result<Patch, L
     let lowered = match node.op_type.as_str() {
         "Attention" => lowering.attention(),
         "RMSNormalization" => lowering.rms_normalization(),
+        "QuantizeLinear" => lowering.quantize_linear(),
         other => Err(format!("{other} is not lowered here")),
     };
     lowered.map_err(|reason| LowerError {
@@ -233,6 +247,61 @@ impl<'m> Lowering<'m> {
     }
 
     // ---- the lowerings ----
+
+    /// QuantizeLinear(x, y_scale, y_zero_point?) with a per-tensor or per-axis
+    /// scale: `y = saturate(round(x / y_scale) + y_zero_point)`, the scale and
+    /// zero point broadcast along `axis` (trailing 1s unsqueezed).
+    fn quantize_linear(&mut self) -> Result<(), Refusal> {
+        let (x, scale) = (self.required(0, "x")?, self.required(1, "y_scale")?);
+        if self.node.attr_int("block_size").unwrap_or(0) != 0 {
+            return Err("blocked quantization is not lowered".into());
+        }
+        if self.elem_type(x)? != DataType::Float || self.elem_type(scale)? != DataType::Float {
+            return Err("only float32 x and y_scale are lowered".into());
+        }
+        let zero_point = self.input(2);
+        let dtype = match zero_point {
+            Some(z) => self.elem_type(z)?,
+            None => match self.node.attr_int("output_dtype").unwrap_or(0) {
+                0 => DataType::Uint8,
+                code => i32::try_from(code).ok().and_then(DataType::from_code).ok_or_else(|| format!("output_dtype {code} is not a data type"))?,
+            },
+        };
+        let (low, high) = match dtype {
+            DataType::Uint8 => (0.0, 255.0),
+            DataType::Int8 => (-128.0, 127.0),
+            other => return Err(format!("{other} output is not lowered (uint8 and int8 are)")),
+        };
+        let rank = self.rank(x)? as i64;
+        let broadcast = |this: &mut Self, v: &str, what: &str| -> Result<String, Refusal> {
+            match this.rank(v)? {
+                0 => Ok(v.to_string()),
+                1 => {
+                    let axis = this.node.attr_int("axis").unwrap_or(1);
+                    let axis = if axis < 0 { axis + rank } else { axis };
+                    if !(0..rank).contains(&axis) {
+                        return Err(format!("axis {axis} is outside x's rank {rank}"));
+                    }
+                    let trailing: Vec<i64> = (1..rank - axis).collect();
+                    Ok(if trailing.is_empty() { v.to_string() } else { this.unsqueeze(v, &trailing, what) })
+                }
+                r => Err(format!("a rank-{r} {what} is not lowered (blocked quantization)")),
+            }
+        };
+        let scale = broadcast(self, scale, "scale")?;
+        let divided = self.op("Div", &[x, &scale], "divided");
+        let mut value = self.op("Round", &[&divided], "rounded");
+        if let Some(z) = zero_point {
+            let z = broadcast(self, z, "zero_point")?;
+            let z = self.cast(&z, DataType::Float, "zero_point_float");
+            value = self.op("Add", &[&value, &z], "shifted");
+        }
+        let (low, high) = (self.float_scalar("low", DataType::Float, low)?, self.float_scalar("high", DataType::Float, high)?);
+        let clipped = self.op("Clip", &[&value, &low, &high], "saturated");
+        let output = self.used_output(0);
+        self.op_into("Cast", &[&clipped], vec![("to", AttrValue::Int(dtype.code() as i64))], output, "y");
+        Ok(())
+    }
 
     /// RMSNormalization-23 (X, scale) -> Y, as its function body: over axes
     /// `axis..rank`, `xs = Cast(X, stash_type)`,

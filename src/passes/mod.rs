@@ -20,6 +20,7 @@ pub mod pipeline;
 pub mod quantize_dynamic;
 pub mod raise_opset;
 pub mod shape_folding;
+pub mod smooth_quant;
 
 use crate::ir::{Model, Patch, PatchError};
 use serde::Serialize;

@@ -25,6 +25,23 @@
 //! cosine near 0.98 to its float embeddings. The accumulation itself is exact
 //! (|acc| < K * 255 * 127 fits int32 for K below 66 000).
 //!
+//! Per-token activations (`ActivationScale::PerToken`, the ZeroQuant scheme):
+//! one symmetric scale per row (token) of `A`, over its last axis:
+//! `a_m = max_k |A[m, k]| / 63`, `Aq[m, k] = round(A[m, k] / a_m) + 64` in uint8
+//! (`QuantizeLinear` per axis over the rows flattened to `[M, K]`), then
+//! `Y[m, n] = (sum_k (Aq[m, k] - 64) * Wq[k, n]) * s_n * a_m`. A row's scale
+//! follows its own range, so one large token no longer coarsens the others;
+//! the error bound above holds with `a` replaced by `a_m` per row.
+//!
+//! Why 63 levels and not 127: ORT's fast x86 kernel for uint8 x int8 (AVX2
+//! `vpmaddubsw`) adds pairs of products into int16 with saturation, so
+//! `Aq[m, k] * Wq[k, n] + Aq[m, k+1] * Wq[k+1, n]` must stay within 32767. With
+//! `Aq <= 127` and `|Wq| <= 127` it does (2 * 127 * 127 = 32258); with a full
+//! uint8 range it does not (measured in ORT 1.32 on this AVX2 machine: a
+//! `[1024, 384] x [384, 1536]` MatMulInteger of full-range values was off by
+//! 120 000 of 340 000, and exact with these ranges). Uint8 x uint8 is exact but
+//! runs at float speed, int8 x int8 3x slower than float.
+//!
 //! Targets:
 //! - `ort`: one `com.microsoft.DynamicQuantizeMatMul(A, Wq, s, zeros, bias?)` per
 //!   MatMul (ORT's fast kernel is u8 activations x s8 weights, what this op runs).
@@ -45,6 +62,22 @@
 //!                                       y/scale = Mul(x/scale, y/weight_scale)
 //!                                       y = Mul(Cast<float>(y/accumulated), y/scale)
 //! ```
+//!
+//! Per token, for both targets (ort's `MatMulIntegerToFloat` does the Cast and
+//! the weight-scale Mul in one kernel; its A scale is a scalar, so the row scale
+//! is a Mul after it):
+//! ```text
+//! y = MatMul(x, w)  ->  x/row_scale = Max(Mul(ReduceMax(Abs(x), axes=-1), 1/63), tiny)
+//!                       x/quantized = Reshape(QuantizeLinear(Reshape(x, [-1, K]), Reshape(x/row_scale, [-1]), 64, axis=0), Shape(x))
+//!                       y/unscaled  = com.microsoft.MatMulIntegerToFloat(x/quantized, y/weight_int8, 1, y/weight_scale, 64)   # ort
+//!                                   = Mul(Cast<float>(MatMulInteger(x/quantized, y/weight_int8, 64)), y/weight_scale) # portable
+//!                       y           = Mul(y/unscaled, x/row_scale)
+//! ```
+//! The weight-scale and row-scale Muls stay separate on purpose: ORT 1.32's
+//! MatMulIntegerToFloat fusion turns `Mul(Cast(MatMulInteger), Mul(a_scale,
+//! b_scale))` into one op that reads `a_scale` as a scalar, which for a
+//! per-row scale gave garbage (mean cosine 0.08 on MiniLM).
+//!
 //! The float weights are left for `eliminate-dead-code`.
 
 use super::lower_contrib::CONTRIB_DOMAIN;
@@ -56,11 +89,27 @@ use std::collections::{BTreeMap, HashSet};
 
 /// The pass. See the module documentation.
 pub struct QuantizeDynamic {
-    /// `Ort` emits DynamicQuantizeMatMul; anything else, standard ops.
+    /// `Ort` emits com.microsoft ops; anything else, standard ops.
     pub target: Target,
     /// Node names (or first outputs) to keep in float.
     pub exclude: HashSet<String>,
+    pub activations: ActivationScale,
 }
+
+/// How activations are scaled at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ActivationScale {
+    /// One scale for the whole tensor (DynamicQuantizeLinear).
+    #[default]
+    PerTensor,
+    /// One scale per row of the last axis (per token).
+    PerToken,
+}
+
+/// Levels each side of zero of a per-token activation (see "Why 63 levels").
+const TOKEN_LEVELS: f32 = 63.0;
+/// Its zero point: the quantized values span `1..=127`.
+const TOKEN_ZERO_POINT: u8 = 64;
 
 /// One MatMul or Gemm to quantize.
 struct Candidate {
@@ -93,8 +142,12 @@ impl Pass for QuantizeDynamic {
     fn propose(&self, model: &Model) -> Result<Vec<Patch>, PassError> {
         // DynamicQuantizeLinear is opset 11
         let opset = model.opset("").unwrap_or(0);
-        if self.target != Target::Ort && opset < 11 {
-            let message = format!("the model imports default-domain opset {opset}; DynamicQuantizeLinear needs 11 or later");
+        let (needed, what) = match self.activations {
+            ActivationScale::PerTensor => (11, "DynamicQuantizeLinear"),
+            ActivationScale::PerToken => (13, "QuantizeLinear per axis"),
+        };
+        if (self.target != Target::Ort || self.activations == ActivationScale::PerToken) && opset < needed {
+            let message = format!("the model imports default-domain opset {opset}; {what} needs {needed} or later");
             return Err(PassError::Failed { pass: self.name().into(), message });
         }
         let types = infer_types(model);
@@ -109,7 +162,8 @@ impl Pass for QuantizeDynamic {
                 continue;
             }
             let Some(mut candidate) = candidate(&model.graph, &graph_inputs, id, node) else { continue };
-            if self.target == Target::Ort && candidate.bias.is_none() && candidate.addend.is_none() {
+            let fused_op_adds_bias = self.target == Target::Ort && self.activations == ActivationScale::PerTensor;
+            if fused_op_adds_bias && candidate.bias.is_none() && candidate.addend.is_none() {
                 candidate.folded_add = foldable_bias_add(&model.graph, &candidate.output, candidate.weights.n);
                 candidate.bias = candidate.folded_add.as_ref().and_then(|(add, _)| {
                     let add = model.graph.node(*add)?;
@@ -118,7 +172,13 @@ impl Pass for QuantizeDynamic {
             }
             by_activation.entry(activation.clone()).or_default().push(candidate);
         }
-        Ok(by_activation.into_iter().map(|(activation, group)| self.patch(&activation, group)).collect())
+        Ok(by_activation
+            .into_iter()
+            .map(|(activation, group)| match self.activations {
+                ActivationScale::PerTensor => self.patch(&activation, group),
+                ActivationScale::PerToken => self.per_token_patch(&activation, group, opset),
+            })
+            .collect())
     }
 }
 
@@ -194,6 +254,93 @@ impl QuantizeDynamic {
     }
 }
 
+impl QuantizeDynamic {
+    /// One patch per activation: its rows quantized once, then one integer
+    /// product per MatMul reading it.
+    fn per_token_patch(&self, activation: &str, group: Vec<Candidate>, opset: i64) -> Patch {
+        let mut patch = Patch::new(match self.target {
+            Target::Ort => "matmul-integer-to-float-per-token",
+            _ => "matmul-integer-per-token",
+        });
+        let Some(k) = group.first().map(|c| c.weights.k) else { return patch };
+        let x = activation;
+        let name = |what: &str| format!("{x}/{what}");
+        let scalar_f32 = |what: &str, v: f32| Tensor::from_raw(name(what), DataType::Float, vec![], Bytes::from(v.to_le_bytes().to_vec()));
+        let ints = |what: &str, v: &[i64]| {
+            let raw: Vec<u8> = v.iter().flat_map(|i| i.to_le_bytes()).collect();
+            Tensor::from_raw(name(what), DataType::Int64, vec![v.len() as i64], Bytes::from(raw))
+        };
+        patch.add_initializer(scalar_f32("inverse_levels", 1.0 / TOKEN_LEVELS));
+        patch.add_initializer(scalar_f32("smallest_scale", f32::MIN_POSITIVE));
+        patch.add_initializer(Tensor::from_raw(name("zero_point"), DataType::Uint8, vec![], Bytes::from(vec![TOKEN_ZERO_POINT])));
+        patch.add_initializer(ints("rows_shape", &[-1, k as i64]));
+        patch.add_initializer(ints("flat_shape", &[-1]));
+
+        patch.add_node(Node::new("Abs", &[x], &[&name("abs")]));
+        let row_max = if opset >= 18 {
+            patch.add_initializer(ints("last_axis", &[-1]));
+            Node::new("ReduceMax", &[&name("abs"), &name("last_axis")], &[&name("row_max")])
+        } else {
+            Node::new("ReduceMax", &[&name("abs")], &[&name("row_max")]).with_attr("axes", AttrValue::Ints(vec![-1]))
+        };
+        patch.add_node(row_max.with_attr("keepdims", AttrValue::Int(1)));
+        patch.add_node(Node::new("Mul", &[&name("row_max"), &name("inverse_levels")], &[&name("row_step")]));
+        // an all-zero row would get scale 0, and QuantizeLinear divides by it
+        patch.add_node(Node::new("Max", &[&name("row_step"), &name("smallest_scale")], &[&name("row_scale")]));
+        patch.add_node(Node::new("Reshape", &[x, &name("rows_shape")], &[&name("rows")]));
+        patch.add_node(Node::new("Reshape", &[&name("row_scale"), &name("flat_shape")], &[&name("row_scale_flat")]));
+        patch.add_node(Node::new("Shape", &[&name("row_scale_flat")], &[&name("row_count")]));
+        patch.add_node(Node::new("Expand", &[&name("zero_point"), &name("row_count")], &[&name("row_zero_points")]));
+        patch.add_node(
+            Node::new("QuantizeLinear", &[&name("rows"), &name("row_scale_flat"), &name("row_zero_points")], &[&name("rows_quantized")])
+                .with_attr("axis", AttrValue::Int(0)),
+        );
+        patch.add_node(Node::new("Shape", &[x], &[&name("shape")]));
+        patch.add_node(Node::new("Reshape", &[&name("rows_quantized"), &name("shape")], &[&name("quantized")]));
+        if self.target == Target::Ort {
+            patch.add_initializer(scalar_f32("unit_scale", 1.0));
+        }
+
+        for c in group {
+            patch.remove_node(c.id);
+            let root = &c.output;
+            let (w, s, _) = c.weights.initializers(root);
+            let (weight, weight_scale) = (w.name.clone(), s.name.clone());
+            patch.add_initializer(w).add_initializer(s);
+            let unscaled = format!("{root}/unscaled");
+            match self.target {
+                Target::Ort => {
+                    let inputs = [name("quantized"), weight, name("unit_scale"), weight_scale, name("zero_point")];
+                    let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+                    patch.add_node(Node::new("MatMulIntegerToFloat", &refs, &[&unscaled]).with_domain(CONTRIB_DOMAIN));
+                }
+                _ => {
+                    let accumulated = format!("{root}/accumulated");
+                    let as_float = format!("{root}/accumulated_float");
+                    patch.add_node(Node::new("MatMulInteger", &[&name("quantized"), &weight, &name("zero_point")], &[&accumulated]));
+                    let to = AttrValue::Int(DataType::Float.code() as i64);
+                    patch.add_node(Node::new("Cast", &[&accumulated], &[&as_float]).with_attr("to", to));
+                    patch.add_node(Node::new("Mul", &[&as_float, &weight_scale], &[&unscaled]));
+                }
+            }
+            let scaled = if c.bias.is_some() || c.addend.is_some() { format!("{root}/scaled") } else { root.clone() };
+            patch.add_node(Node::new("Mul", &[&unscaled, &name("row_scale")], &[&scaled]));
+            match (&c.bias, &c.addend) {
+                (Some(bias), Some(addend)) => {
+                    let biased = format!("{root}/biased");
+                    patch.add_node(Node::new("Add", &[&scaled, bias], &[&biased]));
+                    patch.add_node(Node::new("Add", &[&biased, addend], &[root]));
+                }
+                (Some(extra), None) | (None, Some(extra)) => {
+                    patch.add_node(Node::new("Add", &[&scaled, extra], &[root]));
+                }
+                (None, None) => {}
+            }
+        }
+        patch
+    }
+}
+
 impl QuantizedWeights {
     /// Quantizes `w`, read as `[K, N]` (or `[N, K]` when `transposed`), row by
     /// row over contiguous slices (indexing per element made BERT-base's
@@ -248,25 +395,33 @@ fn constant<'g>(graph: &'g Graph, graph_inputs: &HashSet<&str>, name: &str) -> O
     (tensor.dtype == DataType::Float && !graph_inputs.contains(name)).then_some(tensor)
 }
 
-/// The node as a [`Candidate`], when it is a MatMul or Gemm of a constant weight.
-fn candidate(graph: &Graph, graph_inputs: &HashSet<&str>, id: NodeId, node: &Node) -> Option<Candidate> {
+/// The constant float32 weight of a MatMul, or of a Gemm with `alpha = beta =
+/// 1` and `transA = 0`, and whether it is read as `[N, K]` (Gemm `transB`).
+pub(super) fn quantizable_weight<'g>(graph: &'g Graph, graph_inputs: &HashSet<&str>, node: &Node) -> Option<(&'g Tensor, bool)> {
     let gemm = node.is_onnx("Gemm");
     if !(node.is_onnx("MatMul") || gemm) {
         return None;
     }
-    let output = node.outputs.first().filter(|o| !o.is_empty())?.clone();
-    let weight = constant(graph, graph_inputs, node.inputs.get(1)?)?;
-    let [rows, cols] = weight.dims[..] else { return None };
-    let (rows, cols) = (usize::try_from(rows).ok()?, usize::try_from(cols).ok()?);
-    let values = weight.to_f32().ok()?;
-    let values = values.as_slice()?;
-    let transposed = gemm && node.attr_int("transB").unwrap_or(0) != 0;
-    let (mut bias, mut addend) = (None, None);
     if gemm {
         let unit = |name: &str| node.attr_float(name).unwrap_or(1.0) == 1.0;
         if !unit("alpha") || !unit("beta") || node.attr_int("transA").unwrap_or(0) != 0 {
             return None;
         }
+    }
+    let weight = constant(graph, graph_inputs, node.inputs.get(1)?)?;
+    (weight.dims.len() == 2).then_some((weight, gemm && node.attr_int("transB").unwrap_or(0) != 0))
+}
+
+/// The node as a [`Candidate`], when it is a MatMul or Gemm of a constant weight.
+fn candidate(graph: &Graph, graph_inputs: &HashSet<&str>, id: NodeId, node: &Node) -> Option<Candidate> {
+    let output = node.outputs.first().filter(|o| !o.is_empty())?.clone();
+    let (weight, transposed) = quantizable_weight(graph, graph_inputs, node)?;
+    let [rows, cols] = weight.dims[..] else { return None };
+    let (rows, cols) = (usize::try_from(rows).ok()?, usize::try_from(cols).ok()?);
+    let values = weight.to_f32().ok()?;
+    let values = values.as_slice()?;
+    let (mut bias, mut addend) = (None, None);
+    if node.is_onnx("Gemm") {
         let n = if transposed { rows } else { cols } as i64;
         match node.inputs.get(2).filter(|c| !c.is_empty()) {
             Some(c) if constant(graph, graph_inputs, c).is_some_and(|t| t.dims == [n]) => bias = Some(c.clone()),
