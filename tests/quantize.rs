@@ -75,7 +75,7 @@ fn per_token_activations_for_both_targets() {
         assert_eq!(ops.iter().filter(|op| *op == "QuantizeLinear").count(), 1, "{case}: {ops:?}");
         assert!(!ops.contains(&"DynamicQuantizeLinear".to_string()), "{case}");
         let zero_point = quantized.graph.initializer("x/zero_point").expect("the row zero point");
-        assert_eq!((zero_point.dtype, zero_point.to_i64().unwrap().iter().copied().collect::<Vec<_>>()), (DataType::Uint8, vec![64]));
+        assert_eq!((zero_point.dtype, zero_point.to_i64().unwrap().iter().copied().collect::<Vec<_>>()), (DataType::Uint8, vec![128]));
         let cosine = min_cosine(&model, &quantized);
         assert!(cosine > 0.9995, "{case}: cosine {cosine}");
         insta::assert_snapshot!(format!("quantize_dynamic__{case}"), format!("before:\n{model}\nafter:\n{quantized}"));
@@ -87,6 +87,27 @@ fn per_token_activations_for_both_targets() {
         lowered_cases.push((case, quantized, lowered));
     }
     onnxruntime_agrees(lowered_cases);
+}
+
+/// Every int8 weight keeps aligned row pairs within |q0| + |q1| <= 128, so that
+/// ORT's AVX2 u8 x s8 kernel (int16 pair sums, saturating) stays exact with
+/// activations up to 255; a column of equal weights gets 64s, not 127s.
+#[test]
+fn int8_weights_keep_row_pairs_within_the_saturation_bound() {
+    let mut b = GraphBuilder::new("pairs");
+    let x = b.input("x", DataType::Float, &[-1, 5]);
+    // column 0: all equal (pairs at the bound); column 1: its largest pair is
+    // |0.1| + |-2| = 2.1, so the step is 2.1 / 127 and -2 becomes -121
+    let w = b.initializer_f32("w", &[5, 2], &[1.0, 2.0, 1.0, 0.0, 1.0, 0.1, 1.0, -2.0, 1.0, 0.5]);
+    let y = b.node("MatMul", &[&x, &w]);
+    b.output(&y, DataType::Float, &[-1, 2]);
+    let model = b.into_model(17);
+    for activations in [ActivationScale::PerTensor, ActivationScale::PerToken] {
+        let (quantized, _) = quantize_with(&model, Target::Portable, &[], activations);
+        let q = quantized.graph.initializers.iter().find(|t| t.dtype == DataType::Int8 && t.dims == [5, 2]).unwrap();
+        let q: Vec<i64> = q.to_i64().unwrap().iter().copied().collect();
+        assert_eq!(q, [64, 121, 64, 0, 64, 6, 64, -121, 64, 30], "{activations:?}");
+    }
 }
 
 /// ort: the bias Add folds into DynamicQuantizeMatMul; portable: it stays an Add.

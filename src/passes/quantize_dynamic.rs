@@ -7,9 +7,11 @@
 //! `[N, K]`). `A` must be float32. Nodes named in `exclude` (or, unnamed, whose
 //! first output is) stay in float.
 //!
-//! The math. Weights, symmetric per output column `n`:
-//! `s_n = max_k |W[k, n]| / 127` (1 for an all-zero column), `Wq[k, n] =
-//! round(W[k, n] / s_n)` in `[-127, 127]`, zero point 0. Activations, per tensor
+//! The math. Weights, symmetric per output column `n`, with a step that keeps
+//! every aligned pair of rows within 128 (see "Saturation" below):
+//! `s_n = max_i (|W[2i, n]| + |W[2i+1, n]|) / 127` (1 for an all-zero column),
+//! `Wq[k, n] = round(W[k, n] / s_n)` in `[-127, 127]`, zero point 0; then
+//! `|Wq[2i, n]| + |Wq[2i+1, n]| <= 127 + 2 * 0.5 = 128`. Activations, per tensor
 //! and at run time, as ONNX's `DynamicQuantizeLinear` (and ORT's
 //! `DynamicQuantizeMatMul`, which does the same internally):
 //! `a = (max(0, max A) - min(0, min A)) / 255`, `z = saturate(round(-min(0, min A) / a))`,
@@ -27,20 +29,25 @@
 //!
 //! Per-token activations (`ActivationScale::PerToken`, the ZeroQuant scheme):
 //! one symmetric scale per row (token) of `A`, over its last axis:
-//! `a_m = max_k |A[m, k]| / 63`, `Aq[m, k] = round(A[m, k] / a_m) + 64` in uint8
+//! `a_m = max_k |A[m, k]| / 127`, `Aq[m, k] = round(A[m, k] / a_m) + 128` in uint8
 //! (`QuantizeLinear` per axis over the rows flattened to `[M, K]`), then
-//! `Y[m, n] = (sum_k (Aq[m, k] - 64) * Wq[k, n]) * s_n * a_m`. A row's scale
+//! `Y[m, n] = (sum_k (Aq[m, k] - 128) * Wq[k, n]) * s_n * a_m`. A row's scale
 //! follows its own range, so one large token no longer coarsens the others;
 //! the error bound above holds with `a` replaced by `a_m` per row.
 //!
-//! Why 63 levels and not 127: ORT's fast x86 kernel for uint8 x int8 (AVX2
-//! `vpmaddubsw`) adds pairs of products into int16 with saturation, so
-//! `Aq[m, k] * Wq[k, n] + Aq[m, k+1] * Wq[k+1, n]` must stay within 32767. With
-//! `Aq <= 127` and `|Wq| <= 127` it does (2 * 127 * 127 = 32258); with a full
-//! uint8 range it does not (measured in ORT 1.32 on this AVX2 machine: a
-//! `[1024, 384] x [384, 1536]` MatMulInteger of full-range values was off by
-//! 120 000 of 340 000, and exact with these ranges). Uint8 x uint8 is exact but
-//! runs at float speed, int8 x int8 3x slower than float.
+//! Saturation. ORT's fast x86 kernel for uint8 x int8 (AVX2 `vpmaddubsw`)
+//! adds the products of rows `2i` and `2i+1` into int16 with saturation, so
+//! `Aq[m, 2i] Wq[2i, n] + Aq[m, 2i+1] Wq[2i+1, n]` must stay within
+//! `[-32768, 32767]`; with `Aq <= 255` that holds exactly when
+//! `|Wq[2i, n]| + |Wq[2i+1, n]| <= 128`, which the weight step above ensures.
+//! Measured in ORT 1.32 on this AVX2 machine: a `[1024, 384] x [384, 1536]`
+//! MatMulInteger of full-range values was off by 120 000 of 340 000 (plain
+//! 127-level weights cost MiniLM's per-token form 0.006 of mean cosine this
+//! way); with the pair bound, exact (and off again when the pairs are shifted
+//! by one row: the kernel pairs rows 0-1, 2-3, ...). Uint8 x uint8 is exact
+//! without the bound but runs at float speed, int8 x int8 3x slower than float.
+//! The bound costs little: a column's largest weight rarely sits beside a
+//! large one, so its step is close to `max |W| / 127`.
 //!
 //! Targets:
 //! - `ort`: one `com.microsoft.DynamicQuantizeMatMul(A, Wq, s, zeros, bias?)` per
@@ -67,10 +74,10 @@
 //! the weight-scale Mul in one kernel; its A scale is a scalar, so the row scale
 //! is a Mul after it):
 //! ```text
-//! y = MatMul(x, w)  ->  x/row_scale = Max(Mul(ReduceMax(Abs(x), axes=-1), 1/63), tiny)
-//!                       x/quantized = Reshape(QuantizeLinear(Reshape(x, [-1, K]), Reshape(x/row_scale, [-1]), 64, axis=0), Shape(x))
-//!                       y/unscaled  = com.microsoft.MatMulIntegerToFloat(x/quantized, y/weight_int8, 1, y/weight_scale, 64)   # ort
-//!                                   = Mul(Cast<float>(MatMulInteger(x/quantized, y/weight_int8, 64)), y/weight_scale) # portable
+//! y = MatMul(x, w)  ->  x/row_scale = Max(Mul(ReduceMax(Abs(x), axes=-1), 1/127), tiny)
+//!                       x/quantized = Reshape(QuantizeLinear(Reshape(x, [-1, K]), Reshape(x/row_scale, [-1]), 128, axis=0), Shape(x))
+//!                       y/unscaled  = com.microsoft.MatMulIntegerToFloat(x/quantized, y/weight_int8, 1, y/weight_scale, 128)   # ort
+//!                                   = Mul(Cast<float>(MatMulInteger(x/quantized, y/weight_int8, 128)), y/weight_scale) # portable
 //!                       y           = Mul(y/unscaled, x/row_scale)
 //! ```
 //! The weight-scale and row-scale Muls stay separate on purpose: ORT 1.32's
@@ -106,10 +113,10 @@ pub enum ActivationScale {
     PerToken,
 }
 
-/// Levels each side of zero of a per-token activation (see "Why 63 levels").
-const TOKEN_LEVELS: f32 = 63.0;
-/// Its zero point: the quantized values span `1..=127`.
-const TOKEN_ZERO_POINT: u8 = 64;
+/// Levels each side of zero of a per-token activation.
+const TOKEN_LEVELS: f32 = 127.0;
+/// Its zero point: the quantized values span `1..=255`.
+const TOKEN_ZERO_POINT: u8 = 128;
 
 /// One MatMul or Gemm to quantize.
 struct Candidate {
@@ -347,33 +354,41 @@ impl QuantizedWeights {
     /// quantize take 2.4 s in a debug build; this, 1.1-1.4 s in all).
     fn new(w: &[f32], rows: usize, cols: usize, transposed: bool) -> QuantizedWeights {
         let (k, n) = if transposed { (cols, rows) } else { (rows, cols) };
-        let step = |max_abs: f32| if max_abs > 0.0 { max_abs / 127.0 } else { 1.0 };
+        // the largest |W[2i, n]| + |W[2i+1, n]| of each column (see "Saturation")
+        let mut pair_max = vec![0f32; n];
+        let mut pair_sum = vec![0f32; n];
+        if transposed {
+            for (nn, column) in w.chunks_exact(cols).enumerate() {
+                pair_max[nn] = column.chunks(2).map(|pair| pair.iter().map(|v| v.abs()).sum::<f32>()).fold(0f32, f32::max);
+            }
+        } else {
+            for (kk, row) in w.chunks_exact(cols).enumerate() {
+                for ((sum, max), v) in pair_sum.iter_mut().zip(pair_max.iter_mut()).zip(row) {
+                    *sum += v.abs();
+                    if kk % 2 == 1 || kk + 1 == k {
+                        *max = max.max(*sum);
+                        *sum = 0.0;
+                    }
+                }
+            }
+        }
+        let scales: Vec<f32> = pair_max.into_iter().map(|m| if m > 0.0 { m / 127.0 } else { 1.0 }).collect();
         let quantize = |v: f32, scale: f32| (v / scale).round().clamp(-127.0, 127.0) as i8;
         let mut values = vec![0i8; k * n];
-        let scales: Vec<f32> = if transposed {
+        if transposed {
             // row nn of w is output column nn
-            let scales: Vec<f32> = w.chunks_exact(cols).map(|column| step(column.iter().fold(0f32, |m, v| m.max(v.abs())))).collect();
             for (nn, column) in w.chunks_exact(cols).enumerate() {
                 for (kk, &v) in column.iter().enumerate() {
                     values[kk * n + nn] = quantize(v, scales[nn]);
                 }
             }
-            scales
         } else {
-            let mut max_abs = vec![0f32; n];
-            for row in w.chunks_exact(cols) {
-                for (m, v) in max_abs.iter_mut().zip(row) {
-                    *m = m.max(v.abs());
-                }
-            }
-            let scales: Vec<f32> = max_abs.into_iter().map(step).collect();
             for (row, out) in w.chunks_exact(cols).zip(values.chunks_exact_mut(n)) {
                 for ((q, &v), &scale) in out.iter_mut().zip(row).zip(&scales) {
                     *q = quantize(v, scale);
                 }
             }
-            scales
-        };
+        }
         QuantizedWeights { values, scales, k, n }
     }
 
