@@ -14,6 +14,7 @@ pub mod ir;
 pub mod onnx;
 pub mod passes;
 pub mod rewrite;
+pub mod sensitivity;
 pub mod verify;
 
 /// The README's Rust example runs as a doctest.

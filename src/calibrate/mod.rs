@@ -103,15 +103,22 @@ impl ObservedBatch<'_> {
     /// are real tokens. `None` without a mask or when the shapes do not line up
     /// (every row then counts).
     pub fn token_rows(&self, value: &Tensor) -> Option<Vec<bool>> {
-        let mask = self.inputs.iter().find(|i| i.name == "attention_mask")?;
-        let mask = mask.value.cast_to::<i64>().ok()?;
-        let mask = mask.to_plain_array_view::<i64>().ok()?;
-        let shape = value.shape();
-        if shape.len() != 3 || mask.shape() != &shape[..2] {
-            return None;
-        }
-        Some(mask.iter().map(|&m| m != 0).collect())
+        token_rows(self.inputs, value)
     }
+}
+
+/// Which rows of `value` (`[batch, sequence, features]`) are real tokens, from
+/// the `attention_mask` among `inputs`; `None` without one or when the shapes
+/// do not line up.
+pub fn token_rows(inputs: &[NamedInput], value: &Tensor) -> Option<Vec<bool>> {
+    let mask = inputs.iter().find(|i| i.name == "attention_mask")?;
+    let mask = mask.value.cast_to::<i64>().ok()?;
+    let mask = mask.to_plain_array_view::<i64>().ok()?;
+    let shape = value.shape();
+    if shape.len() != 3 || mask.shape() != &shape[..2] {
+        return None;
+    }
+    Some(mask.iter().map(|&m| m != 0).collect())
 }
 
 /// Runs `model` on every batch of `source` with `taps` exposed and hands each

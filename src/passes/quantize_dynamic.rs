@@ -410,6 +410,17 @@ fn constant<'g>(graph: &'g Graph, graph_inputs: &HashSet<&str>, name: &str) -> O
     (tensor.dtype == DataType::Float && !graph_inputs.contains(name)).then_some(tensor)
 }
 
+/// The names (`exclude` takes them) of the layers the pass would quantize.
+pub fn quantizable_layers(model: &Model) -> Vec<String> {
+    let graph_inputs: HashSet<&str> = model.graph.inputs.iter().map(|v| v.name.as_str()).collect();
+    model
+        .graph
+        .nodes()
+        .filter(|n| quantizable_weight(&model.graph, &graph_inputs, n).is_some())
+        .map(|n| if n.name.is_empty() { n.outputs.first().cloned().unwrap_or_default() } else { n.name.clone() })
+        .collect()
+}
+
 /// The constant float32 weight of a MatMul, or of a Gemm with `alpha = beta =
 /// 1` and `transA = 0`, and whether it is read as `[N, K]` (Gemm `transB`).
 pub(super) fn quantizable_weight<'g>(graph: &'g Graph, graph_inputs: &HashSet<&str>, node: &Node) -> Option<(&'g Tensor, bool)> {
