@@ -286,3 +286,67 @@ fn an_unknown_exclusion_is_a_usage_error() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("no_such_node"), "{}", stderr(&o));
 }
+
+/// Token batches for the tiny BERT fixture (vocabulary 1000): 16 sentences of 8
+/// tokens, the last 3 of every other one padding.
+fn write_token_npz(path: &Path) {
+    let ids = ndarray::Array2::from_shape_fn((16, 8), |(r, c)| ((r * 31 + c * 17) % 97 + 1) as i64);
+    let mask = ndarray::Array2::from_shape_fn((16, 8), |(r, c)| i64::from(r % 2 == 0 || c < 5));
+    let mut npz = ndarray_npy::NpzWriter::new(std::fs::File::create(path).unwrap());
+    npz.add_array("input_ids", &ids).unwrap();
+    npz.add_array("attention_mask", &mask).unwrap();
+    npz.add_array("token_type_ids", &ndarray::Array2::<i64>::zeros((16, 8))).unwrap();
+    npz.finish().unwrap();
+}
+
+fn report_of(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// --max-error keeps the costliest layers in float until the budget holds: a
+/// budget of 0 keeps all 12, a loose one none, one in between some, and the
+/// measured error is within it every time.
+#[test]
+fn max_error_keeps_the_costliest_layers_in_float() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = dir.path().join("calib.npz");
+    write_token_npz(&calib);
+    let model = fixture("bert.dynamo.onnx");
+    let quantize_within = |budget: f64, case: &str| -> (serde_json::Value, usize) {
+        let out = dir.path().join(format!("{case}.onnx"));
+        let report = dir.path().join(format!("{case}.json"));
+        let budget = budget.to_string();
+        let o = run(&[
+            "--quiet", "quantize", model.to_str().unwrap(), "-o", out.to_str().unwrap(), "--mode", "int8", "--target", "portable",
+            "--calib", calib.to_str().unwrap(), "--max-error", &budget, "--max-error-batches", "2", "--report", report.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        let sensitivity = report_of(&report)["sensitivity"].clone();
+        let kept = sensitivity["kept_in_float"].as_array().unwrap().len();
+        let error = sensitivity["error"].as_f64().unwrap();
+        assert!(error <= sensitivity["budget"].as_f64().unwrap(), "{case}: error {error} over budget");
+        let quantized_layers = onnx::load(&out).unwrap().graph.nodes().filter(|n| n.op_type == "MatMulInteger").count();
+        assert_eq!(quantized_layers + kept, 12, "{case}");
+        (sensitivity, kept)
+    };
+    // loose: everything quantized, nothing measured per layer
+    let (all, kept) = quantize_within(1.0, "loose");
+    assert_eq!((kept, all["layers"].as_array().unwrap().len()), (0, 0));
+    let error_all_quantized = all["error_all_quantized"].as_f64().unwrap();
+    assert!(error_all_quantized > 0.0);
+    // zero: every layer back in float
+    let (none, kept) = quantize_within(0.0, "zero");
+    assert!(kept == 12 && none["error"].as_f64().unwrap().abs() < 1e-9, "{none}");
+    // half the all-quantized error: every layer measured, some kept, costliest first
+    let (half, kept) = quantize_within(error_all_quantized / 2.0, "half");
+    let layers = half["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 12, "every layer measured");
+    assert!((1..12).contains(&kept), "{kept} kept");
+    assert_eq!(half["kept_in_float"][0], layers[0]["layer"], "the costliest first");
+    assert!(layers.windows(2).all(|w| w[0]["error"].as_f64() >= w[1]["error"].as_f64()));
+
+    // without calibration data the budget cannot be measured
+    let o = quantize_cli(&fixture("bert.dynamo.onnx"), &dir.path().join("x.onnx"), &["--max-error", "0.01"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("calibration data"), "{}", stderr(&o));
+}
