@@ -4,8 +4,9 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use onnxopt::passes::pipeline::{optimization_passes, quantization_passes, PipelineOptions, Target};
+use onnxopt::passes::pipeline::{float16_passes, optimization_passes, quantization_passes, PipelineOptions, Target};
 use onnxopt::passes::quantize_dynamic::QuantizeDynamic;
+use onnxopt::passes::quantize_fp16::{ConvertToFloat16, Float16Scope};
 use onnxopt::passes::{run_pipeline, DriverOptions, PassRecord};
 use onnxopt::{inspect, ir::Model, onnx, verify};
 use std::path::{Path, PathBuf};
@@ -85,19 +86,23 @@ enum Command {
         #[arg(long, default_value_t = 1e-3)]
         rtol: f32,
     },
-    /// Quantize a model's constant-weight MatMuls to int8, check it in tract, write it.
-    #[command(after_help = "Examples:\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --target portable --exclude /pooler/dense/MatMul\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --atol 0.2 --report report.json")]
+    /// Quantize a model's constant-weight MatMuls to int8 (or its weights and compute to float16), check it in tract, write it.
+    #[command(after_help = "Examples:\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic\n  onnxopt quantize model.onnx -o model.fp16.onnx --mode fp16   # float16 weights, float32 compute (ORT CPU)\n  onnxopt quantize model.onnx -o model.fp16.onnx --mode fp16 --target tensorrt   # float16 compute too\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --target portable --exclude /pooler/dense/MatMul\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --atol 0.2 --report report.json")]
     Quantize {
         input: PathBuf,
         #[command(flatten)]
         output: OutputArgs,
         /// int8-dynamic: int8 weights per output channel, activations quantized at run time.
+        /// fp16: float16 weights; float16 compute too for portable and tensorrt.
         #[arg(long)]
         mode: QuantizeMode,
-        /// ort (com.microsoft.DynamicQuantizeMatMul) or portable (standard ops).
+        /// int8-dynamic: ort (com.microsoft.DynamicQuantizeMatMul) or portable (standard ops).
+        /// fp16: ort stores weights in float16 and computes in float32 (ORT's CPU provider has
+        /// no float16 MatMul on x86-64: it would Cast around every node); portable and
+        /// tensorrt compute in float16 too, range-sensitive ops (Softmax, norms, Pow, ...) in float32.
         #[arg(long, default_value = "ort")]
         target: Target,
-        /// Keep these MatMul/Gemm nodes in float (comma-separated node names).
+        /// Keep these nodes in float32 (comma-separated node names; int8: MatMul/Gemm).
         #[arg(long, value_delimiter = ',')]
         exclude: Vec<String>,
         /// Write what each pass did and the verification as JSON.
@@ -108,13 +113,15 @@ enum Command {
         no_verify: bool,
         /// Smallest cosine similarity allowed between each output and the input's,
         /// in tract on seeded inputs (int8 rounding moves single values, not directions).
-        #[arg(long, default_value_t = 0.98)]
-        min_cosine: f64,
-        /// Also bound every element: |a - b| <= atol + rtol * |a|.
+        /// Default 0.98 for int8-dynamic, 0.9999 for fp16.
+        #[arg(long)]
+        min_cosine: Option<f64>,
+        /// Also bound every element: |a - b| <= atol + rtol * |a| (default: no bound for
+        /// int8-dynamic; for fp16 1e-2 and 1e-2, float16's rounding compounded).
         #[arg(long)]
         atol: Option<f32>,
-        #[arg(long, default_value_t = 0.0)]
-        rtol: f32,
+        #[arg(long)]
+        rtol: Option<f32>,
     },
     /// Run a model on calibration data and print statistics of the tensors that
     /// quantization and pruning read (every MatMul/Gemm activation, or --tensors).
@@ -163,6 +170,25 @@ enum Command {
 enum QuantizeMode {
     /// int8 weights, activations quantized per tensor at run time.
     Int8Dynamic,
+    /// float16 weights (and compute, for portable and tensorrt), float32 inputs and outputs.
+    Fp16,
+}
+
+impl QuantizeMode {
+    fn name(self) -> &'static str {
+        match self {
+            QuantizeMode::Int8Dynamic => "int8-dynamic",
+            QuantizeMode::Fp16 => "fp16",
+        }
+    }
+
+    /// The default check: (min cosine, atol, rtol).
+    fn tolerance(self) -> (f64, f32, f32) {
+        match self {
+            QuantizeMode::Int8Dynamic => (0.98, f32::INFINITY, 0.0),
+            QuantizeMode::Fp16 => (0.9999, onnxopt::passes::quantize_fp16::CHECK_ATOL, onnxopt::passes::quantize_fp16::CHECK_RTOL),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -363,8 +389,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             save(&optimized, &input, &output, quiet)?;
         }
-        Command::Quantize { input, output, mode: QuantizeMode::Int8Dynamic, target, exclude, report, no_verify, min_cosine, atol, rtol } => {
-            if target == Target::TensorRt {
+        Command::Quantize { input, output, mode, target, exclude, report, no_verify, min_cosine, atol, rtol } => {
+            let (default_cosine, default_atol, default_rtol) = mode.tolerance();
+            let (min_cosine, atol_bound, rtol) = (min_cosine.unwrap_or(default_cosine), atol.unwrap_or(default_atol), rtol.unwrap_or(default_rtol));
+            if target == Target::TensorRt && matches!(mode, QuantizeMode::Int8Dynamic) {
                 return Err(Failure::BadInput(anyhow::anyhow!("quantize --target: ort or portable (TensorRT wants static Q/DQ, not dynamic quantization)")));
             }
             let original = load(&input, quiet, true)?;
@@ -372,7 +400,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(unknown) = exclude.iter().find(|name| !named(name)) {
                 return Err(Failure::BadInput(anyhow::anyhow!("--exclude: no node named '{unknown}' (nor writing a tensor of that name)")));
             }
-            let pipeline = quantization_passes(QuantizeDynamic { target, exclude: exclude.into_iter().collect() });
+            let pipeline = match mode {
+                QuantizeMode::Int8Dynamic => quantization_passes(QuantizeDynamic { target, exclude: exclude.into_iter().collect() }),
+                QuantizeMode::Fp16 => {
+                    let scope = if target == Target::Ort { Float16Scope::Weights } else { Float16Scope::WeightsAndCompute };
+                    float16_passes(target, ConvertToFloat16::new(scope, exclude.into_iter().collect()))
+                }
+            };
             let mut quantized = original.clone();
             let records = {
                 let _progress = Progress::start(quiet, format!("quantizing for {target}"));
@@ -380,18 +414,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             if !quiet {
                 print_records(&records);
+                for note in records.iter().flat_map(|r| &r.notes) {
+                    eprintln!("note: {note}");
+                }
             }
             let comparison = if no_verify {
                 None
             } else {
                 let _progress = Progress::start(quiet, "checking the result in tract".into());
-                let options = verify::VerifyOptions { atol: atol.unwrap_or(f32::INFINITY), rtol, ..Default::default() };
+                let options = verify::VerifyOptions { atol: atol_bound, rtol, ..Default::default() };
                 Some(onnxopt::passes::verify_rewrite(&original, &quantized, &options).map_err(anyhow::Error::from)?)
             };
             if let Some(path) = &report {
                 let json = serde_json::json!({
-                    "input": input, "output": output.output, "target": target.name(), "mode": "int8-dynamic",
+                    "input": input, "output": output.output, "target": target.name(), "mode": mode.name(),
                     "nodes_before": original.graph.node_count(), "nodes_after": quantized.graph.node_count(),
+                    "tolerance": { "min_cosine": min_cosine, "atol": atol_bound.is_finite().then_some(atol_bound), "rtol": rtol },
                     "passes": records, "verification": comparison,
                 });
                 write_report(path, &json)?;
@@ -404,7 +442,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 if !c.passed() || cosine < min_cosine {
                     eprintln!(
                         "error: the quantized model differs from the input beyond tolerance (cosine {cosine:.6}, --min-cosine {min_cosine}{}); nothing written (--exclude the sensitive MatMuls, or loosen the bound)",
-                        atol.map(|a| format!(", --atol {a}")).unwrap_or_default()
+                        if atol_bound.is_finite() { format!(", --atol {atol_bound} --rtol {rtol}") } else { String::new() }
                     );
                     return Err(Failure::VerificationFailed);
                 }
