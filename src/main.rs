@@ -117,7 +117,7 @@ enum Command {
         #[arg(long)]
         min_cosine: Option<f64>,
         /// Also bound every element: |a - b| <= atol + rtol * |a| (default: no bound for
-        /// int8-dynamic; for fp16 1e-2 and 1e-2, float16's rounding compounded).
+        /// int8-dynamic; for fp16 2e-2 and 1e-2, float16's rounding compounded).
         #[arg(long)]
         atol: Option<f32>,
         #[arg(long)]

@@ -93,6 +93,32 @@ fn compute_scope_runs_in_float16_with_softmax_in_float32() {
     insta::assert_snapshot!("convert_to_float16__scaled_softmax_compute", r.snapshot);
 }
 
+/// LayerNormalization computes its statistics in float32 (`stash_type`
+/// 1, the default): it runs in float16. Asking for other statistics keeps it
+/// in float32.
+#[test]
+fn a_layer_norm_computes_in_float16_unless_its_statistics_are_not_float32() {
+    let layer_norm = |stash_type: Option<i64>| {
+        let mut b = GraphBuilder::new("norm");
+        let x = b.input("x", DataType::Float, &[2, 3, 8]);
+        let gamma = b.initializer_f32("gamma", &[8], &[1.0, 0.5, 2.0, 1.0, 1.5, 1.0, 0.25, 1.0]);
+        let beta = b.initializer_f32("beta", &[8], &[0.0, 0.1, 0.0, -0.1, 0.0, 0.2, 0.0, 0.0]);
+        let mut attrs = vec![("axis", AttrValue::Int(-1))];
+        attrs.extend(stash_type.map(|t| ("stash_type", AttrValue::Int(t))));
+        let y = b.node_with("LayerNormalization", &[&x, &gamma, &beta], attrs);
+        b.output(&y, DataType::Float, &[2, 3, 8]);
+        b.into_model(17)
+    };
+    let model = layer_norm(None);
+    let r = rewrite_and_compare(&model, &convert(Float16Scope::WeightsAndCompute, &[]), &fp16_bound());
+    let norm = r.model.graph.nodes().find(|n| n.op_type == "LayerNormalization").unwrap();
+    assert_eq!(norm.inputs, ["x/float16", "gamma", "beta"]);
+    assert!(r.comparison.passed(), "{:?}", r.comparison);
+    let (out, _) = converted(&layer_norm(Some(DataType::Bfloat16.code() as i64)), Float16Scope::WeightsAndCompute);
+    let norm = out.graph.nodes().find(|n| n.op_type == "LayerNormalization").unwrap();
+    assert_eq!(norm.inputs, ["x", "gamma/float32", "beta/float32"]);
+}
+
 #[test]
 fn inputs_and_outputs_stay_float32() {
     // y = Relu(x @ w) is a graph output that another node also reads: z = y + y
@@ -295,14 +321,19 @@ fn the_fused_bert_converts_and_runs_in_onnxruntime() {
         assert_eq!(r["verification"]["outputs"][0]["within_tolerance"], true, "{target}");
         assert!(r["verification"]["outputs"][0]["cosine"].as_f64().unwrap() >= 0.9999, "{target}");
         let model = onnx::load(&out).unwrap();
-        let float16_compute = model.graph.nodes().any(|n| n.op_type == "Attention" && n.inputs.iter().any(|i| i.ends_with("/float16")));
-        assert_eq!(float16_compute, target == "portable", "{target}: {:?}", ops(&model));
+        // ort: Attention reads its packed weight Cast to float32; portable: the float16 weight itself
+        let attention = model.graph.nodes().find(|n| n.op_type == "Attention").unwrap();
+        let weight = &attention.inputs[1];
+        match target {
+            "ort" => assert!(weight.ends_with("/float32"), "{attention:?}"),
+            _ => assert_eq!(dtype_of(&model, weight), DataType::Float16, "{attention:?}"),
+        }
         onnxruntime_runs(&fixture("bert.ts.onnx"), &out, 0.9999);
     }
 }
 
 /// Acceptance on all-MiniLM-L6-v2, both exports: half the file, the tract
-/// check within the stated bound (cosine 0.9999 and |a - b| <= 1e-2 + 1e-2 |a|),
+/// check within the stated bound (cosine 0.9999 and |a - b| <= 2e-2 + 1e-2 |a|),
 /// and ONNX Runtime running it. (Sentence-embedding fidelity on dev.txt is
 /// measured with ../shared/bench/fidelity.py: README.)
 #[test]
@@ -319,6 +350,8 @@ fn minilm_fp16_is_half_the_size_and_runs_in_onnxruntime() {
             assert!((after as f64) < 0.51 * before as f64, "{export} {target}: {after} of {before} bytes");
             let r = report(&report_path);
             assert_eq!(r["tolerance"]["min_cosine"], 0.9999);
+            let atol = r["tolerance"]["atol"].as_f64().unwrap();
+            assert!((atol - CHECK_ATOL as f64).abs() < 1e-6, "the report states atol {atol}");
             let output = &r["verification"]["outputs"][0];
             assert_eq!(output["within_tolerance"], true, "{export} {target}: {output}");
             assert!(output["cosine"].as_f64().unwrap() >= 0.9999, "{export} {target}: {output}");

@@ -14,6 +14,7 @@
 //! - scope `WeightsAndCompute`: every node whose op is in [`FLOAT16_OPS`] (all
 //!   its float inputs and outputs share one type parameter in the op's schema,
 //!   so all may become float16 together), is not in [`RANGE_SENSITIVE_OPS`],
+//!   asks for float32 statistics if it is a normalization (`stash_type`),
 //!   and has no input or output of unknown type, computes in float16: its
 //!   float32 inputs and outputs become float16. A `Cast(to=FLOAT)` whose every
 //!   reader computes in float16 becomes `Cast(to=FLOAT16)`. Everything else
@@ -45,12 +46,15 @@
 //!
 //! The block list [`RANGE_SENSITIVE_OPS`] is the float32 list of PyTorch's
 //! autocast (the AMP op reference, "CUDA ops that can autocast to float32":
-//! softmax, log_softmax, layer_norm, group_norm, pow, exp, log, reciprocal,
-//! sum, cumsum, prod, norm), in ONNX terms, with ORT's fused normalizations
-//! and ORT's own float16 converter's numeric entries (`Range`, `CumSum`:
-//! onnxruntime/python/tools/transformers/float16.py, `DEFAULT_OP_BLOCK_LIST`):
-//! a sum of squares, an `exp` beyond 11.1 or a reciprocal below 1.5e-5
-//! overflows float16, and a mean of many float16 values loses its low bits.
+//! softmax, log_softmax, group_norm, pow, exp, log, reciprocal, sum, cumsum,
+//! prod, norm), in ONNX terms, with ORT's own float16 converter's numeric
+//! entries (`Range`, `CumSum`: onnxruntime/python/tools/transformers/float16.py,
+//! `DEFAULT_OP_BLOCK_LIST`): a sum of squares, an `exp` beyond 11.1 or a
+//! reciprocal below 1.5e-5 overflows float16, and a mean of many float16
+//! values loses its low bits. autocast's layer_norm is not on it: ONNX's
+//! LayerNormalization computes its statistics in float32 (`stash_type`), as
+//! ORT's fused norms do (see `statistics_in_float32`), so they run in float16
+//! unless a node asks for other statistics.
 //!
 //! Targets (chosen by the caller): ORT 1.32's CPU provider on x86-64 has
 //! float16 kernels for data movement, `Max`, `Min`, `Clip` and the layer
@@ -111,6 +115,11 @@ pub const FLOAT16_OPS: &[&str] = &[
     "GatherElements", "GatherND", "Expand", "Tile", "Pad", "Identity", "Trilu", "ScatterND", "ScatterElements",
     // reductions that only pick a value
     "ReduceMax", "ReduceMin",
+    // normalizations whose mean and variance are float32 whatever T is (see
+    // `statistics_in_float32`)
+    "LayerNormalization", "RMSNormalization", "com.microsoft.SkipLayerNormalization",
+    "com.microsoft.SimplifiedLayerNormalization", "com.microsoft.SkipSimplifiedLayerNormalization",
+    "com.microsoft.EmbedLayerNormalization",
     // ONNX Runtime's fused ops (their CUDA kernels run softmax in float32 themselves)
     "com.microsoft.Attention", "com.microsoft.MultiHeadAttention", "com.microsoft.BiasGelu", "com.microsoft.Gelu",
     "com.microsoft.FastGelu", "com.microsoft.QuickGelu", "com.microsoft.BiasAdd", "com.microsoft.RotaryEmbedding",
@@ -120,11 +129,9 @@ pub const FLOAT16_OPS: &[&str] = &[
 /// results leave float16's range or lose its precision (see the module doc
 /// for the sources).
 pub const RANGE_SENSITIVE_OPS: &[&str] = &[
-    "Softmax", "LogSoftmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
-    "RMSNormalization", "Exp", "Log", "Pow", "Reciprocal", "ReduceSum", "ReduceMean", "ReduceSumSquare",
-    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceProd", "CumSum", "Range",
-    "com.microsoft.SkipLayerNormalization", "com.microsoft.SimplifiedLayerNormalization",
-    "com.microsoft.SkipSimplifiedLayerNormalization", "com.microsoft.EmbedLayerNormalization",
+    "Softmax", "LogSoftmax", "GroupNormalization", "InstanceNormalization", "Exp", "Log", "Pow", "Reciprocal",
+    "ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+    "ReduceProd", "CumSum", "Range",
 ];
 
 /// Ops that read an input of any type: they read a tensor as it is stored.
@@ -133,11 +140,12 @@ const READS_ANY_TYPE: &[&str] = &["Cast", "Shape", "Size"];
 /// The element bound `onnxopt quantize --mode fp16` checks by default,
 /// `|a - b| <= CHECK_ATOL + CHECK_RTOL |a|`, with the cosine. A MiniLM output
 /// element is O(1): float16's `2^-11` relative rounding, compounded over six
-/// layers, gave max abs 3.0e-3 (scope `Weights`) and 6.7e-3
-/// (`WeightsAndCompute`) on all-MiniLM-L6-v2 in tract (batch 2, seq 16; 7.4e-3
-/// at batch 4, seq 128); `onnxopt verify IN OUT --atol 1e-2 --rtol 1e-2`
+/// layers, gave max abs 3.0e-3 (scope `Weights`) and 6.4e-3
+/// (`WeightsAndCompute`) on all-MiniLM-L6-v2 in tract at batch 2, seq 16
+/// (the check's inputs), and up to 9.9e-3 at batch 4, seq 128: 2e-2 leaves
+/// room for longer inputs. `onnxopt verify IN OUT --atol 2e-2 --rtol 1e-2`
 /// re-checks it.
-pub const CHECK_ATOL: f32 = 1e-2;
+pub const CHECK_ATOL: f32 = 2e-2;
 pub const CHECK_RTOL: f32 = 1e-2;
 
 /// float16's largest finite value.
@@ -172,6 +180,7 @@ impl ConvertToFloat16 {
             && FLOAT16_OPS.contains(&op.as_str())
             && !RANGE_SENSITIVE_OPS.contains(&op.as_str())
             && !self.keep_float32.contains(name)
+            && statistics_in_float32(node)
             && tensors().all(|t| types.elem_type(t).is_some())
             && tensors().any(|t| types.elem_type(t) == Some(DataType::Float))
     }
@@ -218,6 +227,19 @@ impl Pass for ConvertToFloat16 {
         let patch = self.patch(graph, &plan, &ids)?;
         Ok(if patch.is_empty() { Vec::new() } else { vec![patch] })
     }
+}
+
+/// A normalization computes its mean and variance in its `stash_type`,
+/// float32 unless stated otherwise (ONNX's LayerNormalization-17 and
+/// RMSNormalization-23; ORT's SimplifiedLayerNormalization): with float32
+/// statistics, a float16 input and output are as safe as any elementwise op.
+/// ORT's CPU kernels (layer_norm_impl.cc, skip_layer_norm.cc) convert float16
+/// to float32 to compute, and on all-MiniLM-L6-v2 fused for ORT, float16
+/// SkipLayerNormalization and EmbedLayerNormalization moved ORT's output by a
+/// max abs 5.7e-3 (3.1e-3 with them in float32), cosine 0.999999 either way.
+/// A node that asks for other statistics (`stash_type` not float32) stays float32.
+fn statistics_in_float32(node: &Node) -> bool {
+    node.attr_int("stash_type").is_none_or(|t| t == DataType::Float.code() as i64)
 }
 
 /// `node` is `Cast(to=dtype)`.
