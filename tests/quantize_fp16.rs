@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use onnxopt::ir::{AttrValue, DataType, Dim, Graph, GraphBuilder, Model, Node, ValueInfo};
 use onnxopt::passes::check::rewrite_and_compare;
+use onnxopt::passes::lower_float16_gemm::LowerFloat16Gemm;
 use onnxopt::passes::quantize_fp16::{ConvertToFloat16, Float16Scope, CHECK_ATOL, CHECK_RTOL};
 use onnxopt::passes::{run_pipeline, DriverOptions, Pass, PassRecord};
 use onnxopt::{onnx, verify};
@@ -117,6 +118,40 @@ fn a_layer_norm_computes_in_float16_unless_its_statistics_are_not_float32() {
     let (out, _) = converted(&layer_norm(Some(DataType::Bfloat16.code() as i64)), Float16Scope::WeightsAndCompute);
     let norm = out.graph.nodes().find(|n| n.op_type == "LayerNormalization").unwrap();
     assert_eq!(norm.inputs, ["x", "gamma/float32", "beta/float32"]);
+}
+
+/// A float16 Gemm with C: tract refuses it, so the verification lowering
+/// (`lower-float16-gemm`) runs it in float32 between Casts; the converted
+/// model itself keeps the float16 Gemm.
+#[test]
+fn a_float16_gemm_with_bias_is_checked_in_tract() {
+    let mut b = GraphBuilder::new("conv1d");
+    let x = b.input("x", DataType::Float, &[3, 4]);
+    let w = b.initializer_f32("w", &[6, 4], &(0..24).map(|i| (i as f32 - 11.0) / 7.0).collect::<Vec<_>>());
+    let c = b.initializer_f32("c", &[6], &[0.5, -0.5, 0.25, 0.0, 1.0, -1.0]);
+    b.add(Node::new("Gemm", &[&x, &w, &c], &["y"]).with_attr("transB", AttrValue::Int(1)));
+    b.output("y", DataType::Float, &[3, 6]);
+    let model = b.into_model(17);
+    let r = rewrite_and_compare(&model, &convert(Float16Scope::WeightsAndCompute, &[]), &fp16_bound());
+    assert!(r.comparison.passed(), "{:?}", r.comparison);
+    let gemm = r.model.graph.nodes().find(|n| n.op_type == "Gemm").unwrap();
+    assert_eq!(gemm.inputs, ["x/float16", "w", "c"]);
+    // what tract runs
+    let mut lowered = r.model.clone();
+    let driver = DriverOptions { validate: true, ..DriverOptions::default() };
+    let passes: Vec<Box<dyn Pass>> = vec![Box::new(LowerFloat16Gemm)];
+    let records = run_pipeline(&mut lowered, &passes, &driver).unwrap();
+    assert_eq!(records[0].patches, 1);
+    insta::assert_snapshot!("lower_float16_gemm__gemm_with_bias", format!("before:\n{}\nafter:\n{lowered}", r.model));
+    // a float16 Gemm without C nor alpha runs in tract as it is: left alone
+    let mut b = GraphBuilder::new("plain");
+    let x = b.input("x", DataType::Float, &[3, 4]);
+    let w = b.initializer_f32("w", &[4, 6], &(0..24).map(|i| (i as f32 - 11.0) / 7.0).collect::<Vec<_>>());
+    b.add(Node::new("Gemm", &[&x, &w], &["y"]));
+    b.output("y", DataType::Float, &[3, 6]);
+    let (plain, _) = converted(&b.into_model(17), Float16Scope::WeightsAndCompute);
+    let mut lowered = plain.clone();
+    assert_eq!(run_pipeline(&mut lowered, &passes, &driver).unwrap()[0].patches, 0);
 }
 
 #[test]
@@ -330,6 +365,20 @@ fn the_fused_bert_converts_and_runs_in_onnxruntime() {
         }
         onnxruntime_runs(&fixture("bert.ts.onnx"), &out, 0.9999);
     }
+}
+
+/// GPT-2's Conv1D layers are Gemms with a bias: float16 compute converts
+/// them, tract checks them (lowered) and ONNX Runtime runs them.
+#[test]
+fn gpt2_gemms_compute_in_float16_and_run_in_onnxruntime() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("gpt2.fp16.onnx");
+    let o = quantize_fp16(&fixture("gpt2.ts.onnx"), &out, &["--target", "portable"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let model = onnx::load(&out).unwrap();
+    let gemm = model.graph.nodes().find(|n| n.op_type == "Gemm").unwrap();
+    assert_eq!(dtype_of(&model, &gemm.inputs[1]), DataType::Float16);
+    onnxruntime_runs(&fixture("gpt2.ts.onnx"), &out, 0.9999);
 }
 
 /// Acceptance on all-MiniLM-L6-v2, both exports: half the file, the tract
