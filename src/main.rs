@@ -4,8 +4,9 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use onnxopt::passes::pipeline::{optimization_passes, quantization_passes, PipelineOptions, Target};
+use onnxopt::passes::pipeline::{float16_passes, optimization_passes, quantization_passes, PipelineOptions, Target};
 use onnxopt::passes::quantize_dynamic::{ActivationScale, QuantizeDynamic};
+use onnxopt::passes::quantize_fp16::{ConvertToFloat16, Float16Scope};
 use onnxopt::passes::{run_pipeline, DriverOptions, PassRecord};
 use onnxopt::{inspect, ir::Model, onnx, verify};
 use std::collections::HashSet;
@@ -86,23 +87,26 @@ enum Command {
         #[arg(long, default_value_t = 1e-3)]
         rtol: f32,
     },
-    /// Quantize a model's constant-weight MatMuls to int8, check it in tract, write it.
-    #[command(after_help = "Examples:\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --target portable --exclude /pooler/dense/MatMul\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --atol 0.2 --report report.json")]
+    /// Quantize a model's constant-weight MatMuls to int8 (or its weights and compute to float16), check it in tract, write it.
+    #[command(after_help = "Examples:\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic\n  onnxopt quantize model.onnx -o model.fp16.onnx --mode fp16   # float16 weights, float32 compute (ORT CPU)\n  onnxopt quantize model.onnx -o model.fp16.onnx --mode fp16 --target tensorrt   # float16 compute too\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --target portable --exclude /pooler/dense/MatMul\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --atol 0.2 --report report.json")]
     Quantize {
         input: PathBuf,
         #[command(flatten)]
         output: OutputArgs,
-        /// The quantization scheme.
+        /// The quantization scheme (see the modes below).
         #[arg(long)]
         mode: QuantizeMode,
-        /// ort (com.microsoft.DynamicQuantizeMatMul) or portable (standard ops).
+        /// int8-dynamic: ort (com.microsoft.DynamicQuantizeMatMul) or portable (standard ops).
+        /// fp16: ort stores weights in float16 and computes in float32 (ORT's CPU provider has
+        /// no float16 MatMul on x86-64: it would Cast around every node); portable and
+        /// tensorrt compute in float16 too, range-sensitive ops (Softmax, norms, Pow, ...) in float32.
         #[arg(long, default_value = "ort")]
         target: Target,
-        /// per-tensor (one scale per activation tensor) or per-token (one scale
-        /// per row: closer to float, a few more ops).
+        /// int8 modes: per-tensor (one scale per activation tensor) or per-token
+        /// (one scale per row: closer to float, a few more ops). --mode int8 is per-token.
         #[arg(long, default_value = "per-tensor")]
         activations: ActivationArg,
-        /// Keep these MatMul/Gemm nodes in float (comma-separated node names).
+        /// Keep these nodes in float32 (comma-separated node names; int8: MatMul/Gemm).
         #[arg(long, value_delimiter = ',')]
         exclude: Vec<String>,
         /// Keep the layers that cost the output most in float until the model's
@@ -130,13 +134,15 @@ enum Command {
         no_verify: bool,
         /// Smallest cosine similarity allowed between each output and the input's,
         /// in tract on seeded inputs (int8 rounding moves single values, not directions).
-        #[arg(long, default_value_t = 0.98)]
-        min_cosine: f64,
-        /// Also bound every element: |a - b| <= atol + rtol * |a|.
+        /// Default 0.98 for int8-dynamic, 0.9999 for fp16.
+        #[arg(long)]
+        min_cosine: Option<f64>,
+        /// Also bound every element: |a - b| <= atol + rtol * |a| (default: no bound for
+        /// int8-dynamic; for fp16 2e-2 and 1e-2, float16's rounding compounded).
         #[arg(long)]
         atol: Option<f32>,
-        #[arg(long, default_value_t = 0.0)]
-        rtol: f32,
+        #[arg(long)]
+        rtol: Option<f32>,
     },
     /// Run a model on calibration data and print statistics of the tensors that
     /// quantization and pruning read (every MatMul/Gemm activation, or --tensors).
@@ -204,6 +210,26 @@ enum QuantizeMode {
     Int8,
     /// int8 weights, activations quantized per tensor at run time.
     Int8Dynamic,
+    /// float16 weights (and compute, for portable and tensorrt), float32 inputs and outputs.
+    Fp16,
+}
+
+impl QuantizeMode {
+    fn name(self) -> &'static str {
+        match self {
+            QuantizeMode::Int8 => "int8",
+            QuantizeMode::Int8Dynamic => "int8-dynamic",
+            QuantizeMode::Fp16 => "fp16",
+        }
+    }
+
+    /// The default check: (min cosine, atol, rtol).
+    fn tolerance(self) -> (f64, f32, f32) {
+        match self {
+            QuantizeMode::Int8 | QuantizeMode::Int8Dynamic => (0.98, f32::INFINITY, 0.0),
+            QuantizeMode::Fp16 => (0.9999, onnxopt::passes::quantize_fp16::CHECK_ATOL, onnxopt::passes::quantize_fp16::CHECK_RTOL),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -412,7 +438,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Quantize {
             input,
             output,
-            mode: mode @ (QuantizeMode::Int8 | QuantizeMode::Int8Dynamic),
+            mode,
             target,
             activations,
             exclude,
@@ -426,7 +452,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             atol,
             rtol,
         } => {
-            if target == Target::TensorRt {
+            let (default_cosine, default_atol, default_rtol) = mode.tolerance();
+            let (min_cosine, atol_bound, rtol) = (min_cosine.unwrap_or(default_cosine), atol.unwrap_or(default_atol), rtol.unwrap_or(default_rtol));
+            let int8 = matches!(mode, QuantizeMode::Int8 | QuantizeMode::Int8Dynamic);
+            if target == Target::TensorRt && int8 {
                 return Err(Failure::BadInput(anyhow::anyhow!("quantize --target: ort or portable (TensorRT wants static Q/DQ, not dynamic quantization)")));
             }
             let needs_calibration = |what: &str| anyhow::anyhow!("{what} needs calibration data: --calib-text FILE --tokenizer tokenizer.json, or --calib data.npz");
@@ -453,13 +482,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             let quantize_excluding = |more: &HashSet<String>| -> Result<(Model, Vec<PassRecord>), onnxopt::passes::PassError> {
                 let excluded = exclude.iter().chain(more).cloned().collect();
-                let pipeline = quantization_passes(QuantizeDynamic { target, exclude: excluded, activations });
+                let pipeline = match mode {
+                    QuantizeMode::Fp16 => {
+                        let scope = if target == Target::Ort { Float16Scope::Weights } else { Float16Scope::WeightsAndCompute };
+                        float16_passes(target, ConvertToFloat16::new(scope, excluded))
+                    }
+                    QuantizeMode::Int8 | QuantizeMode::Int8Dynamic => quantization_passes(QuantizeDynamic { target, exclude: excluded, activations }),
+                };
                 let mut quantized = original_or_smoothed.clone();
                 let records = run_pipeline(&mut quantized, &pipeline, &DriverOptions::default())?;
                 Ok((quantized, records))
             };
             let mut sensitivity = None;
-            let (quantized, records) = match max_error {
+            let (quantized, records) = match max_error.filter(|_| int8) {
                 None => {
                     let _progress = Progress::start(quiet, format!("quantizing for {target}"));
                     quantize_excluding(&HashSet::new()).map_err(anyhow::Error::from)?
@@ -484,20 +519,23 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             if !quiet {
                 print_records(&records);
+                for note in records.iter().flat_map(|r| &r.notes) {
+                    eprintln!("note: {note}");
+                }
             }
             let comparison = if no_verify {
                 None
             } else {
                 let _progress = Progress::start(quiet, "checking the result in tract".into());
-                let options = verify::VerifyOptions { atol: atol.unwrap_or(f32::INFINITY), rtol, ..Default::default() };
+                let options = verify::VerifyOptions { atol: atol_bound, rtol, ..Default::default() };
                 Some(onnxopt::passes::verify_rewrite(&original, &quantized, &options).map_err(anyhow::Error::from)?)
             };
             if let Some(path) = &report {
                 let json = serde_json::json!({
-                    "input": input, "output": output.output, "target": target.name(),
-                    "mode": clap::ValueEnum::to_possible_value(&mode).map(|v| v.get_name().to_string()),
-                    "activations": format!("{activations:?}"),
+                    "input": input, "output": output.output, "target": target.name(), "mode": mode.name(),
+                    "activations": int8.then(|| format!("{activations:?}")),
                     "nodes_before": original.graph.node_count(), "nodes_after": quantized.graph.node_count(),
+                    "tolerance": { "min_cosine": min_cosine, "atol": atol_bound.is_finite().then_some(atol_bound), "rtol": rtol },
                     "passes": records, "sensitivity": sensitivity, "verification": comparison,
                 });
                 write_report(path, &json)?;
@@ -510,7 +548,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 if !c.passed() || cosine < min_cosine {
                     eprintln!(
                         "error: the quantized model differs from the input beyond tolerance (cosine {cosine:.6}, --min-cosine {min_cosine}{}); nothing written (--exclude the sensitive MatMuls, or loosen the bound)",
-                        atol.map(|a| format!(", --atol {a}")).unwrap_or_default()
+                        if atol_bound.is_finite() { format!(", --atol {atol_bound} --rtol {rtol}") } else { String::new() }
                     );
                     return Err(Failure::VerificationFailed);
                 }

@@ -62,7 +62,8 @@ impl Patch {
         self
     }
 
-    /// Drops an initializer (one no node reads any more).
+    /// Drops an initializer (one no node reads any more). Removing a name and
+    /// adding an initializer of the same name in one patch replaces it.
     pub fn remove_initializer(&mut self, name: impl Into<String>) -> &mut Self {
         self.removed_initializers.push(name.into());
         self
@@ -106,7 +107,8 @@ impl Graph {
             return Err(PatchError::Stale { origin, node });
         }
         let existing: HashSet<&str> = self.initializers.iter().map(|t| t.name.as_str()).collect();
-        if let Some(t) = patch.initializers.iter().find(|t| existing.contains(t.name.as_str())) {
+        let replaced = |t: &Tensor| patch.removed_initializers.contains(&t.name);
+        if let Some(t) = patch.initializers.iter().find(|t| existing.contains(t.name.as_str()) && !replaced(t)) {
             return Err(PatchError::NameClash { origin, name: t.name.clone() });
         }
         for id in patch.removed {

@@ -9,6 +9,7 @@
 
 pub mod check;
 pub mod lower_contrib;
+pub mod lower_float16_gemm;
 pub mod lower_standard;
 mod lowering;
 pub mod common_subexpression;
@@ -18,6 +19,7 @@ pub mod fuse;
 pub mod no_op;
 pub mod pipeline;
 pub mod quantize_dynamic;
+pub mod quantize_fp16;
 pub mod raise_opset;
 pub mod shape_folding;
 pub mod smooth_quant;
@@ -224,6 +226,8 @@ pub fn lowered_for_tract(model: &Model) -> Result<Model, PassError> {
     }
     lower_contrib::lower_contrib_ops(&mut m, &driver)?;
     lower_standard::lower_standard_ops(&mut m, &driver)?;
+    // tract refuses a float16 Gemm with C or alpha (quantize --mode fp16 makes them)
+    run_pipeline(&mut m, &[Box::new(lower_float16_gemm::LowerFloat16Gemm) as Box<dyn Pass>], &driver)?;
     Ok(m)
 }
 

@@ -30,6 +30,7 @@ use super::dead_code::EliminateDeadCode;
 use super::fuse::Fuse;
 use super::no_op::RemoveNoOps;
 use super::quantize_dynamic::QuantizeDynamic;
+use super::quantize_fp16::ConvertToFloat16;
 use super::raise_opset::RaiseOpset;
 use super::shape_folding::FoldShapes;
 use super::Pass;
@@ -117,6 +118,19 @@ pub fn quantization_passes(quantize: QuantizeDynamic) -> Vec<Box<dyn Pass>> {
     let cleanup = PipelineOptions { skip: vec!["fuse".into()], ..PipelineOptions::default() };
     let mut passes = optimization_passes(quantize.target, &cleanup);
     passes.push(Box::new(quantize));
+    passes.push(Box::new(EliminateDeadCode));
+    passes
+}
+
+/// The passes of `onnxopt quantize --mode fp16`, in order: the cleanup passes
+/// as for [`quantization_passes`] (folded constants become initializers, which
+/// `convert-to-float16` stores in float16; `fuse` is left to `optimize`, whose
+/// fused ops convert as they are), then `convert-to-float16`, then
+/// `eliminate-dead-code`.
+pub fn float16_passes(target: Target, convert: ConvertToFloat16) -> Vec<Box<dyn Pass>> {
+    let cleanup = PipelineOptions { skip: vec!["fuse".into()], ..PipelineOptions::default() };
+    let mut passes = optimization_passes(target, &cleanup);
+    passes.push(Box::new(convert));
     passes.push(Box::new(EliminateDeadCode));
     passes
 }
