@@ -10,6 +10,7 @@
 
 pub mod calibrate;
 pub mod inspect;
+pub mod lint;
 pub mod ir;
 pub mod onnx;
 pub mod passes;

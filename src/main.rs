@@ -4,8 +4,9 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use onnxopt::passes::pipeline::{optimization_passes, quantization_passes, PipelineOptions, Target};
+use onnxopt::passes::pipeline::{cleanup_passes, optimization_passes, quantization_passes, static_quantization_passes, PipelineOptions, Target};
 use onnxopt::passes::quantize_dynamic::QuantizeDynamic;
+use onnxopt::passes::quantize_static::{activation_ranges, activations_to_calibrate, CalibrationMethod, QuantizeStatic, WeightType};
 use onnxopt::passes::{run_pipeline, DriverOptions, PassRecord};
 use onnxopt::{inspect, ir::Model, onnx, verify};
 use std::path::{Path, PathBuf};
@@ -91,10 +92,12 @@ enum Command {
         input: PathBuf,
         #[command(flatten)]
         output: OutputArgs,
-        /// int8-dynamic: int8 weights per output channel, activations quantized at run time.
+        /// int8-dynamic: int8 weights per output channel, activations quantized at run time;
+        /// int8-static: calibrated QDQ (needs --calib-text/--tokenizer or --calib).
         #[arg(long)]
         mode: QuantizeMode,
-        /// ort (com.microsoft.DynamicQuantizeMatMul) or portable (standard ops).
+        /// int8-dynamic: ort (com.microsoft.DynamicQuantizeMatMul) or portable (standard ops);
+        /// int8-static: ort (uint8 activations, QDQ that ORT fuses) or tensorrt (int8 symmetric, TensorRT's placement).
         #[arg(long, default_value = "ort")]
         target: Target,
         /// Keep these MatMul/Gemm nodes in float (comma-separated node names).
@@ -115,6 +118,32 @@ enum Command {
         atol: Option<f32>,
         #[arg(long, default_value_t = 0.0)]
         rtol: f32,
+        /// int8-static: the calibration data.
+        #[command(flatten)]
+        calibration: CalibrationArgs,
+        /// int8-static: how each activation's range is chosen from calibration.
+        #[arg(long, default_value = "percentile")]
+        calibration_method: CalibrationMethodArg,
+        /// With --calibration-method percentile: the central percentage kept.
+        #[arg(long, default_value_t = 99.99)]
+        percentile: f64,
+        /// int8-static: int8 or uint8 weights (symmetric either way; uint8 has zero
+        /// point 128). Default: uint8 for ort (ORT's u8s8 kernel saturates on x86
+        /// CPUs without VNNI; on VNNI machines int8 is as exact), int8 for tensorrt
+        /// (the only type it takes).
+        #[arg(long)]
+        weight_type: Option<WeightTypeArg>,
+    },
+    /// Lint a QDQ model against a runtime's quantization rules; exit 1 on violations.
+    #[command(after_help = "Examples:\n  onnxopt check --target tensorrt model.qdq.onnx\n  onnxopt check --target tensorrt model.qdq.onnx --json")]
+    Check {
+        model: PathBuf,
+        /// tensorrt (explicit quantization: int8, zero point 0, Q/DQ placement).
+        #[arg(long)]
+        target: Target,
+        /// The violations as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a model on calibration data and print statistics of the tensors that
     /// quantization and pruning read (every MatMul/Gemm activation, or --tensors).
@@ -163,6 +192,24 @@ enum Command {
 enum QuantizeMode {
     /// int8 weights, activations quantized per tensor at run time.
     Int8Dynamic,
+    /// int8 weights and activations, activation scales from calibration (QDQ).
+    Int8Static,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WeightTypeArg {
+    Int8,
+    Uint8,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CalibrationMethodArg {
+    /// Every value seen.
+    Minmax,
+    /// The central --percentile of the values.
+    Percentile,
+    /// TensorRT's entropy (KL-divergence) threshold.
+    Entropy,
 }
 
 #[derive(Args)]
@@ -230,6 +277,8 @@ impl OutputArgs {
 enum Failure {
     BadInput(anyhow::Error),
     VerificationFailed,
+    /// `check` found rule violations (printed already).
+    Violations,
 }
 
 impl From<anyhow::Error> for Failure {
@@ -363,20 +412,44 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             save(&optimized, &input, &output, quiet)?;
         }
-        Command::Quantize { input, output, mode: QuantizeMode::Int8Dynamic, target, exclude, report, no_verify, min_cosine, atol, rtol } => {
-            if target == Target::TensorRt {
-                return Err(Failure::BadInput(anyhow::anyhow!("quantize --target: ort or portable (TensorRT wants static Q/DQ, not dynamic quantization)")));
+        Command::Quantize { input, output, mode, target, exclude, report, no_verify, min_cosine, atol, rtol, calibration, calibration_method, percentile, weight_type } => {
+            match (mode, target) {
+                (QuantizeMode::Int8Dynamic, Target::TensorRt) => {
+                    return Err(Failure::BadInput(anyhow::anyhow!("quantize --target: ort or portable (TensorRT wants static Q/DQ, not dynamic quantization)")));
+                }
+                (QuantizeMode::Int8Static, Target::Portable) => {
+                    return Err(Failure::BadInput(anyhow::anyhow!("quantize --mode int8-static --target: ort or tensorrt")));
+                }
+                _ => {}
             }
             let original = load(&input, quiet, true)?;
             let named = |name: &String| original.graph.nodes().any(|n| &n.name == name || n.outputs.first() == Some(name));
             if let Some(unknown) = exclude.iter().find(|name| !named(name)) {
                 return Err(Failure::BadInput(anyhow::anyhow!("--exclude: no node named '{unknown}' (nor writing a tensor of that name)")));
             }
-            let pipeline = quantization_passes(QuantizeDynamic { target, exclude: exclude.into_iter().collect() });
-            let mut quantized = original.clone();
-            let records = {
-                let _progress = Progress::start(quiet, format!("quantizing for {target}"));
-                run_pipeline(&mut quantized, &pipeline, &DriverOptions::default()).map_err(anyhow::Error::from)?
+            let (quantized, records) = match mode {
+                QuantizeMode::Int8Dynamic => {
+                    let pipeline = quantization_passes(QuantizeDynamic { target, exclude: exclude.into_iter().collect() });
+                    let mut quantized = original.clone();
+                    let _progress = Progress::start(quiet, format!("quantizing for {target}"));
+                    let records = run_pipeline(&mut quantized, &pipeline, &DriverOptions::default()).map_err(anyhow::Error::from)?;
+                    (quantized, records)
+                }
+                QuantizeMode::Int8Static => {
+                    let method = match calibration_method {
+                        CalibrationMethodArg::Minmax => CalibrationMethod::MinMax,
+                        CalibrationMethodArg::Percentile => CalibrationMethod::Percentile(percentile),
+                        CalibrationMethodArg::Entropy => CalibrationMethod::Entropy,
+                    };
+                    let weight_type = match (weight_type, target) {
+                        (Some(WeightTypeArg::Uint8), Target::TensorRt) => {
+                            return Err(Failure::BadInput(anyhow::anyhow!("--weight-type uint8: TensorRT takes int8 weights only")));
+                        }
+                        (Some(WeightTypeArg::Int8), _) | (None, Target::TensorRt) => WeightType::Int8,
+                        (Some(WeightTypeArg::Uint8), _) | (None, _) => WeightType::Uint8,
+                    };
+                    quantize_static(&original, target, exclude.into_iter().collect(), weight_type, &calibration, method, quiet)?
+                }
             };
             if !quiet {
                 print_records(&records);
@@ -390,7 +463,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             if let Some(path) = &report {
                 let json = serde_json::json!({
-                    "input": input, "output": output.output, "target": target.name(), "mode": "int8-dynamic",
+                    "input": input, "output": output.output, "target": target.name(), "mode": mode.name(),
                     "nodes_before": original.graph.node_count(), "nodes_after": quantized.graph.node_count(),
                     "passes": records, "verification": comparison,
                 });
@@ -410,6 +483,25 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             save(&quantized, &input, &output, quiet)?;
+        }
+        Command::Check { model: path, target, json } => {
+            if target != Target::TensorRt {
+                return Err(Failure::BadInput(anyhow::anyhow!("check --target: tensorrt (the only runtime with rules to lint so far)")));
+            }
+            let model = load(&path, quiet, false)?;
+            let violations = onnxopt::lint::tensorrt::check(&model);
+            let text = if json {
+                serde_json::to_string_pretty(&violations).context("encoding the violations")? + "\n"
+            } else {
+                violations.iter().map(|v| format!("{v}\n")).collect()
+            };
+            write_stdout(&text)?;
+            if !quiet {
+                eprintln!("{}: {} violation(s) of TensorRT's explicit-quantization rules", path.display(), violations.len());
+            }
+            if !violations.is_empty() {
+                return Err(Failure::Violations);
+            }
         }
         Command::Calibrate { model: path, data, tensors, json } => {
             let source = data.source()?;
@@ -492,6 +584,45 @@ fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
+impl QuantizeMode {
+    fn name(self) -> &'static str {
+        match self {
+            QuantizeMode::Int8Dynamic => "int8-dynamic",
+            QuantizeMode::Int8Static => "int8-static",
+        }
+    }
+}
+
+/// `quantize --mode int8-static`: cleanup, calibration of the activations
+/// `quantize-static` will quantize (on the cleaned graph), then the pass.
+fn quantize_static(
+    original: &Model,
+    target: Target,
+    exclude: std::collections::HashSet<String>,
+    weight_type: WeightType,
+    calibration: &CalibrationArgs,
+    method: CalibrationMethod,
+    quiet: bool,
+) -> Result<(Model, Vec<PassRecord>)> {
+    let source = calibration.source()?;
+    let mut quantized = original.clone();
+    let mut records = {
+        let _progress = Progress::start(quiet, "cleaning up".into());
+        run_pipeline(&mut quantized, &cleanup_passes(target), &DriverOptions::default())?
+    };
+    let taps = activations_to_calibrate(&quantized, target, &exclude);
+    let tap_names: Vec<&str> = taps.iter().map(String::as_str).collect();
+    let stats = {
+        let _progress = Progress::start(quiet, format!("calibrating {} activations", taps.len()));
+        onnxopt::calibrate::calibrate(&quantized, &tap_names, &source)?
+    };
+    let ranges = activation_ranges(&stats, method)?;
+    let _progress = Progress::start(quiet, format!("quantizing for {target}"));
+    let pipeline = static_quantization_passes(QuantizeStatic { target, ranges, exclude, weight_type });
+    records.extend(run_pipeline(&mut quantized, &pipeline, &DriverOptions::default())?);
+    Ok((quantized, records))
+}
+
 /// Writes a JSON report (optimize, quantize).
 fn write_report(path: &Path, json: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(json).context("encoding the report")?;
@@ -530,6 +661,7 @@ fn main() -> ExitCode {
             eprintln!("error: outputs differ beyond tolerance");
             ExitCode::from(1)
         }
+        Err(Failure::Violations) => ExitCode::from(1),
         Err(Failure::BadInput(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
