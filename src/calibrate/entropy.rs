@@ -14,6 +14,13 @@
 //! 3. the threshold is the right edge of the `i` with the smallest
 //!    `KL(P || Q) = sum_j P_j ln(P_j / Q_j)` (both normalised).
 //!
+//! `Q` is empty where the bins were, but `P` is not at `i - 1` when outliers
+//! sit beyond an empty stretch: without care every threshold short of the
+//! maximum would score infinite. As ONNX Runtime's entropy calibrator
+//! (`onnxruntime/python/tools/quantization/calibrate.py`, `smooth_distribution`,
+//! after MXNet's), empty bins of `Q` get a count of `1e-4`, taken evenly from
+//! the others.
+//!
 //! A distribution with a long thin tail gets a threshold well inside its
 //! maximum (the tail saturates, the bulk keeps finer steps); a flat one keeps
 //! (nearly) its maximum.
@@ -70,7 +77,7 @@ fn fold_to_magnitudes(histogram: &Histogram) -> Option<Vec<u64>> {
 }
 
 /// `KL(P || Q)` for the threshold at the end of `bins` (see the module doc);
-/// infinite when `Q` misses mass `P` has (the outliers piled into an empty last bin).
+/// infinite only when `Q` cannot be smoothed.
 fn kl_divergence(bins: &[u64], outliers: u64) -> f64 {
     let i = bins.len();
     let mut p: Vec<f64> = bins.iter().map(|&c| c as f64).collect();
@@ -93,6 +100,7 @@ fn kl_divergence(bins: &[u64], outliers: u64) -> f64 {
             }
         }
     }
+    smooth(&mut q);
     let (p_sum, q_sum): (f64, f64) = (p.iter().sum(), q.iter().sum());
     if p_sum == 0.0 || q_sum == 0.0 {
         return f64::INFINITY;
@@ -109,4 +117,22 @@ fn kl_divergence(bins: &[u64], outliers: u64) -> f64 {
         divergence += pj * (pj / qj).ln();
     }
     divergence
+}
+
+/// Gives every empty bin a count of `EPSILON`, taken evenly from the others
+/// (left as is when that would empty one of them).
+fn smooth(counts: &mut [f64]) {
+    const EPSILON: f64 = 1e-4;
+    let zeros = counts.iter().filter(|&&c| c == 0.0).count();
+    let non_zeros = counts.len() - zeros;
+    if zeros == 0 || non_zeros == 0 {
+        return;
+    }
+    let taken = EPSILON * zeros as f64 / non_zeros as f64;
+    if counts.iter().any(|&c| c > 0.0 && c <= taken) {
+        return;
+    }
+    for c in counts.iter_mut() {
+        *c = if *c == 0.0 { EPSILON } else { *c - taken };
+    }
 }

@@ -58,7 +58,7 @@
 //! ```text
 //! y = MatMul(x, w)      ->  x/quantized   = QuantizeLinear(x, x/scale, x/zero_point)
 //!                           x/dequantized = DequantizeLinear(x/quantized, x/scale, x/zero_point)
-//!                           y/weight      = DequantizeLinear(y/weight_int8, y/weight_scale, y/weight_zero_point) {axis=1}
+//!                           y/weight      = DequantizeLinear(y/weight_quantized, y/weight_scale, y/weight_zero_point) {axis=1}
 //!                           y             = MatMul(x/dequantized, y/weight)
 //! ```
 //! The float weights are left for `eliminate-dead-code`. Needs default-domain
@@ -300,7 +300,7 @@ impl QuantizeStatic {
             return Err(self.failed(format!("weight '{}' is not 2-D", weight.name)));
         };
         let (quantized, scales) = quantize_weight(values, cols as usize, axis);
-        let names = [format!("{root}/weight_int8"), format!("{root}/weight_scale"), format!("{root}/weight_zero_point")];
+        let names = [format!("{root}/weight_quantized"), format!("{root}/weight_scale"), format!("{root}/weight_zero_point")];
         let channels = scales.len() as i64;
         // uint8 with zero point 128: the same levels, shifted
         let (dtype, offset) = match self.weight_type {
