@@ -21,9 +21,10 @@
 //!   `s = (hi' - lo') / 255`, `z = round(-lo' / s)`; `Aq = saturate(round(A / s) + z)`.
 //! - `tensorrt`: int8, symmetric, zero point 0: `s = max(|lo|, |hi|) / 127`.
 //!
-//! Weights, both targets: int8 symmetric per output channel `n` (zero point
-//! 0): `s_n = max_k |W[k, n]| / 127` (1 for an all-zero channel), `Wq = round(W / s_n)`
-//! in `[-127, 127]`. The output channel is axis 1 of a MatMul's `[K, N]` and of
+//! Weights, both targets: symmetric per output channel `n`:
+//! `s_n = max_k |W[k, n]| / 127` (1 for an all-zero channel), `Wq = round(W / s_n)`
+//! in `[-127, 127]`, stored as int8 with zero point 0 or, for ORT on CPUs
+//! without VNNI, as uint8 with zero point 128 (the same levels; [`WeightType`]). The output channel is axis 1 of a MatMul's `[K, N]` and of
 //! a Gemm's `W` (axis 0 with `transB = 1`: `[N, K]`). Then `DQ(Q(A)) @ DQ(Wq) =
 //! s (Aq - z) @ (s_n Wq)`, which the runtime computes exactly in int32 and
 //! scales once. Error: inside the range, `|A - DQ(Q(A))| <= s / 2`; outside,
