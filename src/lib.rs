@@ -6,10 +6,12 @@
 //! - [`onnx`]: ONNX files <-> IR, zero-copy weights, external data, atomic writes;
 //! - [`verify`]: runs two models in tract on the same inputs and compares outputs;
 //! - [`calibrate`]: runs a model on text or `.npz` batches and gathers statistics of chosen tensors;
-//! - [`inspect`]: what a model holds, for humans and JSON.
+//! - [`inspect`]: what a model holds, for humans and JSON;
+//! - [`lint`]: a model checked against a runtime's documented rules (TensorRT's Q/DQ).
 
 pub mod calibrate;
 pub mod inspect;
+pub mod lint;
 pub mod ir;
 pub mod onnx;
 pub mod passes;

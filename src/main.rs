@@ -4,9 +4,10 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use onnxopt::passes::pipeline::{float16_passes, optimization_passes, quantization_passes, PipelineOptions, Target};
+use onnxopt::passes::pipeline::{cleanup_passes, float16_passes, optimization_passes, quantization_passes, static_quantization_passes, PipelineOptions, Target};
 use onnxopt::passes::quantize_dynamic::{ActivationScale, QuantizeDynamic};
 use onnxopt::passes::quantize_fp16::{ConvertToFloat16, Float16Scope};
+use onnxopt::passes::quantize_static::{activation_ranges, activations_to_calibrate, CalibrationMethod, QuantizeStatic, WeightType};
 use onnxopt::passes::{run_pipeline, DriverOptions, PassRecord};
 use onnxopt::{inspect, ir::Model, onnx, verify};
 use std::collections::HashSet;
@@ -96,7 +97,8 @@ enum Command {
         /// The quantization scheme (see the modes below).
         #[arg(long)]
         mode: QuantizeMode,
-        /// int8-dynamic: ort (com.microsoft.DynamicQuantizeMatMul) or portable (standard ops).
+        /// int8, int8-dynamic: ort (com.microsoft ops) or portable (standard ops);
+        /// int8-static: ort (uint8 activations, QDQ that ORT fuses) or tensorrt (int8 symmetric, TensorRT's placement);
         /// fp16: ort stores weights in float16 and computes in float32 (ORT's CPU provider has
         /// no float16 MatMul on x86-64: it would Cast around every node); portable and
         /// tensorrt compute in float16 too, range-sensitive ops (Softmax, norms, Pow, ...) in float32.
@@ -143,6 +145,29 @@ enum Command {
         atol: Option<f32>,
         #[arg(long)]
         rtol: Option<f32>,
+        /// int8-static: how each activation's range is chosen from calibration.
+        #[arg(long, default_value = "percentile")]
+        calibration_method: CalibrationMethodArg,
+        /// With --calibration-method percentile: the central percentage kept.
+        #[arg(long, default_value_t = 99.99)]
+        percentile: f64,
+        /// int8-static: int8 or uint8 weights (symmetric either way; uint8 has zero
+        /// point 128). Default: uint8 for ort (ORT's u8s8 kernel saturates on x86
+        /// CPUs without VNNI; on VNNI machines int8 is as exact), int8 for tensorrt
+        /// (the only type it takes).
+        #[arg(long)]
+        weight_type: Option<WeightTypeArg>,
+    },
+    /// Lint a QDQ model against a runtime's quantization rules; exit 1 on violations.
+    #[command(after_help = "Examples:\n  onnxopt check --target tensorrt model.qdq.onnx\n  onnxopt check --target tensorrt model.qdq.onnx --json")]
+    Check {
+        model: PathBuf,
+        /// tensorrt (explicit quantization: int8, zero point 0, Q/DQ placement).
+        #[arg(long)]
+        target: Target,
+        /// The violations as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a model on calibration data and print statistics of the tensors that
     /// quantization and pruning read (every MatMul/Gemm activation, or --tensors).
@@ -212,6 +237,8 @@ enum QuantizeMode {
     Int8Dynamic,
     /// float16 weights (and compute, for portable and tensorrt), float32 inputs and outputs.
     Fp16,
+    /// int8 weights and activations, activation scales from calibration (QDQ).
+    Int8Static,
 }
 
 impl QuantizeMode {
@@ -220,16 +247,33 @@ impl QuantizeMode {
             QuantizeMode::Int8 => "int8",
             QuantizeMode::Int8Dynamic => "int8-dynamic",
             QuantizeMode::Fp16 => "fp16",
+            QuantizeMode::Int8Static => "int8-static",
         }
     }
 
     /// The default check: (min cosine, atol, rtol).
     fn tolerance(self) -> (f64, f32, f32) {
         match self {
-            QuantizeMode::Int8 | QuantizeMode::Int8Dynamic => (0.98, f32::INFINITY, 0.0),
+            QuantizeMode::Int8 | QuantizeMode::Int8Dynamic | QuantizeMode::Int8Static => (0.98, f32::INFINITY, 0.0),
             QuantizeMode::Fp16 => (0.9999, onnxopt::passes::quantize_fp16::CHECK_ATOL, onnxopt::passes::quantize_fp16::CHECK_RTOL),
         }
     }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WeightTypeArg {
+    Int8,
+    Uint8,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CalibrationMethodArg {
+    /// Every value seen.
+    Minmax,
+    /// The central --percentile of the values.
+    Percentile,
+    /// TensorRT's entropy (KL-divergence) threshold.
+    Entropy,
 }
 
 #[derive(Args)]
@@ -302,6 +346,8 @@ impl OutputArgs {
 enum Failure {
     BadInput(anyhow::Error),
     VerificationFailed,
+    /// `check` found rule violations (printed already).
+    Violations,
 }
 
 impl From<anyhow::Error> for Failure {
@@ -446,6 +492,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             max_error_batches,
             smoothquant,
             calibration,
+            calibration_method,
+            percentile,
+            weight_type,
             report,
             no_verify,
             min_cosine,
@@ -457,6 +506,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let int8 = matches!(mode, QuantizeMode::Int8 | QuantizeMode::Int8Dynamic);
             if target == Target::TensorRt && int8 {
                 return Err(Failure::BadInput(anyhow::anyhow!("quantize --target: ort or portable (TensorRT wants static Q/DQ, not dynamic quantization)")));
+            }
+            if mode == QuantizeMode::Int8Static && target == Target::Portable {
+                return Err(Failure::BadInput(anyhow::anyhow!("quantize --mode int8-static --target: ort or tensorrt")));
             }
             let needs_calibration = |what: &str| anyhow::anyhow!("{what} needs calibration data: --calib-text FILE --tokenizer tokenizer.json, or --calib data.npz");
             let max_error = match (mode, max_error) {
@@ -487,7 +539,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         let scope = if target == Target::Ort { Float16Scope::Weights } else { Float16Scope::WeightsAndCompute };
                         float16_passes(target, ConvertToFloat16::new(scope, excluded))
                     }
-                    QuantizeMode::Int8 | QuantizeMode::Int8Dynamic => quantization_passes(QuantizeDynamic { target, exclude: excluded, activations }),
+                    _ => quantization_passes(QuantizeDynamic { target, exclude: excluded, activations }),
                 };
                 let mut quantized = original_or_smoothed.clone();
                 let records = run_pipeline(&mut quantized, &pipeline, &DriverOptions::default())?;
@@ -495,6 +547,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let mut sensitivity = None;
             let (quantized, records) = match max_error.filter(|_| int8) {
+                None if mode == QuantizeMode::Int8Static => {
+                    let method = match calibration_method {
+                        CalibrationMethodArg::Minmax => CalibrationMethod::MinMax,
+                        CalibrationMethodArg::Percentile => CalibrationMethod::Percentile(percentile),
+                        CalibrationMethodArg::Entropy => CalibrationMethod::Entropy,
+                    };
+                    let weight_type = match (weight_type, target) {
+                        (Some(WeightTypeArg::Uint8), Target::TensorRt) => {
+                            return Err(Failure::BadInput(anyhow::anyhow!("--weight-type uint8: TensorRT takes int8 weights only")));
+                        }
+                        (Some(WeightTypeArg::Int8), _) | (None, Target::TensorRt) => WeightType::Int8,
+                        (Some(WeightTypeArg::Uint8), _) | (None, _) => WeightType::Uint8,
+                    };
+                    quantize_static(&original_or_smoothed, target, exclude.iter().cloned().collect(), weight_type, &calibration, method, quiet)?
+                }
                 None => {
                     let _progress = Progress::start(quiet, format!("quantizing for {target}"));
                     quantize_excluding(&HashSet::new()).map_err(anyhow::Error::from)?
@@ -554,6 +621,25 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             save(&quantized, &input, &output, quiet)?;
+        }
+        Command::Check { model: path, target, json } => {
+            if target != Target::TensorRt {
+                return Err(Failure::BadInput(anyhow::anyhow!("check --target: tensorrt (the only runtime with rules to lint so far)")));
+            }
+            let model = load(&path, quiet, false)?;
+            let violations = onnxopt::lint::tensorrt::check(&model);
+            let text = if json {
+                serde_json::to_string_pretty(&violations).context("encoding the violations")? + "\n"
+            } else {
+                violations.iter().map(|v| format!("{v}\n")).collect()
+            };
+            write_stdout(&text)?;
+            if !quiet {
+                eprintln!("{}: {} violation(s) of TensorRT's explicit-quantization rules", path.display(), violations.len());
+            }
+            if !violations.is_empty() {
+                return Err(Failure::Violations);
+            }
         }
         Command::Calibrate { model: path, data, tensors, json } => {
             let source = data.source()?;
@@ -675,6 +761,36 @@ fn smooth(original: &Model, alpha: f32, source: &onnxopt::calibrate::Calibration
     Ok(smoothed)
 }
 
+/// `quantize --mode int8-static`: cleanup, calibration of the activations
+/// `quantize-static` will quantize (on the cleaned graph), then the pass.
+fn quantize_static(
+    original: &Model,
+    target: Target,
+    exclude: std::collections::HashSet<String>,
+    weight_type: WeightType,
+    calibration: &CalibrationArgs,
+    method: CalibrationMethod,
+    quiet: bool,
+) -> Result<(Model, Vec<PassRecord>)> {
+    let source = calibration.source()?;
+    let mut quantized = original.clone();
+    let mut records = {
+        let _progress = Progress::start(quiet, "cleaning up".into());
+        run_pipeline(&mut quantized, &cleanup_passes(target), &DriverOptions::default())?
+    };
+    let taps = activations_to_calibrate(&quantized, target, &exclude);
+    let tap_names: Vec<&str> = taps.iter().map(String::as_str).collect();
+    let stats = {
+        let _progress = Progress::start(quiet, format!("calibrating {} activations", taps.len()));
+        onnxopt::calibrate::calibrate(&quantized, &tap_names, &source)?
+    };
+    let ranges = activation_ranges(&stats, method)?;
+    let _progress = Progress::start(quiet, format!("quantizing for {target}"));
+    let pipeline = static_quantization_passes(QuantizeStatic { target, ranges, exclude, weight_type });
+    records.extend(run_pipeline(&mut quantized, &pipeline, &DriverOptions::default())?);
+    Ok((quantized, records))
+}
+
 /// Writes a JSON report (optimize, quantize).
 fn write_report(path: &Path, json: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(json).context("encoding the report")?;
@@ -713,6 +829,7 @@ fn main() -> ExitCode {
             eprintln!("error: outputs differ beyond tolerance");
             ExitCode::from(1)
         }
+        Err(Failure::Violations) => ExitCode::from(1),
         Err(Failure::BadInput(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

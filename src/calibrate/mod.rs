@@ -15,11 +15,13 @@
 //! like any other (the model computes them); sort sentences by length or use
 //! small batches to keep their weight down.
 
+mod entropy;
 mod gram;
 mod source;
 mod stats;
 mod taps;
 
+pub use entropy::{entropy_threshold, LEVELS as ENTROPY_LEVELS};
 pub use gram::Gram;
 pub use source::{Batches, CalibrationSource};
 pub use stats::{ChannelStats, Histogram, Stats, HISTOGRAM_BINS};

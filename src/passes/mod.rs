@@ -20,6 +20,7 @@ pub mod no_op;
 pub mod pipeline;
 pub mod quantize_dynamic;
 pub mod quantize_fp16;
+pub mod quantize_static;
 pub mod raise_opset;
 pub mod shape_folding;
 pub mod smooth_quant;

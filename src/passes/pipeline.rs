@@ -31,6 +31,7 @@ use super::fuse::Fuse;
 use super::no_op::RemoveNoOps;
 use super::quantize_dynamic::QuantizeDynamic;
 use super::quantize_fp16::ConvertToFloat16;
+use super::quantize_static::QuantizeStatic;
 use super::raise_opset::RaiseOpset;
 use super::shape_folding::FoldShapes;
 use super::Pass;
@@ -133,6 +134,21 @@ pub fn float16_passes(target: Target, convert: ConvertToFloat16) -> Vec<Box<dyn 
     passes.push(Box::new(convert));
     passes.push(Box::new(EliminateDeadCode));
     passes
+}
+
+/// `onnxopt quantize --mode int8-static` runs in two steps around calibration:
+/// 1. [`cleanup_passes`] (as for `quantize-dynamic`): the activations are
+///    calibrated on the cleaned graph, whose tensor names `quantize-static` reads;
+/// 2. these: `quantize-static` with the calibrated ranges, then
+///    `eliminate-dead-code` (the float weights the int8 ones replaced).
+pub fn static_quantization_passes(quantize: QuantizeStatic) -> Vec<Box<dyn Pass>> {
+    vec![Box::new(quantize), Box::new(EliminateDeadCode)]
+}
+
+/// The cleanup passes of [`optimization_passes`] without `fuse` (a fused op
+/// hides the MatMuls quantization looks for).
+pub fn cleanup_passes(target: Target) -> Vec<Box<dyn Pass>> {
+    optimization_passes(target, &PipelineOptions { skip: vec!["fuse".into()], ..PipelineOptions::default() })
 }
 
 /// Every pass name, for `--passes` / `--skip` validation.
