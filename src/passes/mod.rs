@@ -18,6 +18,7 @@ pub mod fuse;
 pub mod no_op;
 pub mod pipeline;
 pub mod quantize_dynamic;
+pub mod quantize_int4;
 pub mod raise_opset;
 pub mod shape_folding;
 

@@ -4,5 +4,7 @@
 //!
 //! - [`gptq`]: rounding against calibration data (GPTQ, Frantar et al. 2022),
 //!   or to nearest, on a [`gptq::Grid`] of per-column or blocked scales.
+//! - [`int4`]: packing 4-bit integers two to a byte (ONNX int4, ORT MatMulNBits).
 
 pub mod gptq;
+pub mod int4;
