@@ -38,6 +38,11 @@
 //!   and a MatMul of the dequantized weight; the model must import opset 21 or
 //!   later (`onnxopt quantize` raises it first). With a zero point the values are
 //!   stored as `q - 8` and `z - 8` (int4's range), the same `q - z`.
+//!   ONNX Runtime 1.32 fuses this pair into MatMulNBits with `accuracy_level = 4`
+//!   (its session option `session.qdq_matmulnbits_accuracy_level` defaults to 4;
+//!   measured: 0.023 max abs from the float product on a K = 64 case, 0 with the
+//!   option set to 0), so ORT then also quantizes `A` to int8, which the tract
+//!   check does not see.
 //!
 //! ```text
 //! y = MatMul(x, w)   ->  y = com.microsoft.MatMulNBits(x, y/weight_int4, y/weight_scale[, y/weight_zero_point])
