@@ -7,7 +7,8 @@
 //! - [`verify`]: runs two models in tract on the same inputs and compares outputs;
 //! - [`calibrate`]: runs a model on text or `.npz` batches and gathers statistics of chosen tensors;
 //! - [`inspect`]: what a model holds, for humans and JSON;
-//! - [`lint`]: a model checked against a runtime's documented rules (TensorRT's Q/DQ).
+//! - [`lint`]: a model checked against a runtime's documented rules (TensorRT's Q/DQ);
+//! - [`quantize`]: weight quantizers (GPTQ, round-to-nearest) the quantization passes use.
 
 pub mod calibrate;
 pub mod inspect;
@@ -15,6 +16,7 @@ pub mod lint;
 pub mod ir;
 pub mod onnx;
 pub mod passes;
+pub mod quantize;
 pub mod rewrite;
 pub mod sensitivity;
 pub mod verify;

@@ -149,6 +149,7 @@ pub fn lower_node(model: &Model, types: &TypeMap, id: NodeId) -> Result<Patch, L
         "GroupQueryAttention" => lowering.group_query_attention(),
         "DynamicQuantizeMatMul" => lowering.dynamic_quantize_matmul(),
         "MatMulIntegerToFloat" => lowering.matmul_integer_to_float(),
+        "MatMulNBits" => lowering.matmul_n_bits(),
         other => Err(format!("no lowering of {other} to standard ONNX ops")),
     };
     lowered.map_err(unsupported)?;
@@ -625,6 +626,79 @@ impl<'m> Lowering<'m> {
             None => {
                 self.op_into("Mul", &[&accumulated, &scale], Vec::new(), output, "y");
             }
+        }
+        Ok(())
+    }
+
+    /// MatMulNBits(A, B, scales, zero_points?) with `bits = 4`: `Y = A @ W` with
+    /// `W[k, n] = (q[n, k] - z[n, g]) * scales[n * blocks + g]`, `g = k / block_size`,
+    /// `q` unpacked from `B` `[N, blocks, block_size / 2]` low nibble first, `z`
+    /// from the packed uint8 zero points (8 when absent). `W` becomes a float32
+    /// constant: `q - z` is a small integer, so its product with the scale is the
+    /// one rounding ORT's dequantization makes too (`quantize_int4.rs`). ORT
+    /// computes in float32 with `accuracy_level` 0 or 1; a higher level quantizes
+    /// `A` to int8 as well, which this does not, so it is refused, as are `g_idx`
+    /// and float zero points.
+    fn matmul_n_bits(&mut self) -> Result<(), Refusal> {
+        let a = self.required(0, "A")?;
+        let (b, scales) = (self.required(1, "B")?, self.required(2, "scales")?);
+        self.refuse_inputs(&[(4, "g_idx")])?;
+        if self.int_attr("bits", 4) != 4 {
+            return Err("only bits = 4 is lowered".into());
+        }
+        if self.int_attr("accuracy_level", 0) > 1 {
+            return Err("accuracy_level above 1 quantizes A as well; only float32 computation is lowered".into());
+        }
+        let (k, n, block) = (self.positive_attr("K")? as usize, self.positive_attr("N")? as usize, self.positive_attr("block_size")? as usize);
+        let blocks = k.div_ceil(block);
+        let raw = |name: &str, dtype: DataType| -> Result<Vec<u8>, Refusal> {
+            let tensor = self.graph.initializer(name).ok_or_else(|| format!("'{name}' is not a constant"))?;
+            match (&tensor.data, tensor.dtype) {
+                (crate::ir::TensorData::Raw(bytes), t) if t == dtype => Ok(bytes.to_vec()),
+                (_, t) if t == dtype => tensor.to_i64().map(|v| v.iter().map(|&x| x as u8).collect()).map_err(|e| e.to_string()),
+                (_, other) => Err(format!("'{name}' is {other}, not {dtype}")),
+            }
+        };
+        let packed = raw(b, DataType::Uint8)?;
+        let q = crate::quantize::int4::unpack_nibbles(&packed, n * blocks * block, false)
+            .ok_or_else(|| format!("'{b}' holds {} bytes, not N * blocks * block_size / 2 = {}", packed.len(), n * blocks * block / 2))?;
+        let scale_tensor = self.graph.initializer(scales).ok_or_else(|| format!("'{scales}' is not a constant"))?;
+        if scale_tensor.dtype != DataType::Float {
+            return Err(format!("'{scales}' is {}; only float32 is lowered", scale_tensor.dtype));
+        }
+        let scale_values = scale_tensor.to_f32().map_err(|e| e.to_string())?.iter().copied().collect::<Vec<f32>>();
+        if scale_values.len() != n * blocks {
+            return Err(format!("'{scales}' has {} values, not N * blocks = {}", scale_values.len(), n * blocks));
+        }
+        let zero_points = match self.input(3) {
+            Some(z) => {
+                let packed = raw(z, DataType::Uint8).map_err(|e| format!("{e} (float zero points are not lowered)"))?;
+                let per_column = blocks.div_ceil(2) * 2;
+                let all = crate::quantize::int4::unpack_nibbles(&packed, n * per_column, false)
+                    .ok_or_else(|| format!("'{z}' holds {} bytes, not N * ceil(blocks / 2) = {}", packed.len(), n * blocks.div_ceil(2)))?;
+                (0..n).flat_map(|column| all[column * per_column..column * per_column + blocks].to_vec()).collect()
+            }
+            None => vec![8; n * blocks],
+        };
+        let mut weight = Vec::with_capacity(k * n * 4);
+        for row in 0..k {
+            let g = row / block;
+            for column in 0..n {
+                let value = (q[(column * blocks + g) * block + row % block] - zero_points[column * blocks + g]) as f32 * scale_values[column * blocks + g];
+                weight.extend_from_slice(&value.to_le_bytes());
+            }
+        }
+        let weight = self.constant("weight", DataType::Float, vec![k as i64, n as i64], weight);
+        let product = match self.input(5) {
+            Some(_) => self.op("MatMul", &[a, &weight], "product"),
+            None => {
+                let output = self.used_output(0);
+                self.op_into("MatMul", &[a, &weight], Vec::new(), output, "y")
+            }
+        };
+        if let Some(bias) = self.input(5) {
+            let output = self.used_output(0);
+            self.op_into("Add", &[&product, bias], Vec::new(), output, "y");
         }
         Ok(())
     }

@@ -59,6 +59,11 @@
 //! or later (before 23 a default-domain Attention is no ONNX op); nodes inside
 //! subgraphs are not lowered.
 //!
+//! Also lowered, at any opset: `DequantizeLinear` of a constant int4 or uint4
+//! tensor (opset 21; `quantize-int4`'s portable form), which tract-onnx 0.23.9
+//! cannot load, becomes its float32 value as a constant (exact: see
+//! `dequantize_constant`).
+//!
 //! Sketch (4-D attention, no mask):
 //! ```text
 //! y = Attention(q, k, v) {is_causal=1}
@@ -103,7 +108,7 @@ impl Pass for LowerStandardOps {
             .graph
             .nodes_with_ids()
             .into_iter()
-            .filter(|(_, n)| needs_lowering(&model.graph, n, opset))
+            .filter(|(_, n)| needs_lowering(&model.graph, n, opset) || dequantizes_constant_int4(&model.graph, n))
             .map(|(id, _)| id)
             .collect();
         if targets.is_empty() {
@@ -122,6 +127,13 @@ pub fn needs_lowering(graph: &Graph, node: &Node, opset: i64) -> bool {
     opset_23_op || computed_scale
 }
 
+/// `true` for a DequantizeLinear of a constant int4 or uint4 tensor (opset 21),
+/// which tract-onnx 0.23.9 cannot load: lowered to its float value.
+pub fn dequantizes_constant_int4(graph: &Graph, node: &Node) -> bool {
+    node.is_onnx("DequantizeLinear")
+        && node.inputs.first().and_then(|x| graph.initializer(x)).is_some_and(|t| matches!(t.dtype, DataType::Int4 | DataType::Uint4))
+}
+
 /// Runs the pass to its fixpoint (what `verify_rewrite` does to both models).
 pub fn lower_standard_ops(model: &mut Model, options: &DriverOptions) -> Result<PassRecord, PassError> {
     let passes: Vec<Box<dyn Pass>> = vec![Box::new(LowerStandardOps)];
@@ -138,6 +150,7 @@ pub fn lower_node(model: &Model, types: &TypeMap, id: NodeId) -> Result<Patch, L
         "Attention" => lowering.attention(),
         "RMSNormalization" => lowering.rms_normalization(),
         "QuantizeLinear" => lowering.quantize_linear(),
+        "DequantizeLinear" => lowering.dequantize_constant(),
         other => Err(format!("{other} is not lowered here")),
     };
     lowered.map_err(|reason| LowerError {
@@ -300,6 +313,82 @@ impl<'m> Lowering<'m> {
         let clipped = self.op("Clip", &[&value, &low, &high], "saturated");
         let output = self.used_output(0);
         self.op_into("Cast", &[&clipped], vec![("to", AttrValue::Int(dtype.code() as i64))], output, "y");
+        Ok(())
+    }
+
+    /// DequantizeLinear-21 of constant int4/uint4 `x` (with constant float32
+    /// `scale` and optional `zero_point` of `x`'s type): `y = (x - zero_point) *
+    /// scale`, per tensor, per `axis`, or per block of `block_size` along `axis`
+    /// (scale then has `x`'s rank, `ceil(dim / block_size)` on `axis`), computed
+    /// here in float32 as ORT's kernel does (`x - zero_point` is a small integer:
+    /// one rounding), and written as a constant named `y`. `x`, `scale` and
+    /// `zero_point` go when nothing else reads them (tract could not load `x`).
+    fn dequantize_constant(&mut self) -> Result<(), Refusal> {
+        use crate::quantize::int4::unpack_nibbles;
+        let graph = &self.model.graph;
+        let node = self.node;
+        let tensor = |i: usize, what: &str| -> Result<&Tensor, Refusal> {
+            let name = self.required(i, what)?;
+            graph.initializer(name).ok_or_else(|| format!("{what} '{name}' is not a constant"))
+        };
+        let x = tensor(0, "x")?;
+        let scale = tensor(1, "x_scale")?;
+        let zero_point = self.input(2).map(|_| tensor(2, "x_zero_point")).transpose()?;
+        let signed = x.dtype == DataType::Int4;
+        let nibbles = |t: &Tensor| match &t.data {
+            crate::ir::TensorData::Raw(bytes) if t.dtype == x.dtype => {
+                unpack_nibbles(bytes, t.element_count() as usize, signed).ok_or_else(|| format!("'{}' holds too few bytes", t.name))
+            }
+            _ => Err(format!("'{}' is not raw {} data", t.name, x.dtype)),
+        };
+        let values = nibbles(x)?;
+        if scale.dtype != DataType::Float {
+            return Err(format!("x_scale is {}; only float32 is lowered", scale.dtype));
+        }
+        let scales: Vec<f32> = scale.to_f32().map_err(|e| e.to_string())?.iter().copied().collect();
+        let zeros = match zero_point {
+            Some(z) => nibbles(z)?,
+            None => vec![0; scales.len()],
+        };
+        let dims: Vec<usize> = x.dims.iter().map(|&d| usize::try_from(d).unwrap_or(0)).collect();
+        let rank = dims.len() as i64;
+        let axis = node.attr_int("axis").unwrap_or(1);
+        let block = node.attr_int("block_size").unwrap_or(0);
+        let per_tensor = scales.len() == 1 && block == 0 && scale.dims.len() <= 1;
+        let axis = if axis < 0 { axis + rank } else { axis };
+        if !per_tensor && !(0..rank).contains(&axis) {
+            return Err(format!("axis {axis} is outside x's rank {rank}"));
+        }
+        let axis = axis.max(0) as usize;
+        let (outer, length) = (dims[..axis.min(dims.len())].iter().product::<usize>(), dims.get(axis).copied().unwrap_or(1));
+        let inner: usize = dims.get(axis + 1..).map_or(1, |d| d.iter().product());
+        let (block, scale_count) = match block {
+            _ if per_tensor => (0, 1),
+            0 => (0, length),
+            b if b > 0 => (b as usize, outer * length.div_ceil(b as usize) * inner),
+            b => return Err(format!("block_size {b} is negative")),
+        };
+        if scales.len() != scale_count || zeros.len() != scales.len() {
+            return Err(format!("x_scale has {} values (zero point {}), the layout needs {scale_count}", scales.len(), zeros.len()));
+        }
+        let mut raw = Vec::with_capacity(values.len() * 4);
+        for (i, &v) in values.iter().enumerate() {
+            let (o, a, r) = (i / (length * inner), i / inner % length, i % inner);
+            let s = match (per_tensor, block) {
+                (true, _) => 0,
+                (false, 0) => a,
+                (false, b) => (o * length.div_ceil(b) + a / b) * inner + r,
+            };
+            raw.extend_from_slice(&((v - zeros[s]) as f32 * scales[s]).to_le_bytes());
+        }
+        let output = self.node.outputs.first().filter(|o| !o.is_empty()).ok_or("the output is unnamed")?.clone();
+        self.patch.add_initializer(Tensor::from_raw(output, DataType::Float, x.dims.clone(), Bytes::from(raw)));
+        for input in node.inputs.iter().filter(|i| !i.is_empty()) {
+            let only_here = graph.uses(input).iter().all(|u| graph.node(u.node).is_some_and(|n| std::ptr::eq(n, node)));
+            if only_here && !graph.is_graph_output(input) {
+                self.patch.remove_initializer(input.clone());
+            }
+        }
         Ok(())
     }
 

@@ -21,6 +21,7 @@ pub mod pipeline;
 pub mod quantize_dynamic;
 pub mod quantize_fp16;
 pub mod quantize_static;
+pub mod quantize_int4;
 pub mod raise_opset;
 pub mod shape_folding;
 pub mod smooth_quant;
