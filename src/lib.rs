@@ -13,6 +13,7 @@ pub mod inspect;
 pub mod ir;
 pub mod onnx;
 pub mod passes;
+pub mod prune;
 pub mod rewrite;
 pub mod verify;
 
