@@ -210,7 +210,7 @@ pub fn verify_rewrite(original: &Model, rewritten: &Model, options: &crate::veri
 
 /// A copy of `model` tract can run faithfully: contrib ops and the standard ops
 /// tract misreads lowered to what it runs right.
-fn lowered_for_tract(model: &Model) -> Result<Model, PassError> {
+pub(crate) fn lowered_for_tract(model: &Model) -> Result<Model, PassError> {
     let driver = DriverOptions { validate: true, ..DriverOptions::default() };
     let mut m = model.clone();
     // The lowerings emit LayerNormalization-17. Opsets 13 to 16 differ from

@@ -89,9 +89,7 @@ fn input_output_cosines(model: &Model, blocks: &[Block], source: &CalibrationSou
     let taps: Vec<&str> = blocks.iter().flat_map(|b| [b.input.as_str(), b.output.as_str()]).collect();
     let mut sums = vec![0.0f64; blocks.len()];
     let mut tokens = 0u64;
-    let mut model = model.clone();
-    model.graph.outputs.clear();
-    for_each_batch(&model, &taps, source, |batch| {
+    for_each_batch(&super::calibration_copy(model)?, &taps, source, |batch| {
         let mut rows_seen = 0;
         for (b, pair) in batch.taps.chunks(2).enumerate() {
             let keep = batch.token_rows(&pair[0]);

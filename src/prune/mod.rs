@@ -49,6 +49,15 @@ fn tract_min_cosine(original: &Model, pruned: &Model) -> Result<f64, PruneError>
     Ok(verify_rewrite(original, pruned, &options)?.min_cosine())
 }
 
+/// The copy calibration runs: contrib ops lowered (tract runs no com.microsoft
+/// op faithfully; the lowerings keep every tensor name the taps use) and no
+/// graph outputs, so that tract stops at the last tapped tensor.
+fn calibration_copy(model: &Model) -> Result<Model, PruneError> {
+    let mut m = crate::passes::lowered_for_tract(model)?;
+    m.graph.outputs.clear();
+    Ok(m)
+}
+
 /// Elements of the model's floating-point initializers.
 pub fn float_parameters(model: &Model) -> u64 {
     model

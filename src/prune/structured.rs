@@ -205,7 +205,7 @@ impl TeacherOutputs {
         let taps: Vec<&str> = linears.iter().map(|l| l.output.as_str()).collect();
         let mut batches = Vec::new();
         let mut tokens = 0;
-        for_each_batch(&without_outputs(model), &taps, source, |batch| {
+        for_each_batch(&super::calibration_copy(model)?, &taps, source, |batch| {
             let mut targets = Vec::new();
             for (value, linear) in batch.taps.iter().zip(&linears) {
                 let keep = batch.token_rows(value);
@@ -227,7 +227,7 @@ impl TeacherOutputs {
     fn normal_equations(&self, student: &Model, input: &str, target: usize, source: &CalibrationSource) -> Result<NormalEquations, PruneError> {
         let mut normal: Option<NormalEquations> = None;
         let mut index = 0;
-        for_each_batch(&without_outputs(student), &[input], source, |batch| {
+        for_each_batch(&super::calibration_copy(student)?, &[input], source, |batch| {
             let value = &batch.taps[0];
             let keep = batch.token_rows(value);
             let x = real_rows(value, keep.as_deref(), input)?;
@@ -247,12 +247,6 @@ fn observe_error(tensor: &str, why: impl ToString) -> crate::calibrate::Calibrat
     crate::calibrate::CalibrateError::Observe { tensor: tensor.to_string(), why: why.to_string() }
 }
 
-/// A copy whose only outputs will be the taps: tract then stops at the last tapped layer.
-fn without_outputs(model: &Model) -> Model {
-    let mut m = model.clone();
-    m.graph.outputs.clear();
-    m
-}
 
 /// The rows of a `[batch, seq, features]` tensor whose `keep` entry is true.
 fn real_rows(value: &tract_onnx::prelude::Tensor, keep: Option<&[bool]>, name: &str) -> Result<Array2<f32>, crate::calibrate::CalibrateError> {
