@@ -136,10 +136,12 @@ fn reconstruction_lowers_the_error() {
         assert!(report.calibration_tokens > 400, "{form}: {}", report.calibration_tokens);
         for layer in &report.layers {
             let (before, after) = (layer.attention_error_before.unwrap(), layer.attention_error_after.unwrap());
-            assert!(after < before, "{form} layer {}: attention error {before} -> {after}", layer.layer);
+            assert!(after <= before, "{form} layer {}: attention error {before} -> {after}", layer.layer);
             let (before, after) = (layer.ffn_error_before.unwrap(), layer.ffn_error_after.unwrap());
-            assert!(after < before, "{form} layer {}: FFN error {before} -> {after}", layer.layer);
+            assert!(after <= before, "{form} layer {}: FFN error {before} -> {after}", layer.layer);
         }
+        // the cross-validated damping may keep the sliced weights of a layer, not of all
+        assert!(report.layers.iter().any(|l| l.attention_error_after < l.attention_error_before), "{form}: {report:?}");
         assert!(plain.layers.iter().all(|l| l.attention_error_after.is_none()), "{form}: no re-fit, no error after");
         eprintln!("{form}: tract cosine {:.4} without re-fit, {:.4} with", plain.tract_min_cosine, report.tract_min_cosine);
         assert!(report.tract_min_cosine > 0.5, "{form}: {report:?}");

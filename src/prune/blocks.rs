@@ -84,6 +84,9 @@ pub struct Block {
     pub index: usize,
     /// The hidden state entering the block (Q/K/V's input and the first residual).
     pub input: String,
+    /// The hidden state between the halves (the first norm's output): FFN1's
+    /// input and the second residual.
+    pub middle: String,
     /// The hidden state leaving it (the second norm's output).
     pub output: String,
     pub hidden: usize,
@@ -447,6 +450,7 @@ fn complete_block(graph: &Graph, index: usize, core: AttentionCore) -> Result<Bl
     Ok(Block {
         index,
         input: core.input,
+        middle,
         output,
         hidden,
         heads: core.heads,

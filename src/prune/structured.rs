@@ -12,8 +12,12 @@
 //! 2. Data. The student (the model as pruned so far) runs on the calibration
 //!    batches with the output projection's input tapped; the teacher (the
 //!    original) ran once with each layer's output-projection and FFN2 MatMul
-//!    outputs tapped. Per real token: `X` (the merged heads, or the FFN
-//!    activations), `Y` the teacher's MatMul output plus its bias. Accumulated:
+//!    outputs and residual inputs tapped. Per real token: `X` (the merged heads,
+//!    or the FFN activations) and the target `Y = (x_t W_t + b_t + r_t) - r_s`:
+//!    what the student's branch must add to its own residual `r_s` for the sum
+//!    the norm reads to be the teacher's (not just the teacher's MatMul output:
+//!    the branch then also makes up for the drift of the residual stream
+//!    through the earlier pruned layers). Accumulated:
 //!    `H = [X 1]^T [X 1]`, `C = [X 1]^T Y`, `||Y||^2` (f64, faer).
 //! 3. Selection. Removing a head removes its columns of `X` and nothing else
 //!    changes (heads are independent given the layer input), so every subset is
@@ -32,10 +36,15 @@
 //! 5. Reconstruction: the surviving output projection (and bias) and FFN2 (and
 //!    bias) re-fitted by least squares, `min ||[X 1] W - Y||^2 + l ||W - W0||^2`,
 //!    solved as `(H + l I) W = C + l W0` by a Cholesky factorisation (faer LLT).
-//!    The damping `l` is 1% of the mean diagonal of `H` over the features (as
-//!    GPTQ damps its Hessian), pulling towards the original weights `W0` rather
-//!    than towards zero. The attention half is re-fitted before the FFN's data
-//!    is gathered, so FFN2 is fitted on its real inputs.
+//!    The damping `l`, a fraction of the mean diagonal of `H` over the features,
+//!    pulls towards the original weights `W0` rather than towards zero. It is
+//!    chosen by two-fold cross-validation over the calibration batches (even
+//!    against odd) from 1% (what GPTQ damps its Hessian by) to 300%, or no re-fit
+//!    at all when the sliced weights do better on held-out batches: FFN2 has
+//!    over a thousand inputs, and a few thousand calibration tokens overfit it
+//!    (MiniLM, 128 sentences: in-sample error 0.0004, the layer's output worse on
+//!    dev sentences than without the re-fit). The attention half is re-fitted
+//!    before the FFN's data is gathered, so FFN2 is fitted on its real inputs.
 //!
 //! Errors reported per layer are relative, `||[X 1] W - Y||^2 / ||Y||^2` on the
 //! calibration tokens, before (sliced original weights) and after the re-fit.
@@ -72,6 +81,10 @@ pub struct LayerPruning {
     pub attention_error_after: Option<f64>,
     pub ffn_error_before: Option<f64>,
     pub ffn_error_after: Option<f64>,
+    /// The damping chosen by cross-validation (fraction of the mean diagonal);
+    /// `None` when the re-fit lost to the sliced weights on held-out batches, or without re-fit.
+    pub attention_damping: Option<f64>,
+    pub ffn_damping: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -124,17 +137,20 @@ pub fn prune_structured(
             attention_error_after: None,
             ffn_error_before: None,
             ffn_error_after: None,
+            attention_damping: None,
+            ffn_damping: None,
         };
         // attention half
         let groups: Vec<Vec<usize>> = (0..block.heads).map(|h| (h * block.head_size..(h + 1) * block.head_size).collect()).collect();
         let data = match (source, &teacher) {
-            (Some(s), Some(t)) => Some(t.normal_equations(&student, &block.attention_output.input, 2 * layer, s)?),
+            (Some(s), Some(t)) => Some(t.normal_equations(&student, &block.attention_output.input, &block.input, 2 * layer, s)?),
             _ => None,
         };
         let fallback = || head_weight_scores(&block);
         let fit = choose_and_fit(&block.attention_output, data.as_ref(), &groups, heads_keep, 1, reconstruct, fallback)?;
         record.heads_kept = fit.kept_groups.clone();
         (record.attention_error_before, record.attention_error_after) = (fit.error_before, fit.error_after);
+        record.attention_damping = fit.damping;
         let patch = head_surgery(&student.graph, &block, &fit)?;
         student.graph.apply(patch, true)?;
 
@@ -142,12 +158,13 @@ pub fn prune_structured(
         let block = block_at(&student, layer)?;
         let groups: Vec<Vec<usize>> = (0..block.neurons).map(|j| vec![j]).collect();
         let data = match (source, &teacher) {
-            (Some(s), Some(t)) => Some(t.normal_equations(&student, &block.ffn_out.input, 2 * layer + 1, s)?),
+            (Some(s), Some(t)) => Some(t.normal_equations(&student, &block.ffn_out.input, &block.middle, 2 * layer + 1, s)?),
             _ => None,
         };
         let fallback = || neuron_weight_scores(&block);
         let fit = choose_and_fit(&block.ffn_out, data.as_ref(), &groups, neurons_keep, 4, reconstruct, fallback)?;
         (record.ffn_error_before, record.ffn_error_after) = (fit.error_before, fit.error_after);
+        record.ffn_damping = fit.damping;
         let patch = neuron_surgery(&student.graph, &block, &fit)?;
         student.graph.apply(patch, true)?;
         layers.push(record);
@@ -201,15 +218,17 @@ struct TeacherOutputs {
 
 impl TeacherOutputs {
     fn collect(model: &Model, blocks: &[Block], source: &CalibrationSource) -> Result<TeacherOutputs, PruneError> {
-        let linears: Vec<&Linear> = blocks.iter().flat_map(|b| [&b.attention_output, &b.ffn_out]).collect();
-        let taps: Vec<&str> = linears.iter().map(|l| l.output.as_str()).collect();
+        let linears: Vec<(&Linear, &str)> = blocks.iter().flat_map(|b| [(&b.attention_output, b.input.as_str()), (&b.ffn_out, b.middle.as_str())]).collect();
+        let taps: Vec<&str> = linears.iter().flat_map(|(l, residual)| [l.output.as_str(), residual]).collect();
         let mut batches = Vec::new();
         let mut tokens = 0;
         for_each_batch(&super::calibration_copy(model)?, &taps, source, |batch| {
             let mut targets = Vec::new();
-            for (value, linear) in batch.taps.iter().zip(&linears) {
+            for (pair, (linear, residual)) in batch.taps.chunks(2).zip(&linears) {
+                let value = &pair[0];
                 let keep = batch.token_rows(value);
                 let mut y = real_rows(value, keep.as_deref(), &linear.output)?;
+                y += &real_rows(&pair[1], keep.as_deref(), residual)?;
                 if let Some(bias) = &linear.bias {
                     let bias = bias.values.view().into_shape_with_order(bias.values.len()).map_err(|e| observe_error(&linear.output, e))?;
                     y += &bias;
@@ -224,18 +243,24 @@ impl TeacherOutputs {
     }
 
     /// `H`, `C`, `||Y||^2` of the student's `input` against target `target`.
-    fn normal_equations(&self, student: &Model, input: &str, target: usize, source: &CalibrationSource) -> Result<NormalEquations, PruneError> {
-        let mut normal: Option<NormalEquations> = None;
+    fn normal_equations(&self, student: &Model, input: &str, residual: &str, target: usize, source: &CalibrationSource) -> Result<FitData, PruneError> {
+        let mut normal: Option<FitData> = None;
         let mut index = 0;
-        for_each_batch(&super::calibration_copy(student)?, &[input], source, |batch| {
+        for_each_batch(&super::calibration_copy(student)?, &[input, residual], source, |batch| {
             let value = &batch.taps[0];
             let keep = batch.token_rows(value);
             let x = real_rows(value, keep.as_deref(), input)?;
-            let y = self.batches.get(index).and_then(|b| b.get(target)).ok_or_else(|| observe_error(input, "more batches than the teacher saw"))?;
+            let sum = self.batches.get(index).and_then(|b| b.get(target)).ok_or_else(|| observe_error(input, "more batches than the teacher saw"))?;
+            let y = &(sum - &real_rows(&batch.taps[1], keep.as_deref(), residual)?);
             if y.nrows() != x.nrows() {
                 return Err(observe_error(input, format!("{} rows, the teacher had {}", x.nrows(), y.nrows())));
             }
-            normal.get_or_insert_with(|| NormalEquations::new(x.ncols(), y.ncols())).observe(&x, y);
+            let data = normal.get_or_insert_with(|| FitData {
+                all: NormalEquations::new(x.ncols(), y.ncols()),
+                halves: [NormalEquations::new(x.ncols(), y.ncols()), NormalEquations::new(x.ncols(), y.ncols())],
+            });
+            data.all.observe(&x, y);
+            data.halves[index % 2].observe(&x, y);
             index += 1;
             Ok(())
         })?;
@@ -258,6 +283,16 @@ fn real_rows(value: &tract_onnx::prelude::Tensor, keep: Option<&[bool]>, name: &
     let kept: Vec<usize> = (0..rows).filter(|&r| keep.is_none_or(|k| k.get(r).copied().unwrap_or(true))).collect();
     Ok(Array2::from_shape_fn((kept.len(), features), |(i, j)| values[kept[i] * features + j]))
 }
+
+/// The normal equations over all calibration batches, and over the even and
+/// the odd ones (for choosing the damping).
+pub struct FitData {
+    pub all: NormalEquations,
+    pub halves: [NormalEquations; 2],
+}
+
+/// Damping fractions tried by cross-validation.
+const DAMPINGS: [f64; 6] = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0];
 
 /// `H = [X 1]^T [X 1]`, `C = [X 1]^T Y`, `||Y||^2`; the ones column is last.
 pub struct NormalEquations {
@@ -298,10 +333,10 @@ impl NormalEquations {
 
     /// The damped least-squares weights over features `s` (bias row last),
     /// pulled towards `w0`; also `(H + l I)^-1` when asked.
-    fn solve(&self, s: &[usize], w0: &Mat<f64>, want_inverse: bool) -> Result<(Mat<f64>, Option<Mat<f64>>), PruneError> {
+    fn solve(&self, s: &[usize], w0: &Mat<f64>, fraction: f64, want_inverse: bool) -> Result<(Mat<f64>, Option<Mat<f64>>), PruneError> {
         let idx = with_bias_index(s, self.features());
         let mut h = submatrix(&self.h, &idx, &idx);
-        let damping = 0.01 * (0..s.len()).map(|i| h[(i, i)]).sum::<f64>() / s.len().max(1) as f64;
+        let damping = fraction * (0..s.len()).map(|i| h[(i, i)]).sum::<f64>() / s.len().max(1) as f64;
         let damping = if damping > 0.0 { damping } else { 1e-6 };
         for i in 0..idx.len() {
             h[(i, i)] += damping;
@@ -339,6 +374,27 @@ struct Fit {
     bias: Option<Array1<f32>>,
     error_before: Option<f64>,
     error_after: Option<f64>,
+    damping: Option<f64>,
+}
+
+/// The damping with the lowest two-fold held-out error, or `None` when the
+/// sliced weights `w0` do better than any re-fit.
+fn cross_validated_damping(data: &FitData, s: &[usize], w0: &Mat<f64>) -> Result<Option<f64>, PruneError> {
+    let [even, odd] = &data.halves;
+    if even.rows == 0 || odd.rows == 0 {
+        return Ok(Some(DAMPINGS[0]));
+    }
+    let held_out = |w: [&Mat<f64>; 2]| even.relative_error(s, w[1]) * even.yy + odd.relative_error(s, w[0]) * odd.yy;
+    let mut best = (held_out([w0, w0]), None);
+    for fraction in DAMPINGS {
+        let (on_even, _) = even.solve(s, w0, fraction, false)?;
+        let (on_odd, _) = odd.solve(s, w0, fraction, false)?;
+        let error = held_out([&on_even, &on_odd]);
+        if error < best.0 {
+            best = (error, Some(fraction));
+        }
+    }
+    Ok(best.1)
 }
 
 /// Original weights of `linear` as `[K + 1, out]` (bias row last, zeros without a bias).
@@ -358,7 +414,7 @@ fn augmented_weights(linear: &Linear) -> Result<Mat<f64>, PruneError> {
 /// Chooses `keep` of the feature `groups` of `linear`'s input and its new weights.
 fn choose_and_fit(
     linear: &Linear,
-    data: Option<&NormalEquations>,
+    data: Option<&FitData>,
     groups: &[Vec<usize>],
     keep: usize,
     rounds_per_group_step: usize,
@@ -367,25 +423,28 @@ fn choose_and_fit(
 ) -> Result<Fit, PruneError> {
     let w0 = augmented_weights(linear)?;
     let kept_groups = match data {
-        Some(normal) if reconstruct => greedy_refit_selection(normal, &w0, groups, keep, rounds_per_group_step)?,
-        Some(normal) => top(&removal_errors(normal, &w0, groups), keep),
+        Some(data) if reconstruct => greedy_refit_selection(&data.all, &w0, groups, keep, rounds_per_group_step)?,
+        Some(data) => top(&removal_errors(&data.all, &w0, groups), keep),
         None => top(&weight_scores(), keep),
     };
     let kept_features: Vec<usize> = kept_groups.iter().flat_map(|&g| groups[g].iter().copied()).collect();
     let sliced = rows_of(&w0, &with_bias_index(&kept_features, w0.nrows() - 1));
-    let error_before = data.map(|n| n.relative_error(&kept_features, &sliced));
-    let (w, error_after) = match data {
-        Some(normal) if reconstruct => {
-            let (w, _) = normal.solve(&kept_features, &sliced, false)?;
-            let error = normal.relative_error(&kept_features, &w);
-            (w, Some(error))
-        }
-        _ => (sliced, None),
+    let error_before = data.map(|d| d.all.relative_error(&kept_features, &sliced));
+    let (w, error_after, damping) = match data {
+        Some(data) if reconstruct => match cross_validated_damping(data, &kept_features, &sliced)? {
+            Some(fraction) => {
+                let (w, _) = data.all.solve(&kept_features, &sliced, fraction, false)?;
+                let error = data.all.relative_error(&kept_features, &w);
+                (w, Some(error), Some(fraction))
+            }
+            None => (sliced, error_before, None),
+        },
+        _ => (sliced, None, None),
     };
     let k = kept_features.len();
     let weight = Array2::from_shape_fn((k, w.ncols()), |(i, j)| w[(i, j)] as f32);
     let bias = linear.bias.as_ref().map(|_| Array1::from_shape_fn(w.ncols(), |j| w[(k, j)] as f32));
-    Ok(Fit { kept_groups, kept_features, weight, bias, error_before, error_after })
+    Ok(Fit { kept_groups, kept_features, weight, bias, error_before, error_after, damping })
 }
 
 /// Indices of the `keep` largest scores, in increasing index order.
@@ -420,7 +479,7 @@ fn greedy_refit_selection(normal: &NormalEquations, w0: &Mat<f64>, groups: &[Vec
     while alive.len() > keep && rounds_left > 0 {
         let features: Vec<usize> = alive.iter().flat_map(|&g| groups[g].iter().copied()).collect();
         let start = rows_of(w0, &with_bias_index(&features, normal.features()));
-        let (w, inverse) = normal.solve(&features, &start, true)?;
+        let (w, inverse) = normal.solve(&features, &start, DAMPINGS[0], true)?;
         let inverse = inverse.unwrap_or_else(|| Mat::zeros(0, 0));
         // position of each alive group's features within `features`
         let mut offset = 0;
