@@ -16,6 +16,7 @@ pub mod lint;
 pub mod ir;
 pub mod onnx;
 pub mod passes;
+pub mod prune;
 pub mod quantize;
 pub mod rewrite;
 pub mod sensitivity;

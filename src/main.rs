@@ -197,6 +197,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prune attention heads and FFN neurons to a FLOP budget (structured), or
+    /// drop whole layers; check the result in tract, write it.
+    #[command(after_help = "Examples:\n  onnxopt prune model.onnx -o small.onnx --method structured --keep-flops 0.7 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt prune model.onnx -o small.onnx --method layers --drop-layers 2 --calib-text calib.txt --tokenizer tokenizer.json")]
+    Prune {
+        input: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[arg(long)]
+        method: PruneMethod,
+        /// structured: fraction of the blocks' linear-layer FLOPs to keep.
+        #[arg(long, default_value_t = 0.7)]
+        keep_flops: f64,
+        /// layers: how many blocks to drop.
+        #[arg(long, default_value_t = 1)]
+        drop_layers: usize,
+        /// structured: slice weights without the least-squares re-fit.
+        #[arg(long)]
+        no_reconstruct: bool,
+        /// Write what was removed, FLOPs, parameters and per-layer errors as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        #[command(flatten)]
+        data: CalibrationArgs,
+    },
     /// List the fusion rules with the math each relies on.
     Rules,
     /// Run two models in tract on the same inputs and compare every output
@@ -223,6 +247,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum PruneMethod {
+    /// Attention heads and FFN neurons, to --keep-flops.
+    Structured,
+    /// Whole transformer blocks, --drop-layers of them.
+    Layers,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -794,6 +826,41 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 lines
             };
             write_stdout(&text)?;
+        }
+        Command::Prune { input, output, method, keep_flops, drop_layers, no_reconstruct, report, data } => {
+            let original = load(&input, quiet, true)?;
+            let source = if data.calib_text.is_none() && data.calib.is_none() { None } else { Some(data.source()?) };
+            let started = std::time::Instant::now();
+            let _progress = Progress::start(quiet, "pruning".into());
+            let (pruned, json) = match method {
+                PruneMethod::Structured => {
+                    let (pruned, r) = onnxopt::prune::structured::prune_structured(&original, keep_flops, source.as_ref(), source.is_some() && !no_reconstruct)
+                        .map_err(anyhow::Error::from)?;
+                    if !quiet {
+                        for l in &r.layers {
+                            let e = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+                            eprintln!("layer {}: heads {}/{} {:?}, neurons {}/{}, attention error {} -> {}, ffn error {} -> {}", l.layer, l.heads_kept.len(), l.heads_before, l.heads_kept, l.neurons_kept, l.neurons_before, e(l.attention_error_before), e(l.attention_error_after), e(l.ffn_error_before), e(l.ffn_error_after));
+                        }
+                        eprintln!("linear FLOPs/token {} -> {} ({:.3}), parameters {} -> {}, tract cosine (random tokens) {:.4}", r.flops_before, r.flops_after, r.flops_after as f64 / r.flops_before as f64, r.parameters_before, r.parameters_after, r.tract_min_cosine);
+                    }
+                    (pruned, serde_json::to_value(&r).context("encoding the report")?)
+                }
+                PruneMethod::Layers => {
+                    let source = source.ok_or_else(|| anyhow::anyhow!("--method layers ranks blocks on calibration data: --calib-text FILE --tokenizer tokenizer.json, or --calib data.npz"))?;
+                    let (pruned, r) = onnxopt::prune::layers::drop_layers(&original, drop_layers, &source).map_err(anyhow::Error::from)?;
+                    if !quiet {
+                        eprintln!("cosine(input, output) per block: {:?}; dropped {:?}; linear FLOPs/token {} -> {}, parameters {} -> {}, tract cosine (random tokens) {:.4}", r.input_output_cosine, r.dropped, r.flops_before, r.flops_after, r.parameters_before, r.parameters_after, r.tract_min_cosine);
+                    }
+                    (pruned, serde_json::to_value(&r).context("encoding the report")?)
+                }
+            };
+            if !quiet {
+                eprintln!("pruned in {:.1} s", started.elapsed().as_secs_f64());
+            }
+            if let Some(path) = &report {
+                write_report(path, &serde_json::json!({ "input": input, "output": output.output, "seconds": started.elapsed().as_secs_f64(), "pruning": json }))?;
+            }
+            save(&pruned, &input, &output, quiet)?;
         }
         Command::Rules => {
             let rules = onnxopt::rewrite::standard_rules().map_err(anyhow::Error::from)?;
