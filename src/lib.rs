@@ -6,6 +6,7 @@
 //! - [`onnx`]: ONNX files <-> IR, zero-copy weights, external data, atomic writes;
 //! - [`verify`]: runs two models in tract on the same inputs and compares outputs;
 //! - [`calibrate`]: runs a model on text or `.npz` batches and gathers statistics of chosen tensors;
+//! - [`prune`]: unstructured and N:M sparsity, with teacher-guided re-fitting of the kept weights;
 //! - [`inspect`]: what a model holds, for humans and JSON.
 
 pub mod calibrate;
@@ -13,6 +14,7 @@ pub mod inspect;
 pub mod ir;
 pub mod onnx;
 pub mod passes;
+pub mod prune;
 pub mod rewrite;
 pub mod verify;
 

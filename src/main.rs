@@ -116,6 +116,45 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         rtol: f32,
     },
+    /// Zero weights of linear layers (unstructured or N:M), re-fit the kept ones
+    /// against the original on calibration data, check the result in tract, write it.
+    #[command(after_help = "Examples:\n  onnxopt prune model.onnx -o sparse.onnx --method unstructured --sparsity 0.5 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt prune model.onnx -o 24.onnx --method nm --nm 2:4 --calib-text calib.txt --tokenizer tokenizer.json --report r.json\n  onnxopt prune model.onnx -o mag.onnx --method unstructured --sparsity 0.3,/encoder/layer.0/attention/self/query/MatMul=0.1")]
+    Prune {
+        input: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
+        /// unstructured (any weights) or nm (N of every M along the reduction axis).
+        #[arg(long)]
+        method: PruneMethodArg,
+        /// Fraction of each layer's weights to zero, in [0, 1): a default and
+        /// NAME=S overrides by node or weight name (comma-separated). Unstructured only.
+        #[arg(long, value_delimiter = ',', default_value = "0.5")]
+        sparsity: Vec<String>,
+        /// The N:M pattern of --method nm: N nonzeros kept in every M weights.
+        #[arg(long, default_value = "2:4")]
+        nm: String,
+        /// magnitude (|W|) or wanda (|W| x input norm; default with calibration data).
+        #[arg(long)]
+        importance: Option<PruneImportanceArg>,
+        /// Re-fit the kept weights so each layer matches the original (default with calibration data).
+        #[arg(long, conflicts_with = "no_reconstruct")]
+        reconstruct: bool,
+        #[arg(long)]
+        no_reconstruct: bool,
+        #[command(flatten)]
+        data: CalibrationArgs,
+        /// Write the layers, their errors, parameter and FLOP counts and the verification as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Skip the tract check of the result against the input.
+        #[arg(long)]
+        no_verify: bool,
+        /// Smallest cosine similarity allowed between each output and the input's,
+        /// in tract on the first calibration batch (seeded random inputs without
+        /// calibration data: random token ids, a harsher test than text).
+        #[arg(long, default_value_t = 0.8)]
+        min_cosine: f64,
+    },
     /// Run a model on calibration data and print statistics of the tensors that
     /// quantization and pruning read (every MatMul/Gemm activation, or --tensors).
     #[command(after_help = "Examples:\n  onnxopt calibrate model.onnx --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt calibrate model.onnx --calib batch.npz --tensors x,h --json")]
@@ -165,6 +204,19 @@ enum QuantizeMode {
     Int8Dynamic,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PruneMethodArg {
+    Unstructured,
+    Nm,
+    // structured, layers: with src/prune/structured.rs and layers.rs
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PruneImportanceArg {
+    Magnitude,
+    Wanda,
+}
+
 #[derive(Args)]
 struct CalibrationArgs {
     /// Sentences, one per line (needs --tokenizer).
@@ -182,6 +234,13 @@ struct CalibrationArgs {
     /// Sentences (or npz rows) per batch.
     #[arg(long, default_value_t = 8)]
     batch: usize,
+}
+
+impl CalibrationArgs {
+    /// The source when calibration data was given.
+    fn given(&self) -> Result<Option<onnxopt::calibrate::CalibrationSource>> {
+        if self.calib_text.is_none() && self.calib.is_none() { Ok(None) } else { self.source().map(Some) }
+    }
 }
 
 impl CalibrationArgs {
@@ -411,6 +470,65 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             save(&quantized, &input, &output, quiet)?;
         }
+        Command::Prune { input, output, method, sparsity, nm, importance, reconstruct, no_reconstruct, data, report, no_verify, min_cosine } => {
+            use onnxopt::prune::{Importance, LayerSparsity, PruneMethod, PruneOptions};
+            let bad = |e: String| Failure::BadInput(anyhow::anyhow!(e));
+            let method = match method {
+                PruneMethodArg::Unstructured => PruneMethod::Unstructured,
+                PruneMethodArg::Nm => PruneMethod::NofM(nm.parse().map_err(|e: String| bad(format!("--nm {e}")))?),
+            };
+            let calibration = data.given()?;
+            let mut options = PruneOptions::new(method);
+            options.sparsity = LayerSparsity::parse(&sparsity).map_err(anyhow::Error::from)?;
+            options.importance = match importance {
+                Some(PruneImportanceArg::Magnitude) => Importance::Magnitude,
+                Some(PruneImportanceArg::Wanda) => Importance::Wanda,
+                None if calibration.is_some() => Importance::Wanda,
+                None => Importance::Magnitude,
+            };
+            options.reconstruct = reconstruct || (calibration.is_some() && !no_reconstruct);
+            options.calibration = calibration;
+            let original = load(&input, quiet, true)?;
+            let mut pruned = {
+                let _progress = Progress::start(quiet, "pruning".into());
+                onnxopt::prune::prune(&original, &options).map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?
+            };
+            if !quiet {
+                for l in &pruned.report.layers {
+                    let error = |e: Option<f64>| e.map(|e| format!("{e:.4}")).unwrap_or_else(|| "-".into());
+                    eprintln!("{:<48} {:?} sparsity {:.3}, error {} -> {}", l.node, l.shape, l.sparsity, error(l.error_before), error(l.error_after));
+                }
+                for s in &pruned.report.skipped {
+                    eprintln!("skipped {}: {}", s.node, s.why);
+                }
+                let r = &pruned.report;
+                eprintln!("{}; nonzero parameters {} -> {} of {}; {:.1} s, {} tract runs", r.removed.join("; "), r.nonzero_parameters_before, r.nonzero_parameters_after, r.parameters, r.seconds, r.calibration_runs);
+            }
+            if !no_verify {
+                let _progress = Progress::start(quiet, "checking the result in tract".into());
+                // on the first calibration batch when there is one: real text, not random ids
+                let inputs = match &options.calibration {
+                    Some(source) => source.batches(&original).map_err(anyhow::Error::from)?.next().transpose().map_err(anyhow::Error::from)?,
+                    None => None,
+                };
+                let options = verify::VerifyOptions { atol: f32::INFINITY, rtol: 0.0, inputs, ..Default::default() };
+                pruned.report.verification = Some(onnxopt::passes::verify_rewrite(&original, &pruned.model, &options).map_err(anyhow::Error::from)?);
+            }
+            if let Some(path) = &report {
+                write_report(path, &serde_json::to_value(&pruned.report).context("encoding the report")?)?;
+            }
+            if let Some(c) = &pruned.report.verification {
+                let cosine = c.min_cosine();
+                if !quiet {
+                    eprintln!("tract check: max abs {:.3e}, cosine {cosine:.6}", c.max_abs());
+                }
+                if cosine < min_cosine {
+                    eprintln!("error: the pruned model's outputs point elsewhere than the input's (cosine {cosine:.6}, --min-cosine {min_cosine}); nothing written (prune less, or loosen the bound)");
+                    return Err(Failure::VerificationFailed);
+                }
+            }
+            save(&pruned.model, &input, &output, quiet)?;
+        }
         Command::Calibrate { model: path, data, tensors, json } => {
             let source = data.source()?;
             let model = load(&path, quiet, true)?;
@@ -492,7 +610,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Writes a JSON report (optimize, quantize).
+/// Writes a JSON report (optimize, quantize, prune).
 fn write_report(path: &Path, json: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(json).context("encoding the report")?;
     std::fs::write(path, text).with_context(|| format!("{}: cannot write the report", path.display()))

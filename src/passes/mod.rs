@@ -17,6 +17,7 @@ pub mod dead_code;
 pub mod fuse;
 pub mod no_op;
 pub mod pipeline;
+pub mod prune_weights;
 pub mod quantize_dynamic;
 pub mod raise_opset;
 pub mod shape_folding;
@@ -210,7 +211,7 @@ pub fn verify_rewrite(original: &Model, rewritten: &Model, options: &crate::veri
 
 /// A copy of `model` tract can run faithfully: contrib ops and the standard ops
 /// tract misreads lowered to what it runs right.
-fn lowered_for_tract(model: &Model) -> Result<Model, PassError> {
+pub fn lowered_for_tract(model: &Model) -> Result<Model, PassError> {
     let driver = DriverOptions { validate: true, ..DriverOptions::default() };
     let mut m = model.clone();
     // The lowerings emit LayerNormalization-17. Opsets 13 to 16 differ from
