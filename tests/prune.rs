@@ -182,10 +182,10 @@ fn refit_equals_the_exact_least_squares_solution() {
         for kk in (0..k).filter(|kk| !kept.contains(kk)) {
             assert_eq!(result.weight.at(kk, col), 0.0);
         }
-        for r in 0..rows {
+        for (r, wanted) in target.iter().enumerate() {
             let predicted: f64 = kept.iter().zip(&solution).map(|(&kk, w)| x(&xs, r, kk) * w).sum();
-            residual += (predicted - target[r]).powi(2);
-            reference += target[r].powi(2);
+            residual += (predicted - wanted).powi(2);
+            reference += wanted.powi(2);
         }
     }
     assert!((result.error_after - residual / reference).abs() < 1e-6, "{} against {}", result.error_after, residual / reference);
@@ -198,10 +198,11 @@ fn gaussian_elimination(system: &mut [Vec<f64>]) -> Vec<f64> {
     for col in 0..size {
         let pivot = (col..size).max_by(|&a, &b| system[a][col].abs().total_cmp(&system[b][col].abs())).unwrap();
         system.swap(col, pivot);
-        for row in col + 1..size {
-            let factor = system[row][col] / system[col][col];
-            for c in col..=size {
-                system[row][c] -= factor * system[col][c];
+        let pivot_row = system[col].clone();
+        for row in system.iter_mut().skip(col + 1) {
+            let factor = row[col] / pivot_row[col];
+            for (value, &p) in row.iter_mut().zip(&pivot_row).skip(col) {
+                *value -= factor * p;
             }
         }
     }

@@ -317,7 +317,7 @@ pub fn prune(model: &Model, options: &PruneOptions) -> Result<Pruned, PruneError
         let k = if layer.transposed { layer.dims[1] } else { layer.dims[0] };
         let pattern = match options.method {
             PruneMethod::Unstructured => SparsityPattern::Unstructured(options.sparsity.of(&layer)),
-            PruneMethod::NofM(nm) if k % nm.group != 0 => {
+            PruneMethod::NofM(nm) if !k.is_multiple_of(nm.group) => {
                 skipped.push(SkippedLayer { node: layer.node.clone(), why: format!("K = {k} is not a multiple of {}", nm.group) });
                 continue;
             }

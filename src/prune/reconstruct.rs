@@ -67,7 +67,7 @@ impl PairedGram {
             Ok(view.iter().copied().collect())
         };
         let (xs, xt) = (values(student)?, values(teacher)?);
-        let rows = if k == 0 { 0 } else { xs.len() / k };
+        let rows = xs.len().checked_div(k).unwrap_or(0);
         if self.rows == 0 && self.student.nrows() == 0 {
             (self.student, self.cross, self.teacher) = (Mat::zeros(k, k), Mat::zeros(k, k), Mat::zeros(k, k));
         } else if self.student.nrows() != k {

@@ -158,7 +158,7 @@ pub fn mask(weight: &LinearWeight, input_norms: Option<&[f64]>, pattern: Sparsit
 /// every output, holds at most `pattern.kept` nonzeros (and K divides into
 /// groups).
 pub fn satisfies_nm(weight: &LinearWeight, pattern: NofM) -> bool {
-    if weight.k % pattern.group != 0 {
+    if !weight.k.is_multiple_of(pattern.group) {
         return false;
     }
     (0..weight.n).all(|nn| {

@@ -70,10 +70,7 @@ impl TappedPlan {
             None => ordered,
         };
         let shapes: Vec<Vec<usize>> = ordered.iter().map(|i| i.value.shape().to_vec()).collect();
-        let plan = match self.plans.borrow().get(&shapes) {
-            Some(plan) => Some(plan.clone()),
-            None => None,
-        };
+        let plan = self.plans.borrow().get(&shapes).cloned();
         let plan = match plan {
             Some(plan) => plan,
             None => {
