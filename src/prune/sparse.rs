@@ -17,7 +17,7 @@
 //!   4 inputs of a dot product hold at most 2 nonzeros. `K` must be a multiple
 //!   of `M`.
 //!
-//! Ties keep the lower `k` (a stable sort), so masks are deterministic.
+//! Ties keep the lower `k`, so masks are deterministic.
 
 use std::fmt;
 use std::str::FromStr;
@@ -128,10 +128,10 @@ pub fn mask(weight: &LinearWeight, input_norms: Option<&[f64]>, pattern: Sparsit
     let (k, n) = (weight.k, weight.n);
     let importance = |kk: usize, nn: usize| weight.at(kk, nn).abs() as f64 * input_norms.map_or(1.0, |norms| norms[kk]);
     let mut keep = vec![true; k * n];
-    // the k indices of `rows`, least important first (ties: lower k first)
+    // the k indices of `rows`, least important first (ties: higher k first, so the lower k is kept)
     let ranked = |nn: usize, rows: std::ops::Range<usize>| {
         let mut order: Vec<usize> = rows.collect();
-        order.sort_by(|&a, &b| importance(a, nn).total_cmp(&importance(b, nn)));
+        order.sort_by(|&a, &b| importance(a, nn).total_cmp(&importance(b, nn)).then(b.cmp(&a)));
         order
     };
     for nn in 0..n {
