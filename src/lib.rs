@@ -6,6 +6,7 @@
 //! - [`onnx`]: ONNX files <-> IR, zero-copy weights, external data, atomic writes;
 //! - [`verify`]: runs two models in tract on the same inputs and compares outputs;
 //! - [`calibrate`]: runs a model on text or `.npz` batches and gathers statistics of chosen tensors;
+//! - [`prune`]: sparsity (unstructured, N:M), heads, neurons and layers, with teacher-guided re-fitting;
 //! - [`inspect`]: what a model holds, for humans and JSON;
 //! - [`lint`]: a model checked against a runtime's documented rules (TensorRT's Q/DQ);
 //! - [`quantize`]: weight quantizers (GPTQ, round-to-nearest) the quantization passes use.

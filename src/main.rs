@@ -181,6 +181,54 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prune: zero weights of linear layers (unstructured or N:M), or remove
+    /// attention heads and FFN neurons (structured) or whole layers; re-fit what
+    /// is kept against the original on calibration data, check the result in tract, write it.
+    #[command(after_help = "Examples:\n  onnxopt prune model.onnx -o small.onnx --method structured --keep-flops 0.7 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt prune model.onnx -o small.onnx --method layers --drop-layers 2 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt prune model.onnx -o sparse.onnx --method unstructured --sparsity 0.5 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt prune model.onnx -o 24.onnx --method nm --nm 2:4 --calib-text calib.txt --tokenizer tokenizer.json --report r.json\n  onnxopt prune model.onnx -o mag.onnx --method unstructured --sparsity 0.3,/encoder/layer.0/attention/self/query/MatMul=0.1")]
+    Prune {
+        input: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
+        /// unstructured (any weights), nm (N of every M along the reduction axis),
+        /// structured (attention heads and FFN neurons, to --keep-flops) or layers
+        /// (--drop-layers whole blocks).
+        #[arg(long)]
+        method: PruneMethodArg,
+        /// structured: fraction of the blocks' linear-layer FLOPs to keep.
+        #[arg(long, default_value_t = 0.7)]
+        keep_flops: f64,
+        /// layers: how many blocks to drop.
+        #[arg(long, default_value_t = 1)]
+        drop_layers: usize,
+        /// Fraction of each layer's weights to zero, in [0, 1): a default and
+        /// NAME=S overrides by node or weight name (comma-separated). Unstructured only.
+        #[arg(long, value_delimiter = ',', default_value = "0.5")]
+        sparsity: Vec<String>,
+        /// The N:M pattern of --method nm: N nonzeros kept in every M weights.
+        #[arg(long, default_value = "2:4")]
+        nm: String,
+        /// magnitude (|W|) or wanda (|W| x input norm; default with calibration data).
+        #[arg(long)]
+        importance: Option<PruneImportanceArg>,
+        /// Re-fit the kept weights so each layer matches the original (default with calibration data).
+        #[arg(long, conflicts_with = "no_reconstruct")]
+        reconstruct: bool,
+        #[arg(long)]
+        no_reconstruct: bool,
+        #[command(flatten)]
+        data: CalibrationArgs,
+        /// Write the layers, their errors, parameter and FLOP counts and the verification as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Skip the tract check of the result against the input.
+        #[arg(long)]
+        no_verify: bool,
+        /// Smallest cosine similarity allowed between each output and the input's,
+        /// in tract on the first calibration batch (seeded random inputs without
+        /// calibration data: random token ids, a harsher test than text).
+        #[arg(long, default_value_t = 0.8)]
+        min_cosine: f64,
+    },
     /// Run a model on calibration data and print statistics of the tensors that
     /// quantization and pruning read (every MatMul/Gemm activation, or --tensors).
     #[command(after_help = "Examples:\n  onnxopt calibrate model.onnx --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt calibrate model.onnx --calib batch.npz --tensors x,h --json")]
@@ -196,30 +244,6 @@ enum Command {
         /// Everything, histograms included, as JSON.
         #[arg(long)]
         json: bool,
-    },
-    /// Prune attention heads and FFN neurons to a FLOP budget (structured), or
-    /// drop whole layers; check the result in tract, write it.
-    #[command(after_help = "Examples:\n  onnxopt prune model.onnx -o small.onnx --method structured --keep-flops 0.7 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt prune model.onnx -o small.onnx --method layers --drop-layers 2 --calib-text calib.txt --tokenizer tokenizer.json")]
-    Prune {
-        input: PathBuf,
-        #[command(flatten)]
-        output: OutputArgs,
-        #[arg(long)]
-        method: PruneMethod,
-        /// structured: fraction of the blocks' linear-layer FLOPs to keep.
-        #[arg(long, default_value_t = 0.7)]
-        keep_flops: f64,
-        /// layers: how many blocks to drop.
-        #[arg(long, default_value_t = 1)]
-        drop_layers: usize,
-        /// structured: slice weights without the least-squares re-fit.
-        #[arg(long)]
-        no_reconstruct: bool,
-        /// Write what was removed, FLOPs, parameters and per-layer errors as JSON.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        #[command(flatten)]
-        data: CalibrationArgs,
     },
     /// List the fusion rules with the math each relies on.
     Rules,
@@ -247,14 +271,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-}
-
-#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
-enum PruneMethod {
-    /// Attention heads and FFN neurons, to --keep-flops.
-    Structured,
-    /// Whole transformer blocks, --drop-layers of them.
-    Layers,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -334,6 +350,22 @@ enum RoundingArg {
     Gptq,
 }
 
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum PruneMethodArg {
+    Unstructured,
+    Nm,
+    /// Attention heads and FFN neurons, to --keep-flops.
+    Structured,
+    /// Whole transformer blocks, --drop-layers of them.
+    Layers,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PruneImportanceArg {
+    Magnitude,
+    Wanda,
+}
+
 #[derive(Args)]
 struct CalibrationArgs {
     /// Sentences, one per line (needs --tokenizer).
@@ -357,6 +389,11 @@ impl CalibrationArgs {
     /// Whether any calibration data was given.
     fn given(&self) -> bool {
         self.calib_text.is_some() || self.calib.is_some()
+    }
+
+    /// The source when calibration data was given.
+    fn optional_source(&self) -> Result<Option<onnxopt::calibrate::CalibrationSource>> {
+        if self.given() { self.source().map(Some) } else { Ok(None) }
     }
 
     fn source(&self) -> Result<onnxopt::calibrate::CalibrationSource> {
@@ -806,6 +843,68 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(Failure::Violations);
             }
         }
+        Command::Prune { input, output, method: method @ (PruneMethodArg::Structured | PruneMethodArg::Layers), keep_flops, drop_layers, no_reconstruct, report, data, .. } => {
+            prune_blocks(&input, &output, method, keep_flops, drop_layers, no_reconstruct, report.as_deref(), &data, quiet)?;
+        }
+        Command::Prune { input, output, method, sparsity, nm, importance, reconstruct, no_reconstruct, data, report, no_verify, min_cosine, .. } => {
+            use onnxopt::prune::{Importance, LayerSparsity, PruneMethod, PruneOptions};
+            let bad = |e: String| Failure::BadInput(anyhow::anyhow!(e));
+            let method = match method {
+                PruneMethodArg::Nm => PruneMethod::NofM(nm.parse().map_err(|e: String| bad(format!("--nm {e}")))?),
+                _ => PruneMethod::Unstructured,
+            };
+            let calibration = data.optional_source()?;
+            let mut options = PruneOptions::new(method);
+            options.sparsity = LayerSparsity::parse(&sparsity).map_err(anyhow::Error::from)?;
+            options.importance = match importance {
+                Some(PruneImportanceArg::Magnitude) => Importance::Magnitude,
+                Some(PruneImportanceArg::Wanda) => Importance::Wanda,
+                None if calibration.is_some() => Importance::Wanda,
+                None => Importance::Magnitude,
+            };
+            options.reconstruct = reconstruct || (calibration.is_some() && !no_reconstruct);
+            options.calibration = calibration;
+            let original = load(&input, quiet, true)?;
+            let mut pruned = {
+                let _progress = Progress::start(quiet, "pruning".into());
+                onnxopt::prune::prune(&original, &options).map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?
+            };
+            if !quiet {
+                for l in &pruned.report.layers {
+                    let error = |e: Option<f64>| e.map(|e| format!("{e:.4}")).unwrap_or_else(|| "-".into());
+                    eprintln!("{:<48} {:?} sparsity {:.3}, error {} -> {}", l.node, l.shape, l.sparsity, error(l.error_before), error(l.error_after));
+                }
+                for s in &pruned.report.skipped {
+                    eprintln!("skipped {}: {}", s.node, s.why);
+                }
+                let r = &pruned.report;
+                eprintln!("{}; nonzero parameters {} -> {} of {}; {:.1} s, {} tract runs", r.removed.join("; "), r.nonzero_parameters_before, r.nonzero_parameters_after, r.parameters, r.seconds, r.calibration_runs);
+            }
+            if !no_verify {
+                let _progress = Progress::start(quiet, "checking the result in tract".into());
+                // on the first calibration batch when there is one: real text, not random ids
+                let inputs = match &options.calibration {
+                    Some(source) => source.batches(&original).map_err(anyhow::Error::from)?.next().transpose().map_err(anyhow::Error::from)?,
+                    None => None,
+                };
+                let options = verify::VerifyOptions { atol: f32::INFINITY, rtol: 0.0, inputs, ..Default::default() };
+                pruned.report.verification = Some(onnxopt::passes::verify_rewrite(&original, &pruned.model, &options).map_err(anyhow::Error::from)?);
+            }
+            if let Some(path) = &report {
+                write_report(path, &serde_json::to_value(&pruned.report).context("encoding the report")?)?;
+            }
+            if let Some(c) = &pruned.report.verification {
+                let cosine = c.min_cosine();
+                if !quiet {
+                    eprintln!("tract check: max abs {:.3e}, cosine {cosine:.6}", c.max_abs());
+                }
+                if cosine < min_cosine {
+                    eprintln!("error: the pruned model's outputs point elsewhere than the input's (cosine {cosine:.6}, --min-cosine {min_cosine}); nothing written (prune less, or loosen the bound)");
+                    return Err(Failure::VerificationFailed);
+                }
+            }
+            save(&pruned.model, &input, &output, quiet)?;
+        }
         Command::Calibrate { model: path, data, tensors, json } => {
             let source = data.source()?;
             let model = load(&path, quiet, true)?;
@@ -826,41 +925,6 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 lines
             };
             write_stdout(&text)?;
-        }
-        Command::Prune { input, output, method, keep_flops, drop_layers, no_reconstruct, report, data } => {
-            let original = load(&input, quiet, true)?;
-            let source = if data.calib_text.is_none() && data.calib.is_none() { None } else { Some(data.source()?) };
-            let started = std::time::Instant::now();
-            let _progress = Progress::start(quiet, "pruning".into());
-            let (pruned, json) = match method {
-                PruneMethod::Structured => {
-                    let (pruned, r) = onnxopt::prune::structured::prune_structured(&original, keep_flops, source.as_ref(), source.is_some() && !no_reconstruct)
-                        .map_err(anyhow::Error::from)?;
-                    if !quiet {
-                        for l in &r.layers {
-                            let e = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
-                            eprintln!("layer {}: heads {}/{} {:?}, neurons {}/{}, attention error {} -> {}, ffn error {} -> {}", l.layer, l.heads_kept.len(), l.heads_before, l.heads_kept, l.neurons_kept, l.neurons_before, e(l.attention_error_before), e(l.attention_error_after), e(l.ffn_error_before), e(l.ffn_error_after));
-                        }
-                        eprintln!("linear FLOPs/token {} -> {} ({:.3}), parameters {} -> {}, tract cosine (random tokens) {:.4}", r.flops_before, r.flops_after, r.flops_after as f64 / r.flops_before as f64, r.parameters_before, r.parameters_after, r.tract_min_cosine);
-                    }
-                    (pruned, serde_json::to_value(&r).context("encoding the report")?)
-                }
-                PruneMethod::Layers => {
-                    let source = source.ok_or_else(|| anyhow::anyhow!("--method layers ranks blocks on calibration data: --calib-text FILE --tokenizer tokenizer.json, or --calib data.npz"))?;
-                    let (pruned, r) = onnxopt::prune::layers::drop_layers(&original, drop_layers, &source).map_err(anyhow::Error::from)?;
-                    if !quiet {
-                        eprintln!("cosine(input, output) per block: {:?}; dropped {:?}; linear FLOPs/token {} -> {}, parameters {} -> {}, tract cosine (random tokens) {:.4}", r.input_output_cosine, r.dropped, r.flops_before, r.flops_after, r.parameters_before, r.parameters_after, r.tract_min_cosine);
-                    }
-                    (pruned, serde_json::to_value(&r).context("encoding the report")?)
-                }
-            };
-            if !quiet {
-                eprintln!("pruned in {:.1} s", started.elapsed().as_secs_f64());
-            }
-            if let Some(path) = &report {
-                write_report(path, &serde_json::json!({ "input": input, "output": output.output, "seconds": started.elapsed().as_secs_f64(), "pruning": json }))?;
-            }
-            save(&pruned, &input, &output, quiet)?;
         }
         Command::Rules => {
             let rules = onnxopt::rewrite::standard_rules().map_err(anyhow::Error::from)?;
@@ -991,7 +1055,58 @@ fn quantize_static(
     Ok((quantized, records))
 }
 
-/// Writes a JSON report (optimize, quantize).
+/// `prune --method structured|layers`: heads and neurons, or whole blocks (see
+/// `onnxopt::prune::structured` and `onnxopt::prune::layers`).
+#[allow(clippy::too_many_arguments)]
+fn prune_blocks(
+    input: &Path,
+    output: &OutputArgs,
+    method: PruneMethodArg,
+    keep_flops: f64,
+    drop_layers: usize,
+    no_reconstruct: bool,
+    report: Option<&Path>,
+    data: &CalibrationArgs,
+    quiet: bool,
+) -> Result<()> {
+    let original = load(input, quiet, true)?;
+    let source = data.optional_source()?;
+    let started = std::time::Instant::now();
+    let _progress = Progress::start(quiet, "pruning".into());
+    let (pruned, json) = match method {
+        PruneMethodArg::Structured => {
+            let (pruned, r) = onnxopt::prune::structured::prune_structured(&original, keep_flops, source.as_ref(), source.is_some() && !no_reconstruct)
+                .map_err(anyhow::Error::from)?;
+            if !quiet {
+                for l in &r.layers {
+                    let e = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+                    eprintln!("layer {}: heads {}/{} {:?}, neurons {}/{}, attention error {} -> {}, ffn error {} -> {}", l.layer, l.heads_kept.len(), l.heads_before, l.heads_kept, l.neurons_kept, l.neurons_before, e(l.attention_error_before), e(l.attention_error_after), e(l.ffn_error_before), e(l.ffn_error_after));
+                }
+                eprintln!("linear FLOPs/token {} -> {} ({:.3}), parameters {} -> {}, tract cosine (random tokens) {:.4}", r.flops_before, r.flops_after, r.flops_after as f64 / r.flops_before as f64, r.parameters_before, r.parameters_after, r.tract_min_cosine);
+            }
+            (pruned, serde_json::to_value(&r).context("encoding the report")?)
+        }
+        PruneMethodArg::Layers => {
+            let source = source.ok_or_else(|| anyhow::anyhow!("--method layers ranks blocks on calibration data: --calib-text FILE --tokenizer tokenizer.json, or --calib data.npz"))?;
+            let (pruned, r) = onnxopt::prune::layers::drop_layers(&original, drop_layers, &source).map_err(anyhow::Error::from)?;
+            if !quiet {
+                eprintln!("cosine(input, output) per block: {:?}; dropped {:?}; linear FLOPs/token {} -> {}, parameters {} -> {}, tract cosine (random tokens) {:.4}", r.input_output_cosine, r.dropped, r.flops_before, r.flops_after, r.parameters_before, r.parameters_after, r.tract_min_cosine);
+            }
+            (pruned, serde_json::to_value(&r).context("encoding the report")?)
+        }
+        PruneMethodArg::Unstructured | PruneMethodArg::Nm => anyhow::bail!("prune_blocks: the sparse methods are pruned by onnxopt::prune::prune"),
+    };
+    if !quiet {
+        eprintln!("pruned in {:.1} s", started.elapsed().as_secs_f64());
+    }
+    if let Some(path) = report {
+        write_report(path, &serde_json::json!({ "input": input, "output": output.output, "seconds": started.elapsed().as_secs_f64(), "pruning": json }))?;
+    }
+    save(&pruned, input, output, quiet)?;
+    Ok(())
+}
+
+/// Writes a JSON report (optimize, quantize, prune).
 fn write_report(path: &Path, json: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(json).context("encoding the report")?;
     std::fs::write(path, text).with_context(|| format!("{}: cannot write the report", path.display()))

@@ -18,6 +18,7 @@ pub mod dead_code;
 pub mod fuse;
 pub mod no_op;
 pub mod pipeline;
+pub mod prune_weights;
 pub mod quantize_dynamic;
 pub mod quantize_fp16;
 pub mod quantize_static;
