@@ -668,19 +668,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 });
                 write_report(path, &json)?;
             }
-            if let Some(c) = &comparison {
-                if !quiet {
-                    eprintln!("tract check: max abs {:.3e}, cosine {:.6}", c.max_abs(), c.min_cosine());
-                }
-                let cosine = c.min_cosine();
-                if !c.passed() || cosine < min_cosine {
-                    eprintln!(
-                        "error: the quantized model differs from the input beyond tolerance (cosine {cosine:.6}, --min-cosine {min_cosine}{}); nothing written (--exclude the sensitive MatMuls, a smaller --block-size, --rounding gptq, or loosen the bound)",
-                        atol.map(|a| format!(", --atol {a}")).unwrap_or_default()
-                    );
-                    return Err(Failure::VerificationFailed);
-                }
-            }
+            let bound = atol.map(|a| format!(", --atol {a}")).unwrap_or_default();
+            check_quantized(comparison.as_ref(), min_cosine, &bound, "--exclude the sensitive MatMuls, a smaller --block-size, --rounding gptq, or loosen the bound", quiet)?;
             save(&quantized, &input, &output, quiet)?;
         }
         Command::Quantize {
@@ -824,19 +813,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 });
                 write_report(path, &json)?;
             }
-            if let Some(c) = &comparison {
-                if !quiet {
-                    eprintln!("tract check: max abs {:.3e}, cosine {:.6}", c.max_abs(), c.min_cosine());
-                }
-                let cosine = c.min_cosine();
-                if !c.passed() || cosine < min_cosine {
-                    eprintln!(
-                        "error: the quantized model differs from the input beyond tolerance (cosine {cosine:.6}, --min-cosine {min_cosine}{}); nothing written (--exclude the sensitive MatMuls, or loosen the bound)",
-                        if atol_bound.is_finite() { format!(", --atol {atol_bound} --rtol {rtol}") } else { String::new() }
-                    );
-                    return Err(Failure::VerificationFailed);
-                }
-            }
+            let bound = if atol_bound.is_finite() { format!(", --atol {atol_bound} --rtol {rtol}") } else { String::new() };
+            check_quantized(comparison.as_ref(), min_cosine, &bound, "--exclude the sensitive MatMuls, or loosen the bound", quiet)?;
             save(&quantized, &input, &output, quiet)?;
         }
         Command::Check { model: path, target, json } => {
@@ -983,6 +961,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(Failure::VerificationFailed);
             }
         }
+    }
+    Ok(())
+}
+
+/// Prints the tract check of a quantized model and fails when it is beyond
+/// tolerance (`bound` names the element bound given, `advice` what to try).
+fn check_quantized(comparison: Option<&verify::Comparison>, min_cosine: f64, bound: &str, advice: &str, quiet: bool) -> Result<(), Failure> {
+    let Some(c) = comparison else { return Ok(()) };
+    let cosine = c.min_cosine();
+    if !quiet {
+        eprintln!("tract check: max abs {:.3e}, cosine {cosine:.6}", c.max_abs());
+    }
+    if !c.passed() || cosine < min_cosine {
+        eprintln!("error: the quantized model differs from the input beyond tolerance (cosine {cosine:.6}, --min-cosine {min_cosine}{bound}); nothing written ({advice})");
+        return Err(Failure::VerificationFailed);
     }
     Ok(())
 }

@@ -570,18 +570,7 @@ impl<'m> Lowering<'m> {
             matmul_inputs.push(b_zero_point);
         }
         let accumulated = self.op("MatMulInteger", &matmul_inputs, "accumulated");
-        let accumulated = self.cast(&accumulated, DataType::Float, "accumulated_float");
-        let scale = self.op("Mul", &[a_scale, b_scale], "scale");
-        match self.input(4) {
-            Some(bias) => {
-                let scaled = self.op("Mul", &[&accumulated, &scale], "scaled");
-                self.op_into("Add", &[&scaled, bias], Vec::new(), output, "y");
-            }
-            None => {
-                self.op_into("Mul", &[&accumulated, &scale], Vec::new(), output, "y");
-            }
-        }
-        Ok(())
+        self.scale_and_bias(&accumulated, a_scale, b_scale, self.input(4), output)
     }
 
     /// MatMulIntegerToFloat(A, B, a_scale, b_scale, a_zero_point?, b_zero_point?, bias?):
@@ -605,20 +594,21 @@ impl<'m> Lowering<'m> {
                 };
                 let refs = [a, b, a_zero_point.as_str(), b_zero_point];
                 let accumulated = self.op("MatMulInteger", &refs, "accumulated");
-                return self.scale_and_bias(&accumulated, a_scale, b_scale, output);
+                return self.scale_and_bias(&accumulated, a_scale, b_scale, self.input(6), output);
             }
             (Some(a_zero_point), None) => matmul_inputs.push(a_zero_point),
             (None, None) => {}
         }
         let accumulated = self.op("MatMulInteger", &matmul_inputs, "accumulated");
-        self.scale_and_bias(&accumulated, a_scale, b_scale, output)
+        self.scale_and_bias(&accumulated, a_scale, b_scale, self.input(6), output)
     }
 
-    /// `Cast<float>(accumulated) * (a_scale * b_scale) (+ input 6, the bias)`.
-    fn scale_and_bias(&mut self, accumulated: &str, a_scale: &str, b_scale: &str, output: Option<&'m str>) -> Result<(), Refusal> {
+    /// `Cast<float>(accumulated) * (a_scale * b_scale) (+ bias)`, into `output`:
+    /// the float side of DynamicQuantizeMatMul and MatMulIntegerToFloat.
+    fn scale_and_bias(&mut self, accumulated: &str, a_scale: &str, b_scale: &str, bias: Option<&str>, output: Option<&'m str>) -> Result<(), Refusal> {
         let accumulated = self.cast(accumulated, DataType::Float, "accumulated_float");
         let scale = self.op("Mul", &[a_scale, b_scale], "scale");
-        match self.input(6) {
+        match bias {
             Some(bias) => {
                 let scaled = self.op("Mul", &[&accumulated, &scale], "scaled");
                 self.op_into("Add", &[&scaled, bias], Vec::new(), output, "y");
