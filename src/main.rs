@@ -295,7 +295,7 @@ enum QuantizeMode {
     /// layers that cost the output most stay in float until --max-error
     /// (default 0.0015) holds.
     Int8,
-    /// int8 weights, activations quantized per tensor at run time.
+    /// int8 weights, activations quantized at run time, per tensor or per token (--activations).
     Int8Dynamic,
     /// float16 weights (and compute, for portable and tensorrt), float32 inputs and outputs.
     Fp16,
