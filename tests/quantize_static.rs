@@ -245,17 +245,8 @@ fn minilm_end_to_end() {
         let lint = run(&["--quiet", "check", "--target", "tensorrt", out.to_str().unwrap()]);
         assert_eq!(lint.status.code(), Some(if target == "tensorrt" { 0 } else { 1 }), "{target}: {}", String::from_utf8_lossy(&lint.stdout));
 
-        let probe = std::process::Command::new("python3").args(["-c", "import onnxruntime"]).output();
-        if !probe.is_ok_and(|o| o.status.success()) {
-            eprintln!("skipping the ONNX Runtime run: python3 cannot import onnxruntime");
-            continue;
+        if let Some(cosine) = onnxruntime_cosine(&model, &out) {
+            assert!(cosine >= 0.93, "{target}: ONNX Runtime cosine {cosine}");
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/compare_in_ort.py");
-        let ort = std::process::Command::new("python3").arg(script).arg(&model).arg(&out).output().unwrap();
-        let text = String::from_utf8_lossy(&ort.stdout).into_owned();
-        assert!(ort.status.success(), "{target}: ONNX Runtime could not run it: {}", String::from_utf8_lossy(&ort.stderr));
-        let cosine: f64 = text.split_whitespace().last().unwrap().parse().unwrap();
-        eprintln!("{target}: ONNX Runtime cosine {cosine}");
-        assert!(cosine >= 0.93, "{target}: ONNX Runtime cosine {cosine}");
     }
 }

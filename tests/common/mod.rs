@@ -83,3 +83,21 @@ pub fn onnxruntime_agrees(cases: impl IntoIterator<Item = (&'static str, Model, 
     eprintln!("{report}{}", String::from_utf8_lossy(&run.stderr));
     assert!(run.status.success(), "ONNX Runtime disagrees with a lowering:\n{report}");
 }
+
+/// The cosine ONNX Runtime (CPU) gives between the outputs of `reference` and
+/// `candidate` on the same inputs (`tests/scripts/compare_in_ort.py`); `None`,
+/// with a message, where python3 cannot import onnxruntime. Fails the test if
+/// ONNX Runtime cannot run either model.
+pub fn onnxruntime_cosine(reference: &Path, candidate: &Path) -> Option<f64> {
+    let probe = Command::new("python3").args(["-c", "import onnxruntime"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipping the ONNX Runtime run: python3 cannot import onnxruntime");
+        return None;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/compare_in_ort.py");
+    let run = Command::new("python3").arg(script).arg(reference).arg(candidate).output().unwrap();
+    let text = String::from_utf8_lossy(&run.stdout).into_owned();
+    eprintln!("{}: {text}{}", candidate.display(), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "ONNX Runtime could not run {}", candidate.display());
+    Some(text.split_whitespace().last().unwrap().parse().unwrap())
+}
