@@ -57,6 +57,7 @@
 //! the check measures the rounding of the weights and nothing else.
 
 use super::lower_contrib::CONTRIB_DOMAIN;
+use super::quantize_dynamic::quantizable_weight;
 use super::pipeline::Target;
 use super::{Pass, PassError};
 use crate::calibrate::{gram_matrices, CalibrateError, CalibrationSource};
@@ -253,12 +254,6 @@ fn f32_bytes(values: &[f32]) -> Bytes {
     Bytes::from(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
 }
 
-/// A constant float32 initializer that is not a graph input.
-fn constant<'g>(graph: &'g Graph, graph_inputs: &HashSet<&str>, name: &str) -> Option<&'g Tensor> {
-    let tensor = graph.initializer(name)?;
-    (tensor.dtype == DataType::Float && !graph_inputs.contains(name)).then_some(tensor)
-}
-
 /// Every MatMul and Gemm the pass rewrites, in graph order.
 fn candidates(model: &Model, block_size: usize, exclude: &HashSet<String>) -> Vec<Candidate> {
     let types = infer_types(model);
@@ -284,27 +279,15 @@ fn candidates(model: &Model, block_size: usize, exclude: &HashSet<String>) -> Ve
 /// The node as a [`Candidate`], when it is a MatMul or Gemm of a constant weight
 /// with at least one block of input features.
 fn candidate(graph: &Graph, graph_inputs: &HashSet<&str>, id: NodeId, node: &Node, name: String, block_size: usize) -> Option<Candidate> {
-    let gemm = node.is_onnx("Gemm");
-    if !(node.is_onnx("MatMul") || gemm) {
-        return None;
-    }
     let output = node.outputs.first().filter(|o| !o.is_empty())?.clone();
-    let weight = constant(graph, graph_inputs, node.inputs.get(1)?)?;
+    let (weight, transposed) = quantizable_weight(graph, graph_inputs, node)?;
     let [rows, cols] = weight.dims[..] else { return None };
     let (rows, cols) = (usize::try_from(rows).ok()?, usize::try_from(cols).ok()?);
-    let transposed = gemm && node.attr_int("transB").unwrap_or(0) != 0;
     let (k, n) = if transposed { (cols, rows) } else { (rows, cols) };
     if k < block_size || n == 0 {
         return None;
     }
-    let mut addend = None;
-    if gemm {
-        let unit = |attr: &str| node.attr_float(attr).unwrap_or(1.0) == 1.0;
-        if !unit("alpha") || !unit("beta") || node.attr_int("transA").unwrap_or(0) != 0 {
-            return None;
-        }
-        addend = node.inputs.get(2).filter(|c| !c.is_empty()).cloned();
-    }
+    let addend = if node.is_onnx("Gemm") { node.inputs.get(2).filter(|c| !c.is_empty()).cloned() } else { None };
     let values = weight.to_f32().ok()?;
     let values = values.as_slice()?;
     let weight = if transposed {
