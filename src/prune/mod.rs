@@ -502,7 +502,7 @@ fn paired_grams(
         let (_, student_values) = student_plan.run(&inputs)?;
         for ((sum, &t), s) in sums.iter_mut().zip(&teacher_index).zip(&student_values) {
             let t = &teacher_values[t];
-            sum.observe(s, t, token_rows(&padded, t).as_deref())?;
+            sum.observe(s, t, calibrate::token_rows(&padded, t).as_deref())?;
         }
         batches += 1;
     }
@@ -510,11 +510,6 @@ fn paired_grams(
         return Err(CalibrateError::Empty("the source holds no samples".into()).into());
     }
     Ok(sums)
-}
-
-/// Which rows of `value` are real tokens (see `calibrate::ObservedBatch::token_rows`).
-fn token_rows(inputs: &[crate::verify::NamedInput], value: &tract_onnx::prelude::Tensor) -> Option<Vec<bool>> {
-    calibrate::ObservedBatch { inputs, taps: Vec::new(), outputs: Vec::new() }.token_rows(value)
 }
 
 /// Gram matrices (`X^T X`, real-token rows) of `taps` in `model`, as
@@ -527,7 +522,7 @@ fn gram_matrices(model: &Model, taps: &[&str], source: &CalibrationSource) -> Re
         let inputs = inputs?;
         let (padded, values) = plan.run(&inputs)?;
         for (gram, value) in grams.iter_mut().zip(values) {
-            gram.observe(&value, token_rows(&padded, &value).as_deref())?;
+            gram.observe(&value, calibrate::token_rows(&padded, &value).as_deref())?;
         }
         batches += 1;
     }
