@@ -6,14 +6,17 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use onnxopt::passes::pipeline::{cleanup_passes, float16_passes, optimization_passes, quantization_passes, static_quantization_passes, PipelineOptions, Target};
 use onnxopt::passes::quantize_dynamic::{ActivationScale, QuantizeDynamic};
+use onnxopt::passes::split_attention_projection::SplitAttentionProjection;
 use onnxopt::passes::quantize_fp16::{ConvertToFloat16, Float16Scope};
 use onnxopt::passes::quantize_static::{activation_ranges, activations_to_calibrate, CalibrationMethod, QuantizeStatic, WeightType};
+use onnxopt::passes::quantize_gather_int4::QuantizeGatherInt4;
 use onnxopt::passes::quantize_int4::{activation_hessians, QuantizeInt4, Rounding};
 use onnxopt::passes::{run_pipeline, DriverOptions, PassRecord};
 use onnxopt::{inspect, ir::Model, onnx, verify};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -163,12 +166,19 @@ enum Command {
         /// int4-weight: input features sharing one scale (32, 64 or 128).
         #[arg(long, default_value_t = 32)]
         block_size: usize,
-        /// int4-weight: rtn (round to nearest) or gptq (needs calibration data).
-        #[arg(long, default_value = "rtn")]
-        rounding: RoundingArg,
+        /// Weight rounding for int4-weight and the dynamic int8 modes: rtn (round
+        /// to nearest) or gptq (needs calibration data). Default: gptq for
+        /// --mode int8 with calibration data, else rtn.
+        #[arg(long)]
+        rounding: Option<RoundingArg>,
         /// int4-weight: a zero point per block (16 levels) rather than symmetric (15).
         #[arg(long)]
         zero_point: bool,
+        /// int4-weight: embedding tables (Gathers from a constant [V, D] table)
+        /// int4 too, block-wise per row. Shrinks all-MiniLM-L6-v2's file from
+        /// 0.60x to 0.16x, at a fidelity cost (see the README).
+        #[arg(long)]
+        quantize_embeddings: bool,
     },
     /// Lint a QDQ model against a runtime's quantization rules; exit 1 on violations.
     #[command(after_help = "Examples:\n  onnxopt check --target tensorrt model.qdq.onnx\n  onnxopt check --target tensorrt model.qdq.onnx --json")]
@@ -531,7 +541,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(Failure::BadInput(anyhow::anyhow!("unknown pass '{unknown}' (passes: {})", known.join(", "))));
             }
             let original = load(&input, quiet, true)?;
-            let options = PipelineOptions { only: passes, skip, trace_rule, opset };
+            let options = PipelineOptions { only: passes, skip, trace_rule, opset, skip_rules: Vec::new() };
             let pipeline = optimization_passes(target, &options);
             let mut optimized = original.clone();
             let driver = DriverOptions { stop_after, ..DriverOptions::default() };
@@ -591,6 +601,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             block_size,
             rounding,
             zero_point,
+            quantize_embeddings,
             calibration,
             ..
         } => {
@@ -599,7 +610,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if ![32, 64, 128].contains(&block_size) {
                 return Err(Failure::BadInput(anyhow::anyhow!("--block-size {block_size}: 32, 64 or 128")));
             }
-            let source = (rounding == RoundingArg::Gptq).then(|| calibration.source()).transpose()?;
+            let source = (rounding == Some(RoundingArg::Gptq)).then(|| calibration.source()).transpose()?;
             let started = std::time::Instant::now();
             let original = load(&input, quiet, true)?;
             let named = |name: &String| original.graph.nodes().any(|n| &n.name == name || n.outputs.first() == Some(name));
@@ -625,10 +636,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     Rounding::Gptq { hessians, options: Default::default() }
                 }
             };
-            let passes: Vec<Box<dyn onnxopt::passes::Pass>> = vec![
-                Box::new(QuantizeInt4 { target, block_size, zero_point, rounding, exclude }),
-                Box::new(onnxopt::passes::dead_code::EliminateDeadCode),
-            ];
+            // embeddings last: type inference does not see through the contrib op
+            // that replaces them, and quantize-int4 takes only float32 activations
+            let mut passes: Vec<Box<dyn onnxopt::passes::Pass>> = vec![Box::new(QuantizeInt4 { target, block_size, zero_point, rounding, exclude: exclude.clone() })];
+            if quantize_embeddings {
+                passes.push(Box::new(QuantizeGatherInt4 { target, block_size, zero_point, exclude }));
+            }
+            passes.push(Box::new(onnxopt::passes::dead_code::EliminateDeadCode));
             records.extend({
                 let _progress = Progress::start(quiet, format!("quantizing to int4 for {target}"));
                 run_pipeline(&mut quantized, &passes, &DriverOptions::default()).map_err(anyhow::Error::from)?
@@ -686,6 +700,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             calibration_method,
             percentile,
             weight_type,
+            rounding,
             report,
             no_verify,
             min_cosine,
@@ -709,6 +724,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 (_, given) => given,
             };
             let activations = if mode == QuantizeMode::Int8 { ActivationScale::PerToken } else { activations.into() };
+            let gptq = match (rounding, mode) {
+                (Some(RoundingArg::Gptq), QuantizeMode::Int8 | QuantizeMode::Int8Dynamic) if !calibration.given() => {
+                    return Err(Failure::BadInput(needs_calibration("--rounding gptq")));
+                }
+                (Some(RoundingArg::Gptq), QuantizeMode::Int8 | QuantizeMode::Int8Dynamic) => true,
+                (Some(RoundingArg::Gptq), _) => return Err(Failure::BadInput(anyhow::anyhow!("--rounding gptq: for --mode int8, int8-dynamic or int4-weight"))),
+                (None, QuantizeMode::Int8) => calibration.given(),
+                _ => false,
+            };
             let original = load(&input, quiet, true)?;
             let named = |name: &String| original.graph.nodes().any(|n| &n.name == name || n.outputs.first() == Some(name));
             if let Some(unknown) = exclude.iter().find(|name| !named(name)) {
@@ -725,27 +749,37 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 original_or_smoothed = smooth(&original, alpha, &calibration.source()?, quiet)?;
             }
             if mode == QuantizeMode::Int8 {
-                // Fuse first: a fused Attention keeps Q, K and V in float32 (its
-                // weights sit inside one op). On all-MiniLM-L6-v2 that lifted the
-                // dev-set mean cosine from 0.9969 to 0.9979 and 1-NN agreement
-                // from 0.877 to 0.906, at a latency cost in ORT 1.32 (batch 8:
-                // 0.70x -> 0.79x of float). The --max-error search then works on
-                // the MatMuls left.
+                // Fuse first, then (ORT) split the packed Q/K/V projection back
+                // out of each fused Attention, as one MatMul feeding
+                // MultiHeadAttention, so that it quantizes too. The --max-error
+                // search then works on the MatMuls of this graph.
                 let _progress = Progress::start(quiet, format!("fusing for {target}"));
-                let records = run_pipeline(&mut original_or_smoothed, &optimization_passes(target, &PipelineOptions::default()), &DriverOptions::default())
-                    .map_err(anyhow::Error::from)?;
+                let fusion = PipelineOptions { skip_rules: INT8_UNFUSED_RULES.iter().map(|r| r.to_string()).collect(), ..PipelineOptions::default() };
+                let mut passes = optimization_passes(target, &fusion);
+                if target == Target::Ort {
+                    passes.push(Box::new(SplitAttentionProjection));
+                }
+                let records = run_pipeline(&mut original_or_smoothed, &passes, &DriverOptions::default()).map_err(anyhow::Error::from)?;
                 if !quiet {
                     print_records(&records);
                 }
             }
-            let quantize_excluding = |more: &HashSet<String>| -> Result<(Model, Vec<PassRecord>), onnxopt::passes::PassError> {
-                let excluded = exclude.iter().chain(more).cloned().collect();
+            let rounded = if gptq {
+                let _progress = Progress::start(quiet, "GPTQ: X^T X of every quantized MatMul's input, then rounding".into());
+                Arc::new(gptq_rounded(&original_or_smoothed, &calibration.source()?)?)
+            } else {
+                Arc::default()
+            };
+            // `in_float`: layers kept in float beyond --exclude; `per_tensor`: layers
+            // whose activations get one scale whatever --activations says
+            let quantize_with = |in_float: &HashSet<String>, per_tensor: &HashSet<String>| -> Result<(Model, Vec<PassRecord>), onnxopt::passes::PassError> {
+                let excluded = exclude.iter().chain(in_float).cloned().collect();
                 let pipeline = match mode {
                     QuantizeMode::Fp16 => {
                         let scope = if target == Target::Ort { Float16Scope::Weights } else { Float16Scope::WeightsAndCompute };
                         float16_passes(target, ConvertToFloat16::new(scope, excluded))
                     }
-                    _ => quantization_passes(QuantizeDynamic { target, exclude: excluded, activations }),
+                    _ => quantization_passes(QuantizeDynamic { target, exclude: excluded, activations, per_tensor_layers: per_tensor.clone(), rounded: rounded.clone() }),
                 };
                 let mut quantized = original_or_smoothed.clone();
                 let records = run_pipeline(&mut quantized, &pipeline, &DriverOptions::default())?;
@@ -770,24 +804,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 None => {
                     let _progress = Progress::start(quiet, format!("quantizing for {target}"));
-                    quantize_excluding(&HashSet::new()).map_err(anyhow::Error::from)?
+                    quantize_with(&HashSet::new(), &HashSet::new()).map_err(anyhow::Error::from)?
                 }
                 Some(budget) => {
                     let search = {
                         let _progress = Progress::start(quiet, format!("measuring each layer's error on {max_error_batches} calibration batches"));
-                        keep_costliest_in_float(&original, &calibration.source()?, budget, max_error_batches, &exclude, &quantize_excluding)?
+                        let problem = Int8Search { original: &original, to_quantize: &original_or_smoothed, budget, batches: max_error_batches, excluded_already: &exclude };
+                        problem.run(&calibration.source()?, mode == QuantizeMode::Int8, &quantize_with)?
                     };
                     if !quiet {
-                        eprintln!(
-                            "error on calibration data: {:.2e} with every layer quantized, {:.2e} with {} kept in float (budget {budget:.2e})",
-                            search.error_all_quantized,
-                            search.error,
-                            search.kept_in_float.len()
-                        );
+                        search.print();
                     }
-                    let kept: HashSet<String> = search.kept_in_float.iter().cloned().collect();
+                    let quantized = quantize_with(&search.in_float, &search.per_tensor).map_err(anyhow::Error::from)?;
                     sensitivity = Some(search);
-                    quantize_excluding(&kept).map_err(anyhow::Error::from)?
+                    quantized
                 }
             };
             if !quiet {
@@ -981,31 +1011,121 @@ fn check_quantized(comparison: Option<&verify::Comparison>, min_cosine: f64, bou
 }
 
 /// `--mode int8`'s error budget (mean over tokens of 1 - cosine on calibration
-/// data): on all-MiniLM-L6-v2, per-token int8 everywhere measured about
-/// 2e-3 and kept the dev-set sentence cosine near 0.997.
-const DEFAULT_INT8_MAX_ERROR: f64 = 1.5e-3;
+/// data). On all-MiniLM-L6-v2 with GPTQ weights, per-token int8 everywhere
+/// measured 2.5e-3 (text) to 2.8e-3 (padded npz), and sentence embeddings
+/// stayed at mean cosine 0.9976 to 0.9986 on the dev sentences: per-token
+/// errors partly cancel in the mean pooling.
+const DEFAULT_INT8_MAX_ERROR: f64 = 3e-3;
+
+/// The int8 weights of `model`'s MatMuls, GPTQ-rounded against their inputs
+/// on the calibration data.
+fn gptq_rounded(model: &Model, source: &onnxopt::calibrate::CalibrationSource) -> Result<onnxopt::passes::quantize_dynamic::RoundedWeights> {
+    use onnxopt::passes::quantize_dynamic::{gptq_rounded_weights, quantized_activations};
+    let activations = quantized_activations(model);
+    let names: Vec<&str> = activations.iter().map(String::as_str).collect();
+    let hessians = onnxopt::calibrate::gram_matrices(model, &names, source)?.into_iter().map(|g| (g.name, g.xtx)).collect();
+    Ok(gptq_rounded_weights(model, &hessians)?)
+}
+
+/// Fusions `--mode int8` leaves out. ORT 1.32's CPU SkipLayerNormalization
+/// took 1.3 ms per call on MiniLM at batch 8 (its Add + LayerNormalization,
+/// 0.6 ms); in a float model ORT fuses them back itself and nothing changes,
+/// but behind per-token int8 products it does not, and the unfused form ran
+/// 9% faster (batch 8, 125 -> 113 ms).
+const INT8_UNFUSED_RULES: [&str; 2] = ["skip-layer-norm-bias", "skip-layer-norm"];
 
 /// The `--max-error` search (see `onnxopt::sensitivity`) on the first
-/// `batches` calibration batches; `quantize_excluding` quantizes with more layers
-/// kept in float.
-fn keep_costliest_in_float(
-    original: &Model,
-    source: &onnxopt::calibrate::CalibrationSource,
+/// `batches` calibration batches: which layers of `to_quantize` (the original,
+/// or its fused or smoothed form) get per-tensor activation scales, and which
+/// stay in float; errors are measured against `original`.
+struct Int8Search<'a> {
+    original: &'a Model,
+    to_quantize: &'a Model,
     budget: f64,
     batches: usize,
-    excluded_already: &[String],
-    quantize_excluding: &dyn Fn(&HashSet<String>) -> Result<(Model, Vec<PassRecord>), onnxopt::passes::PassError>,
-) -> Result<onnxopt::sensitivity::SensitivityReport> {
-    use onnxopt::sensitivity::{self, Measurement, SensitivityError};
-    let inputs: Vec<_> = source.batches(original)?.take(batches.max(1)).collect::<Result<_, _>>()?;
-    let measurement = Measurement::new(original, inputs)?;
-    let layers: Vec<String> = onnxopt::passes::quantize_dynamic::quantizable_layers(original)
-        .into_iter()
-        .filter(|l| !excluded_already.contains(l))
-        .collect();
-    let quantize = |more: &HashSet<String>| quantize_excluding(more).map(|(m, _)| m).map_err(|e| SensitivityError::Quantize(e.to_string()));
-    let (_, report) = sensitivity::keep_costliest_in_float(&measurement, &layers, budget, quantize)?;
-    Ok(report)
+    excluded_already: &'a [String],
+}
+
+/// What [`Int8Search`] chose, and what it measured on the way.
+#[derive(serde::Serialize)]
+struct Int8Choice {
+    #[serde(skip)]
+    in_float: HashSet<String>,
+    #[serde(skip)]
+    per_tensor: HashSet<String>,
+    /// Layers searched over.
+    candidates: usize,
+    /// Which layers need per-token activations (the rest take per-tensor).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    activation_scales: Option<onnxopt::sensitivity::SensitivityReport>,
+    /// Which layers stay in float (every other one per token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    float: Option<onnxopt::sensitivity::SensitivityReport>,
+}
+
+impl Int8Search<'_> {
+    /// With `choose_scales` (`--mode int8`), first the cheapest activation
+    /// scales that fit the budget: per tensor (ORT's one-kernel
+    /// DynamicQuantizeMatMul) where it costs little, per token where it does
+    /// not. Only if every layer per token is still over budget, the costliest
+    /// layers stay in float.
+    fn run(
+        &self,
+        source: &onnxopt::calibrate::CalibrationSource,
+        choose_scales: bool,
+        quantize_with: &dyn Fn(&HashSet<String>, &HashSet<String>) -> Result<(Model, Vec<PassRecord>), onnxopt::passes::PassError>,
+    ) -> Result<Int8Choice> {
+        use onnxopt::sensitivity::{spare_costliest, Measurement, SensitivityError};
+        let inputs: Vec<_> = source.batches(self.original)?.take(self.batches.max(1)).collect::<Result<_, _>>()?;
+        let measurement = Measurement::new(self.original, inputs)?;
+        let layers: Vec<String> = onnxopt::passes::quantize_dynamic::quantizable_layers(self.to_quantize)
+            .into_iter()
+            .filter(|l| !self.excluded_already.contains(l))
+            .collect();
+        let failed = |e: onnxopt::passes::PassError| SensitivityError::Quantize(e.to_string());
+        let none = HashSet::new();
+        let mut choice = Int8Choice { in_float: HashSet::new(), per_tensor: HashSet::new(), candidates: layers.len(), activation_scales: None, float: None };
+        if choose_scales {
+            let all_but = |per_token: &HashSet<String>| layers.iter().filter(|l| !per_token.contains(*l)).cloned().collect::<HashSet<_>>();
+            let quantize = |per_token: &HashSet<String>| quantize_with(&none, &all_but(per_token)).map(|(m, _)| m).map_err(failed);
+            let (_, scales) = spare_costliest(&measurement, &layers, self.budget, quantize)?;
+            let within = scales.within_budget();
+            if within {
+                choice.per_tensor = all_but(&scales.spared.iter().cloned().collect());
+            }
+            choice.activation_scales = Some(scales);
+            if within {
+                return Ok(choice);
+            }
+        }
+        let quantize = |in_float: &HashSet<String>| quantize_with(in_float, &none).map(|(m, _)| m).map_err(failed);
+        let (_, float) = spare_costliest(&measurement, &layers, self.budget, quantize)?;
+        choice.in_float = float.spared.iter().cloned().collect();
+        choice.float = Some(float);
+        Ok(choice)
+    }
+}
+
+impl Int8Choice {
+    fn print(&self) {
+        if let Some(scales) = &self.activation_scales {
+            let chosen = if scales.within_budget() {
+                format!("per token for {} of {} layers: {:.2e}", scales.spared.len(), self.candidates, scales.error)
+            } else {
+                format!("per token everywhere: {:.2e}", scales.error)
+            };
+            eprintln!("error on calibration data: {:.2e} with per-tensor activations, {chosen} (budget {:.2e})", scales.error_none_spared, scales.budget);
+        }
+        if let Some(float) = &self.float {
+            eprintln!(
+                "error on calibration data: {:.2e} with every layer quantized, {:.2e} with {} kept in float (budget {:.2e})",
+                float.error_none_spared,
+                float.error,
+                float.spared.len(),
+                float.budget
+            );
+        }
+    }
 }
 
 /// SmoothQuant with ranges from calibration: the smoothed model, after a tract

@@ -1,6 +1,8 @@
 //! How much each quantized layer costs the model's output, measured in tract on
-//! calibration inputs, and the search that keeps the costliest layers in float
-//! until an error budget holds (`quantize --max-error`).
+//! calibration inputs, and the search that spares the costliest layers until an
+//! error budget holds (`quantize --max-error`). "Spared" is whatever the caller
+//! makes of it: kept in float32, or given per-token rather than per-tensor
+//! activation scales.
 //!
 //! The error of a model against the original is the mean, over real tokens
 //! (padding left out) of the first output, of `1 - cosine` between the two
@@ -8,16 +10,18 @@
 //! token's embedding turned.
 //!
 //! The search:
-//! 1. quantize everything; if the error is within budget, stop;
-//! 2. measure each layer alone (every other layer in float): its error is what
-//!    that layer contributes;
-//! 3. keep layers in float, costliest first: as many as it takes if the layers'
-//!    errors added up (they nearly do: on MiniLM the sum of the 36 layer errors
-//!    was within 15% of the all-quantized error), then measure the whole model
-//!    and add one more layer at a time until the error is within budget (or
-//!    every layer is in float).
+//! 1. quantize every layer the cheaper way; if the error is within budget, stop;
+//! 2. spare every layer; if even that is over budget, stop (the caller spares
+//!    more another way);
+//! 3. measure each layer alone the cheaper way (every other layer spared): its
+//!    error, less step 2's, is what that layer contributes;
+//! 4. spare layers, costliest first: as many as it takes if the layers'
+//!    contributions added up (they nearly do: on MiniLM the 36 layers' errors in
+//!    float summed to within 15% of the all-quantized error), then measure the
+//!    whole model and spare one more layer at a time until the error is within
+//!    budget.
 //!
-//! Step 2 runs the model once per layer and batch: keep the batches few.
+//! Step 3 runs the model once per layer and batch: keep the batches few.
 
 use crate::ir::Model;
 use crate::passes::{lowered_for_tract, PassError};
@@ -43,7 +47,8 @@ pub enum SensitivityError {
 pub struct LayerError {
     /// Its node name (or first output), as `--exclude` takes it.
     pub layer: String,
-    /// The model's error with only this layer quantized.
+    /// The model's error with only this layer done the cheaper way, less the
+    /// error with every layer spared.
     pub error: f64,
 }
 
@@ -51,14 +56,24 @@ pub struct LayerError {
 #[derive(Clone, Debug, Serialize)]
 pub struct SensitivityReport {
     pub budget: f64,
-    /// Every layer quantized.
-    pub error_all_quantized: f64,
-    /// Costliest first; empty when everything fit the budget at once.
+    /// Every layer done the cheaper way.
+    pub error_none_spared: f64,
+    /// Every layer spared; measured only when the cheaper way was over budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_all_spared: Option<f64>,
+    /// Costliest first; empty when nothing was measured one at a time.
     pub layers: Vec<LayerError>,
-    /// The layers kept in float, in the order they were chosen.
-    pub kept_in_float: Vec<String>,
+    /// The layers spared, in the order they were chosen.
+    pub spared: Vec<String>,
     /// The error of the model returned.
     pub error: f64,
+}
+
+impl SensitivityReport {
+    /// Whether the model returned is within budget.
+    pub fn within_budget(&self) -> bool {
+        self.error <= self.budget
+    }
 }
 
 /// The reference outputs the errors are measured against.
@@ -70,17 +85,17 @@ pub struct Measurement {
 impl Measurement {
     /// Runs `original` on each batch of `inputs` once.
     pub fn new(original: &Model, inputs: Vec<Vec<NamedInput>>) -> Result<Measurement, SensitivityError> {
-        let runnable = lowered_for_tract(original)?;
-        let reference = inputs.iter().map(|batch| first_output(&runnable, "original", batch)).collect::<Result<_, _>>()?;
+        let runner = verify::Runner::new(&lowered_for_tract(original)?, "original")?;
+        let reference = inputs.iter().map(|batch| first_output(&runner, batch)).collect::<Result<_, _>>()?;
         Ok(Measurement { inputs, reference })
     }
 
     /// The error of `candidate` (see the module documentation).
     pub fn error(&self, candidate: &Model) -> Result<f64, SensitivityError> {
-        let runnable = lowered_for_tract(candidate)?;
+        let runner = verify::Runner::new(&lowered_for_tract(candidate)?, "quantized")?;
         let (mut sum, mut rows) = (0.0, 0usize);
         for (batch, want) in self.inputs.iter().zip(&self.reference) {
-            let got = first_output(&runnable, "quantized", batch)?;
+            let got = first_output(&runner, batch)?;
             let keep = crate::calibrate::token_rows(batch, want);
             let (batch_sum, batch_rows) = row_cosine_distance(want, &got, keep.as_deref())?;
             sum += batch_sum;
@@ -90,51 +105,61 @@ impl Measurement {
     }
 }
 
-/// Runs the search. `quantize(excluded)` quantizes the original with the named
-/// layers kept in float; `layers` are the candidates.
-pub fn keep_costliest_in_float(
+/// Runs the search. `quantize(spared)` quantizes the original with the named
+/// layers spared; `layers` are the candidates. When sparing every layer is
+/// still over budget, returns that model (every layer spared).
+pub fn spare_costliest(
     measurement: &Measurement,
     layers: &[String],
     budget: f64,
     quantize: impl Fn(&HashSet<String>) -> Result<Model, SensitivityError>,
 ) -> Result<(Model, SensitivityReport), SensitivityError> {
     let mut model = quantize(&HashSet::new())?;
-    let error_all_quantized = measurement.error(&model)?;
-    let mut report = SensitivityReport { budget, error_all_quantized, layers: Vec::new(), kept_in_float: Vec::new(), error: error_all_quantized };
-    if error_all_quantized <= budget {
+    let error_none_spared = measurement.error(&model)?;
+    let mut report = SensitivityReport { budget, error_none_spared, error_all_spared: None, layers: Vec::new(), spared: Vec::new(), error: error_none_spared };
+    if error_none_spared <= budget {
         return Ok((model, report));
+    }
+    let all: HashSet<String> = layers.iter().cloned().collect();
+    let all_spared = quantize(&all)?;
+    let floor = measurement.error(&all_spared)?;
+    report.error_all_spared = Some(floor);
+    if floor > budget {
+        report.spared = layers.to_vec();
+        report.error = floor;
+        return Ok((all_spared, report));
     }
     for layer in layers {
         let others: HashSet<String> = layers.iter().filter(|l| *l != layer).cloned().collect();
-        let error = measurement.error(&quantize(&others)?)?;
+        let error = measurement.error(&quantize(&others)?)? - floor;
         report.layers.push(LayerError { layer: layer.clone(), error });
     }
     report.layers.sort_by(|a, b| b.error.total_cmp(&a.error));
     let ranked: Vec<String> = report.layers.iter().map(|l| l.layer.clone()).collect();
-    // the shortest prefix that fits the budget if errors added up
-    let mut estimate = error_all_quantized;
+    // the shortest prefix that fits the budget if contributions added up
+    let mut estimate = error_none_spared;
     let mut first_guess = 0;
     while first_guess < ranked.len() && estimate > budget {
         estimate -= report.layers[first_guess].error;
         first_guess += 1;
     }
-    let mut excluded: HashSet<String> = ranked[..first_guess].iter().cloned().collect();
-    report.kept_in_float = ranked[..first_guess].to_vec();
+    let mut spared: HashSet<String> = ranked[..first_guess].iter().cloned().collect();
+    report.spared = ranked[..first_guess].to_vec();
     loop {
-        model = quantize(&excluded)?;
+        model = quantize(&spared)?;
         report.error = measurement.error(&model)?;
-        let Some(next) = ranked.get(report.kept_in_float.len()) else { break };
+        let Some(next) = ranked.get(report.spared.len()) else { break };
         if report.error <= budget {
             break;
         }
-        excluded.insert(next.clone());
-        report.kept_in_float.push(next.clone());
+        spared.insert(next.clone());
+        report.spared.push(next.clone());
     }
     Ok((model, report))
 }
 
-fn first_output(model: &Model, label: &str, inputs: &[NamedInput]) -> Result<Tensor, SensitivityError> {
-    let mut outputs = verify::run(model, label, inputs)?;
+fn first_output(runner: &verify::Runner, inputs: &[NamedInput]) -> Result<Tensor, SensitivityError> {
+    let mut outputs = runner.run(inputs)?;
     if outputs.is_empty() {
         return Err(SensitivityError::Output("the model has no output".into()));
     }

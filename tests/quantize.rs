@@ -20,7 +20,7 @@ fn quantize(model: &Model, target: Target, exclude: &[&str]) -> (Model, PassReco
 
 fn quantize_with(model: &Model, target: Target, exclude: &[&str], activations: ActivationScale) -> (Model, PassRecord) {
     let exclude = exclude.iter().map(|s| s.to_string()).collect();
-    let passes: Vec<Box<dyn Pass>> = vec![Box::new(QuantizeDynamic { target, exclude, activations }), Box::new(EliminateDeadCode)];
+    let passes: Vec<Box<dyn Pass>> = vec![Box::new(QuantizeDynamic { target, exclude, activations, per_tensor_layers: Default::default(), rounded: Default::default() }), Box::new(EliminateDeadCode)];
     let mut quantized = model.clone();
     let options = DriverOptions { validate: true, ..DriverOptions::default() };
     let records = run_pipeline(&mut quantized, &passes, &options).unwrap();
@@ -300,12 +300,12 @@ fn max_error_keeps_the_costliest_layers_in_float() {
         let report = dir.path().join(format!("{case}.json"));
         let budget = budget.to_string();
         let o = run(&[
-            "--quiet", "quantize", model.to_str().unwrap(), "-o", out.to_str().unwrap(), "--mode", "int8", "--target", "portable",
+            "--quiet", "quantize", model.to_str().unwrap(), "-o", out.to_str().unwrap(), "--mode", "int8-dynamic", "--target", "portable",
             "--calib", calib.to_str().unwrap(), "--max-error", &budget, "--max-error-batches", "2", "--report", report.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{case}: {}", stderr(&o));
-        let sensitivity = report_of(&report)["sensitivity"].clone();
-        let kept = sensitivity["kept_in_float"].as_array().unwrap().len();
+        let sensitivity = report_of(&report)["sensitivity"]["float"].clone();
+        let kept = sensitivity["spared"].as_array().unwrap().len();
         let error = sensitivity["error"].as_f64().unwrap();
         assert!(error <= sensitivity["budget"].as_f64().unwrap(), "{case}: error {error} over budget");
         let quantized_layers = onnx::load(&out).unwrap().graph.nodes().filter(|n| n.op_type == "MatMulInteger").count();
@@ -315,7 +315,7 @@ fn max_error_keeps_the_costliest_layers_in_float() {
     // loose: everything quantized, nothing measured per layer
     let (all, kept) = quantize_within(1.0, "loose");
     assert_eq!((kept, all["layers"].as_array().unwrap().len()), (0, 0));
-    let error_all_quantized = all["error_all_quantized"].as_f64().unwrap();
+    let error_all_quantized = all["error_none_spared"].as_f64().unwrap();
     assert!(error_all_quantized > 0.0);
     // zero: every layer back in float
     let (none, kept) = quantize_within(0.0, "zero");
@@ -325,11 +325,65 @@ fn max_error_keeps_the_costliest_layers_in_float() {
     let layers = half["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 12, "every layer measured");
     assert!((1..12).contains(&kept), "{kept} kept");
-    assert_eq!(half["kept_in_float"][0], layers[0]["layer"], "the costliest first");
+    assert_eq!(half["spared"][0], layers[0]["layer"], "the costliest first");
     assert!(layers.windows(2).all(|w| w[0]["error"].as_f64() >= w[1]["error"].as_f64()));
 
     // without calibration data the budget cannot be measured
     let o = quantize_cli(&fixture("bert.dynamo.onnx"), &dir.path().join("x.onnx"), &["--max-error", "0.01"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("calibration data"), "{}", stderr(&o));
+}
+
+/// `--mode int8` for ORT: the fused attention's Q/K/V projection is split out
+/// and quantized too; with a budget between the all-per-tensor and the
+/// all-per-token errors, the search gives per-token scales to some layers and
+/// per-tensor ones (DynamicQuantizeMatMul) to the rest, keeps none in float,
+/// and lands within budget; ONNX Runtime runs the mix.
+#[test]
+fn int8_mode_chooses_activation_scales_per_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = dir.path().join("calib.npz");
+    write_token_npz(&calib);
+    let model = fixture("bert.ts.onnx");
+    let quantize_within = |budget: f64, case: &str| -> (serde_json::Value, Model, std::path::PathBuf) {
+        let out = dir.path().join(format!("{case}.onnx"));
+        let report = dir.path().join(format!("{case}.json"));
+        let budget = budget.to_string();
+        let o = run(&[
+            "--quiet", "quantize", model.to_str().unwrap(), "-o", out.to_str().unwrap(), "--mode", "int8", "--target", "ort",
+            "--calib", calib.to_str().unwrap(), "--max-error", &budget, "--max-error-batches", "2", "--report", report.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        (report_of(&report)["sensitivity"].clone(), onnx::load(&out).unwrap(), out)
+    };
+    let count = |m: &Model, op: &str| m.graph.nodes().filter(|n| n.op_type == op).count();
+
+    // loose: per tensor everywhere, Q/K/V included (one packed MatMul per layer)
+    let (loose, quantized, _) = quantize_within(1.0, "loose");
+    assert_eq!(count(&quantized, "Attention"), 0, "the fused Attention was split");
+    assert_eq!(count(&quantized, "MultiHeadAttention"), 2);
+    assert_eq!((count(&quantized, "DynamicQuantizeMatMul"), count(&quantized, "MatMulIntegerToFloat")), (8, 0));
+    assert_eq!(count(&quantized, "MatMul"), 0, "every projection quantized");
+    assert!(loose["float"].is_null(), "{loose}");
+    let per_tensor_error = loose["activation_scales"]["error_none_spared"].as_f64().unwrap();
+
+    // zero: per token everywhere is measured, and is still over, so float decides
+    let (zero, _, _) = quantize_within(0.0, "zero");
+    let per_token_error = zero["activation_scales"]["error_all_spared"].as_f64().unwrap();
+    assert!(per_token_error < per_tensor_error, "per token {per_token_error} vs per tensor {per_tensor_error}");
+    assert_eq!(zero["float"]["spared"].as_array().unwrap().len(), 8, "{zero}");
+
+    // in between: a mix, within budget, nothing in float
+    let budget = (per_tensor_error + per_token_error) / 2.0;
+    let (mixed, quantized, out) = quantize_within(budget, "mixed");
+    let scales = &mixed["activation_scales"];
+    assert!(scales["error"].as_f64().unwrap() <= budget, "{mixed}");
+    assert!(mixed["float"].is_null(), "{mixed}");
+    let per_token = scales["spared"].as_array().unwrap().len();
+    assert!((1..8).contains(&per_token), "{mixed}");
+    assert_eq!(count(&quantized, "MatMulIntegerToFloat"), per_token);
+    assert_eq!(count(&quantized, "DynamicQuantizeMatMul"), 8 - per_token);
+    if let Some(cosine) = onnxruntime_cosine(&model, &out) {
+        assert!(cosine > 0.98, "ONNX Runtime: cosine {cosine}");
+    }
 }

@@ -46,6 +46,8 @@ pub enum CalibrateError {
     Empty(String),
     #[error(transparent)]
     Run(#[from] VerifyError),
+    #[error("lowering the model for tract: {0}")]
+    Lower(#[from] crate::passes::PassError),
 }
 
 /// Runs `model` on every batch of `source` and returns the statistics of each
@@ -134,12 +136,13 @@ pub fn for_each_batch(
     source: &CalibrationSource,
     mut visit: impl FnMut(ObservedBatch) -> Result<(), CalibrateError>,
 ) -> Result<usize, CalibrateError> {
-    let tapped = with_taps(model, taps)?;
+    // fused and quantized models hold contrib ops tract runs only lowered
+    let tapped = verify::Runner::new(&with_taps(&crate::passes::lowered_for_tract(model)?, taps)?, "calibration")?;
     let own_outputs = model.graph.outputs.len();
     let mut batches = 0;
     for inputs in source.batches(model)? {
         let inputs = inputs?;
-        let mut outputs: Vec<(String, Tensor)> = verify::run(&tapped, "calibration", &inputs)?;
+        let mut outputs: Vec<(String, Tensor)> = tapped.run(&inputs)?;
         let mut tapped_values = Vec::with_capacity(taps.len());
         for tap in taps {
             let value = outputs.iter().find(|(name, _)| name == tap).map(|(_, v)| v.clone());

@@ -22,11 +22,19 @@ pub struct Fuse {
     /// Rule name to explain near misses of (`--trace-rule`).
     trace_rule: Option<String>,
     trace: Mutex<Vec<String>>,
+    /// Rules not to apply (by name), though the target has them.
+    skipped_rules: HashSet<String>,
 }
 
 impl Fuse {
     pub fn new(target: &str, trace_rule: Option<String>) -> Fuse {
-        Fuse { target: target.to_string(), registry: Registry::standard(), trace_rule, trace: Mutex::new(Vec::new()) }
+        Fuse { target: target.to_string(), registry: Registry::standard(), trace_rule, trace: Mutex::new(Vec::new()), skipped_rules: HashSet::new() }
+    }
+
+    /// The same pass without the rules named in `rules`.
+    pub fn without_rules(mut self, rules: &[String]) -> Fuse {
+        self.skipped_rules.extend(rules.iter().cloned());
+        self
     }
 
     fn rules(&self) -> Result<&'static [Rule], PassError> {
@@ -52,6 +60,7 @@ impl Pass for Fuse {
         let rules: Vec<(&Rule, &crate::rewrite::rule::Template)> = self
             .rules()?
             .iter()
+            .filter(|r| !self.skipped_rules.contains(&r.name))
             .filter_map(|r| r.emission(&self.target, opset).map(|e| (r, &e.template)))
             .collect();
         let graph = &model.graph;

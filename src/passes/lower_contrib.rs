@@ -150,6 +150,7 @@ pub fn lower_node(model: &Model, types: &TypeMap, id: NodeId) -> Result<Patch, L
         "DynamicQuantizeMatMul" => lowering.dynamic_quantize_matmul(),
         "MatMulIntegerToFloat" => lowering.matmul_integer_to_float(),
         "MatMulNBits" => lowering.matmul_n_bits(),
+        "GatherBlockQuantized" => lowering.gather_block_quantized(),
         other => Err(format!("no lowering of {other} to standard ONNX ops")),
     };
     lowered.map_err(unsupported)?;
@@ -690,6 +691,29 @@ impl<'m> Lowering<'m> {
             let output = self.used_output(0);
             self.op_into("Add", &[&product, bias], Vec::new(), output, "y");
         }
+        Ok(())
+    }
+
+    /// GatherBlockQuantized(data, indices, scales, zero_points?) with int4 or
+    /// uint4 `data` (the form `quantize-gather-int4` writes):
+    /// `Gather(DequantizeLinear(data, scales, zero_points) {axis = quantize_axis,
+    /// block_size}, indices) {axis = gather_axis}`, ORT's definition written in
+    /// standard ops; the DequantizeLinear of the constant table is then lowered
+    /// by `lower-standard-ops` to a float32 constant. uint8 data (packed `bits`)
+    /// is refused.
+    fn gather_block_quantized(&mut self) -> Result<(), Refusal> {
+        let (data, indices, scales) = (self.required(0, "data")?, self.required(1, "indices")?, self.required(2, "scales")?);
+        let packed = self.graph.initializer(data).ok_or_else(|| format!("data '{data}' is not a constant"))?;
+        if !matches!(packed.dtype, DataType::Int4 | DataType::Uint4) {
+            return Err(format!("data is {}; only int4 and uint4 are lowered", packed.dtype));
+        }
+        let block = self.int_attr("block_size", 128);
+        let mut inputs = vec![data, scales];
+        inputs.extend(self.input(3));
+        let attrs = vec![("axis", AttrValue::Int(self.int_attr("quantize_axis", 1))), ("block_size", AttrValue::Int(block))];
+        let table = self.op_with("DequantizeLinear", &inputs, attrs, "table");
+        let output = self.used_output(0);
+        self.op_into("Gather", &[&table, indices], vec![("axis", AttrValue::Int(self.int_attr("gather_axis", 0)))], output, "y");
         Ok(())
     }
 

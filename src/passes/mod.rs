@@ -22,10 +22,12 @@ pub mod prune_weights;
 pub mod quantize_dynamic;
 pub mod quantize_fp16;
 pub mod quantize_static;
+pub mod quantize_gather_int4;
 pub mod quantize_int4;
 pub mod raise_opset;
 pub mod shape_folding;
 pub mod smooth_quant;
+pub mod split_attention_projection;
 
 use crate::ir::{Model, Patch, PatchError};
 use serde::Serialize;

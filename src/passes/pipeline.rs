@@ -27,6 +27,7 @@
 use super::common_subexpression::MergeCommonSubexpressions;
 use super::constant_folding::FoldConstants;
 use super::dead_code::EliminateDeadCode;
+use super::split_attention_projection::SplitAttentionProjection;
 use super::fuse::Fuse;
 use super::no_op::RemoveNoOps;
 use super::quantize_dynamic::QuantizeDynamic;
@@ -84,6 +85,8 @@ pub struct PipelineOptions {
     pub only: Option<Vec<String>>,
     pub skip: Vec<String>,
     pub trace_rule: Option<String>,
+    /// Fusion rules not to apply (by name).
+    pub skip_rules: Vec<String>,
     /// Raise the default-domain opset to this version first (`raise-opset`).
     pub opset: Option<i64>,
 }
@@ -96,7 +99,7 @@ pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box
         Box::new(FoldShapes),
         Box::new(MergeCommonSubexpressions),
         Box::new(EliminateDeadCode),
-        Box::new(Fuse::new(target.name(), options.trace_rule.clone())),
+        Box::new(Fuse::new(target.name(), options.trace_rule.clone()).without_rules(&options.skip_rules)),
         Box::new(MergeCommonSubexpressions),
         Box::new(EliminateDeadCode),
     ];
@@ -110,14 +113,20 @@ pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box
 
 /// The passes of `onnxopt quantize`, in order:
 /// 1. the cleanup passes of [`optimization_passes`] (1-5 and their second
-///    round), without `fuse`: a fused Attention holds its Q/K/V weights inside
-///    one op, where `quantize-dynamic` does not see a MatMul;
-/// 2. `quantize-dynamic`, on the cleaned graph (folded constants are the
+///    round), without `fuse` (fusing is `optimize`'s job, or `--mode int8`'s
+///    before it quantizes);
+/// 2. for ORT, `split-attention-projection`: a fused Attention holds its
+///    Q/K/V weights inside one op, where `quantize-dynamic` does not see a
+///    MatMul; split out, they are one MatMul feeding MultiHeadAttention;
+/// 3. `quantize-dynamic`, on the cleaned graph (folded constants are the
 ///    weights it looks for);
-/// 3. `eliminate-dead-code`: the float weights the int8 ones replaced.
+/// 4. `eliminate-dead-code`: the float weights the int8 ones replaced.
 pub fn quantization_passes(quantize: QuantizeDynamic) -> Vec<Box<dyn Pass>> {
     let cleanup = PipelineOptions { skip: vec!["fuse".into()], ..PipelineOptions::default() };
     let mut passes = optimization_passes(quantize.target, &cleanup);
+    if quantize.target == Target::Ort {
+        passes.push(Box::new(SplitAttentionProjection));
+    }
     passes.push(Box::new(quantize));
     passes.push(Box::new(EliminateDeadCode));
     passes

@@ -92,7 +92,10 @@ use super::pipeline::Target;
 use super::{Pass, PassError};
 use crate::ir::{infer_types, AttrValue, DataType, Graph, Model, Node, NodeId, Patch, Tensor};
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashSet};
+use crate::quantize::gptq::{gptq, GptqError, GptqOptions, Grid, Levels, QuantizedMatrix};
+use faer::Mat;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 /// The pass. See the module documentation.
 pub struct QuantizeDynamic {
@@ -101,10 +104,26 @@ pub struct QuantizeDynamic {
     /// Node names (or first outputs) to keep in float.
     pub exclude: HashSet<String>,
     pub activations: ActivationScale,
+    /// Layers (node names, or first outputs) whose activations are scaled per
+    /// tensor whatever `activations` says: where one scale is close enough,
+    /// ORT's DynamicQuantizeMatMul does in one kernel what per token takes
+    /// seven ops for.
+    pub per_tensor_layers: HashSet<String>,
+    /// Weights already rounded (GPTQ, see [`gptq_rounded_weights`]), by the
+    /// name of the float initializer they stand for; the others are rounded
+    /// to nearest here.
+    pub rounded: Arc<RoundedWeights>,
 }
 
+/// Int8 weights rounded ahead of the pass, by float initializer name.
+pub type RoundedWeights = HashMap<String, QuantizedMatrix>;
+
+/// The int8 grid of this pass: symmetric per output column, aligned row
+/// pairs within 128 (see "Saturation").
+pub const INT8_PAIR_GRID: Grid = Grid { block: None, levels: Levels::SymmetricPairs { max: 127, pair_sum: 128 } };
+
 /// How activations are scaled at run time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum ActivationScale {
     /// One scale for the whole tensor (DynamicQuantizeLinear).
     #[default]
@@ -159,17 +178,18 @@ impl Pass for QuantizeDynamic {
         }
         let types = infer_types(model);
         let graph_inputs: HashSet<&str> = model.graph.inputs.iter().map(|v| v.name.as_str()).collect();
-        let mut by_activation: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
+        let mut by_activation: BTreeMap<(String, ActivationScale), Vec<Candidate>> = BTreeMap::new();
         for (id, node) in model.graph.nodes_with_ids() {
             if self.excluded(node) {
                 continue;
             }
+            let scale = if self.per_tensor_layers.contains(layer_name(node)) { ActivationScale::PerTensor } else { self.activations };
             let Some(activation) = node.inputs.first() else { continue };
             if types.elem_type(activation) != Some(DataType::Float) {
                 continue;
             }
-            let Some(mut candidate) = candidate(&model.graph, &graph_inputs, id, node) else { continue };
-            let fused_op_adds_bias = self.target == Target::Ort && self.activations == ActivationScale::PerTensor;
+            let Some(mut candidate) = candidate(&model.graph, &graph_inputs, id, node, &self.rounded) else { continue };
+            let fused_op_adds_bias = self.target == Target::Ort && scale == ActivationScale::PerTensor;
             if fused_op_adds_bias && candidate.bias.is_none() && candidate.addend.is_none() {
                 candidate.folded_add = foldable_bias_add(&model.graph, &candidate.output, candidate.weights.n);
                 candidate.bias = candidate.folded_add.as_ref().and_then(|(add, _)| {
@@ -177,11 +197,11 @@ impl Pass for QuantizeDynamic {
                     add.inputs.iter().find(|i| **i != candidate.output).cloned()
                 });
             }
-            by_activation.entry(activation.clone()).or_default().push(candidate);
+            by_activation.entry((activation.clone(), scale)).or_default().push(candidate);
         }
         Ok(by_activation
             .into_iter()
-            .map(|(activation, group)| match self.activations {
+            .map(|((activation, scale), group)| match scale {
                 ActivationScale::PerTensor => self.patch(&activation, group),
                 ActivationScale::PerToken => self.per_token_patch(&activation, group, opset),
             })
@@ -191,8 +211,7 @@ impl Pass for QuantizeDynamic {
 
 impl QuantizeDynamic {
     fn excluded(&self, node: &Node) -> bool {
-        let name = if node.name.is_empty() { node.outputs.first().map(String::as_str).unwrap_or("") } else { &node.name };
-        self.exclude.contains(name)
+        self.exclude.contains(layer_name(node))
     }
 
     /// One patch per activation, so that the portable target quantizes it once.
@@ -392,6 +411,11 @@ impl QuantizedWeights {
         QuantizedWeights { values, scales, k, n }
     }
 
+    /// A matrix rounded on [`INT8_PAIR_GRID`].
+    fn from_matrix(matrix: &QuantizedMatrix) -> QuantizedWeights {
+        QuantizedWeights { values: matrix.values.iter().map(|&v| v as i8).collect(), scales: matrix.scales.clone(), k: matrix.k, n: matrix.n }
+    }
+
     /// The int8 weight `[K, N]`, its scales `[N]` and zero points `[N]`, named under `root`.
     fn initializers(&self, root: &str) -> (Tensor, Tensor, Tensor) {
         let n = self.n as i64;
@@ -410,6 +434,16 @@ fn constant<'g>(graph: &'g Graph, graph_inputs: &HashSet<&str>, name: &str) -> O
     (tensor.dtype == DataType::Float && !graph_inputs.contains(name)).then_some(tensor)
 }
 
+/// A layer's name as `exclude` and `per_tensor_layers` take it: the node's,
+/// or its first output's when the node has none.
+fn layer_name(node: &Node) -> &str {
+    if node.name.is_empty() {
+        node.outputs.first().map(String::as_str).unwrap_or("")
+    } else {
+        &node.name
+    }
+}
+
 /// The names (`exclude` takes them) of the layers the pass would quantize.
 pub fn quantizable_layers(model: &Model) -> Vec<String> {
     let graph_inputs: HashSet<&str> = model.graph.inputs.iter().map(|v| v.name.as_str()).collect();
@@ -417,7 +451,20 @@ pub fn quantizable_layers(model: &Model) -> Vec<String> {
         .graph
         .nodes()
         .filter(|n| quantizable_weight(&model.graph, &graph_inputs, n).is_some())
-        .map(|n| if n.name.is_empty() { n.outputs.first().cloned().unwrap_or_default() } else { n.name.clone() })
+        .map(|n| layer_name(n).to_string())
+        .collect()
+}
+
+/// The activations (first inputs) of the layers the pass would quantize, each once.
+pub fn quantized_activations(model: &Model) -> Vec<String> {
+    let graph_inputs: HashSet<&str> = model.graph.inputs.iter().map(|v| v.name.as_str()).collect();
+    let mut seen = HashSet::new();
+    model
+        .graph
+        .nodes()
+        .filter(|n| quantizable_weight(&model.graph, &graph_inputs, n).is_some())
+        .filter_map(|n| n.inputs.first().cloned())
+        .filter(|a| seen.insert(a.clone()))
         .collect()
 }
 
@@ -439,13 +486,18 @@ pub(super) fn quantizable_weight<'g>(graph: &'g Graph, graph_inputs: &HashSet<&s
 }
 
 /// The node as a [`Candidate`], when it is a MatMul or Gemm of a constant weight.
-fn candidate(graph: &Graph, graph_inputs: &HashSet<&str>, id: NodeId, node: &Node) -> Option<Candidate> {
+fn candidate(graph: &Graph, graph_inputs: &HashSet<&str>, id: NodeId, node: &Node, rounded: &RoundedWeights) -> Option<Candidate> {
     let output = node.outputs.first().filter(|o| !o.is_empty())?.clone();
     let (weight, transposed) = quantizable_weight(graph, graph_inputs, node)?;
     let [rows, cols] = weight.dims[..] else { return None };
     let (rows, cols) = (usize::try_from(rows).ok()?, usize::try_from(cols).ok()?);
-    let values = weight.to_f32().ok()?;
-    let values = values.as_slice()?;
+    let weights = match rounded.get(&weight.name) {
+        Some(matrix) => QuantizedWeights::from_matrix(matrix),
+        None => {
+            let values = weight.to_f32().ok()?;
+            QuantizedWeights::new(values.as_slice()?, rows, cols, transposed)
+        }
+    };
     let (mut bias, mut addend) = (None, None);
     if node.is_onnx("Gemm") {
         let n = if transposed { rows } else { cols } as i64;
@@ -459,7 +511,7 @@ fn candidate(graph: &Graph, graph_inputs: &HashSet<&str>, id: NodeId, node: &Nod
         id,
         activation: node.inputs[0].clone(),
         output,
-        weights: QuantizedWeights::new(values, rows, cols, transposed),
+        weights,
         bias,
         addend,
         folded_add: None,
@@ -486,4 +538,43 @@ fn foldable_bias_add(graph: &Graph, product: &str, n: usize) -> Option<(NodeId, 
         return None;
     }
     Some((single.node, add.outputs.first()?.clone()))
+}
+
+/// GPTQ-rounds, on [`INT8_PAIR_GRID`], the weight of every MatMul or Gemm
+/// whose activation has a Hessian in `hessians` (`X^T X` by activation name,
+/// from [`crate::passes::quantize_int4::activation_hessians`]'s calibration),
+/// for [`QuantizeDynamic::rounded`]. A weight read by several nodes is rounded
+/// against the first one's activation.
+pub fn gptq_rounded_weights(model: &Model, hessians: &HashMap<String, Mat<f64>>) -> Result<RoundedWeights, GptqError> {
+    let graph_inputs: HashSet<&str> = model.graph.inputs.iter().map(|v| v.name.as_str()).collect();
+    let mut jobs: Vec<(&Tensor, bool, &Mat<f64>)> = Vec::new();
+    for node in model.graph.nodes() {
+        let Some((weight, transposed)) = quantizable_weight(&model.graph, &graph_inputs, node) else { continue };
+        let Some(hessian) = node.inputs.first().and_then(|a| hessians.get(a)) else { continue };
+        if !jobs.iter().any(|(w, _, _)| w.name == weight.name) {
+            jobs.push((weight, transposed, hessian));
+        }
+    }
+    use rayon::prelude::*;
+    jobs.into_par_iter()
+        .filter_map(|(weight, transposed, hessian)| {
+            let values = weight.to_f32().ok()?;
+            let values = values.as_slice()?.to_vec();
+            let [rows, cols] = weight.dims[..] else { return None };
+            let (rows, cols) = (rows as usize, cols as usize);
+            // GPTQ reads W as [K, N]; a transposed Gemm weight is [N, K]
+            let (k, n, w) = if transposed {
+                let mut t = vec![0f32; rows * cols];
+                for (r, row) in values.chunks_exact(cols).enumerate() {
+                    for (c, &v) in row.iter().enumerate() {
+                        t[c * rows + r] = v;
+                    }
+                }
+                (cols, rows, t)
+            } else {
+                (rows, cols, values)
+            };
+            Some(gptq(&w, k, n, hessian.as_ref(), INT8_PAIR_GRID, GptqOptions::default()).map(|m| (weight.name.clone(), m)))
+        })
+        .collect()
 }

@@ -51,6 +51,15 @@ pub enum Levels {
     /// `hi = max(0, max w)`, `scale = (hi - lo) / max` and `zero = round(-lo / scale)`
     /// (uint4: `max = 15`). The range holds 0, so zero is exact.
     Asymmetric { max: i32 },
+    /// Symmetric, zero point 0, and each aligned pair of rows `k = 2i, 2i + 1`
+    /// of a column within `pair_sum`: `|q[2i]| + |q[2i + 1]| <= pair_sum`, with
+    /// `scale = max_i (|w[2i]| + |w[2i + 1]|) / max` (int8 weights for ORT's
+    /// AVX2 u8 x s8 kernel, which adds each pair's products into int16 with
+    /// saturation: `max = 127`, `pair_sum = 128`; see `passes::quantize_dynamic`).
+    /// Rounding to nearest keeps the bound by itself (`127 + 2 * 0.5`); GPTQ's
+    /// updates can grow a weight past its scale's range, so the second row of a
+    /// pair is clamped to what the first left.
+    SymmetricPairs { max: i32, pair_sum: i32 },
 }
 
 /// Which weights share a scale (and zero point), and the integers it maps to.
@@ -240,6 +249,12 @@ impl Rounder {
         };
         let max = match grid.levels {
             Levels::Symmetric { max } | Levels::Asymmetric { max } => max,
+            Levels::SymmetricPairs { max, pair_sum } => {
+                if pair_sum < max || block % 2 != 0 && block != k {
+                    return Err(GptqError::Grid(format!("pairs of rows within {pair_sum} need pair_sum >= {max} and an even block")));
+                }
+                max
+            }
         };
         if max < 1 {
             return Err(GptqError::Grid(format!("the largest level must be positive, not {max}")));
@@ -264,16 +279,27 @@ impl Rounder {
         let group = first / self.block;
         let mut lo = vec![0f64; n];
         let mut hi = vec![0f64; n];
-        for row in rows.chunks_exact(n) {
-            for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
-                *l = l.min(v);
-                *h = h.max(v);
+        if let Levels::SymmetricPairs { .. } = self.levels {
+            // hi holds the largest |w[2i]| + |w[2i + 1]| of each column
+            for pair in rows.chunks(2 * n) {
+                for j in 0..n {
+                    let sum: f64 = pair.chunks_exact(n).map(|row| row[j].abs()).sum();
+                    hi[j] = hi[j].max(sum);
+                }
+            }
+        } else {
+            for row in rows.chunks_exact(n) {
+                for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
+                    *l = l.min(v);
+                    *h = h.max(v);
+                }
             }
         }
         let scales = &mut self.scales[group * n..(group + 1) * n];
         let zeros = &mut self.zero_points[group * n..(group + 1) * n];
         for j in 0..n {
             let (scale, zero) = match self.levels {
+                Levels::SymmetricPairs { max, .. } => (if hi[j] > 0.0 { hi[j] as f32 / max as f32 } else { 1.0 }, 0),
                 Levels::Symmetric { max } => {
                     let absmax = lo[j].abs().max(hi[j]) as f32;
                     (if absmax > 0.0 { absmax / max as f32 } else { 1.0 }, 0)
@@ -295,16 +321,27 @@ impl Rounder {
     fn round_row(&mut self, k: usize, row: &[f64], rounded: &mut [f64]) {
         let n = self.n;
         let group = k / self.block;
-        let (lo, hi) = match self.levels {
-            Levels::Symmetric { max } => (-max, max),
-            Levels::Asymmetric { max } => (0, max),
+        let (lo, hi, pair_sum) = match self.levels {
+            Levels::Symmetric { max } => (-max, max, None),
+            Levels::Asymmetric { max } => (0, max, None),
+            // the second row of an aligned pair (rows are counted from the block's first)
+            Levels::SymmetricPairs { max, pair_sum } => (-max, max, ((k % self.block) % 2 == 1).then_some(pair_sum)),
         };
         let scales = &self.scales[group * n..(group + 1) * n];
         let zeros = &self.zero_points[group * n..(group + 1) * n];
-        let values = &mut self.values[k * n..(k + 1) * n];
+        let (before, rest) = self.values.split_at_mut(k * n);
+        let partner = pair_sum.map(|_| &before[(k - 1) * n..]);
+        let values = &mut rest[..n];
         let dequantized = &mut self.dequantized[k * n..(k + 1) * n];
         for j in 0..n {
             let (scale, zero) = (scales[j], zeros[j]);
+            let (lo, hi) = match (pair_sum, partner) {
+                (Some(sum), Some(first)) => {
+                    let left = hi.min(sum - first[j].abs());
+                    (-left, left)
+                }
+                _ => (lo, hi),
+            };
             let q = ((row[j] / scale as f64).round() as i64 + zero as i64).clamp(lo as i64, hi as i64) as i32;
             let value = (q - zero) as f32 * scale;
             values[j] = q;
@@ -392,12 +429,40 @@ mod tests {
         }
     }
 
+    const INT8_PAIRS: Grid = Grid { block: None, levels: Levels::SymmetricPairs { max: 127, pair_sum: 128 } };
+
+    /// The int8 grid for ORT's AVX2 kernel: GPTQ still beats rounding to
+    /// nearest, and its updates never push an aligned pair past 128.
+    #[test]
+    fn pair_bounded_int8_keeps_every_pair_within_128() {
+        let (rows, k, n) = (256, 64, 24);
+        let x = inputs(rows, k, 8);
+        let h = gram(&x, rows, k);
+        let w = weights(k, n, 9);
+        let rtn = round_to_nearest(&w, k, n, INT8_PAIRS).unwrap();
+        let ours = gptq(&w, k, n, h.as_ref(), INT8_PAIRS, GptqOptions::default()).unwrap();
+        let (e_rtn, e_gptq) = (output_error(&x, rows, k, n, &w, &rtn.dequantized), output_error(&x, rows, k, n, &w, &ours.dequantized));
+        assert!(e_gptq < 0.8 * e_rtn, "GPTQ {e_gptq:.4e}, RTN {e_rtn:.4e}");
+        for q in [&rtn, &ours] {
+            for pair in q.values.chunks(2 * n) {
+                for j in 0..n {
+                    let sum: i32 = pair.chunks_exact(n).map(|row| row[j].abs()).sum();
+                    assert!(sum <= 128, "pair sum {sum}");
+                }
+            }
+            assert!(q.values.iter().all(|v| v.abs() <= 127));
+        }
+        // the scale is the largest pair's |w| sum over 127
+        let column_0_pair_max = w.chunks(2 * n).map(|p| p.chunks_exact(n).map(|r| r[0].abs()).sum::<f32>()).fold(0f32, f32::max);
+        assert_eq!(rtn.scales[0], column_0_pair_max / 127.0);
+    }
+
     #[test]
     fn with_an_identity_hessian_gptq_is_round_to_nearest() {
         let (k, n) = (96, 10);
         let w = weights(k, n, 3);
         let identity = Mat::<f64>::identity(k, k);
-        for grid in [INT4_BLOCKED, INT4_SYMMETRIC, INT8_COLUMNS] {
+        for grid in [INT4_BLOCKED, INT4_SYMMETRIC, INT8_COLUMNS, INT8_PAIRS] {
             let rtn = round_to_nearest(&w, k, n, grid).unwrap();
             let ours = gptq(&w, k, n, identity.as_ref(), grid, GptqOptions::default()).unwrap();
             assert_eq!(ours, rtn, "{grid:?}");

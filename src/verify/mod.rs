@@ -152,39 +152,71 @@ fn guarded<T>(label: &str, stage: &'static str, f: impl FnOnce() -> TractResult<
 
 /// Runs a model in tract; returns its outputs by name, in graph order.
 pub fn run(model: &Model, label: &str, inputs: &[NamedInput]) -> Result<Vec<(String, Tensor)>, VerifyError> {
-    let bytes = onnx::to_bytes(model);
-    let graph_inputs: Vec<&str> = model
-        .graph
-        .inputs
-        .iter()
-        .filter(|i| model.graph.initializer(&i.name).is_none())
-        .map(|i| i.name.as_str())
-        .collect();
-    let ordered: Vec<&NamedInput> = graph_inputs
-        .iter()
-        .map(|name| {
-            inputs.iter().find(|i| i.name == *name).ok_or_else(|| VerifyError::UnsupportedInput {
-                input: name.to_string(),
-                why: "no value given for it".into(),
+    Runner::new(model, label)?.run(inputs)
+}
+
+/// A model parsed by tract once, for running on many batches: optimised once
+/// per distinct input shape (tract plans for concrete shapes), not per batch.
+/// Measuring a candidate on 4 calibration batches of one shape parses and
+/// optimises MiniLM once instead of 4 times.
+pub struct Runner {
+    parsed: InferenceModel,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    label: String,
+    plans: std::cell::RefCell<std::collections::HashMap<Vec<Vec<usize>>, std::sync::Arc<TypedSimplePlan>>>,
+}
+
+impl Runner {
+    pub fn new(model: &Model, label: &str) -> Result<Runner, VerifyError> {
+        let bytes = onnx::to_bytes(model);
+        let inputs: Vec<String> =
+            model.graph.inputs.iter().filter(|i| model.graph.initializer(&i.name).is_none()).map(|i| i.name.clone()).collect();
+        let parsed = guarded(label, "load", || {
+            let mut parsed = tract_onnx::onnx()
+                .with_ignore_value_info(true)
+                .with_ignore_output_shapes(true)
+                .model_for_read(&mut bytes.as_slice())?;
+            parsed.set_input_names(inputs.iter().map(String::as_str))?;
+            Ok(parsed)
+        })?;
+        let outputs = model.graph.outputs.iter().map(|o| o.name.clone()).collect();
+        Ok(Runner { parsed, inputs, outputs, label: label.into(), plans: Default::default() })
+    }
+
+    /// The outputs by name, in graph order.
+    pub fn run(&self, inputs: &[NamedInput]) -> Result<Vec<(String, Tensor)>, VerifyError> {
+        let ordered: Vec<&NamedInput> = self
+            .inputs
+            .iter()
+            .map(|name| {
+                inputs.iter().find(|i| &i.name == name).ok_or_else(|| VerifyError::UnsupportedInput {
+                    input: name.to_string(),
+                    why: "no value given for it".into(),
+                })
             })
-        })
-        .collect::<Result<_, _>>()?;
-    let plan = guarded(label, "load", || {
-        let mut typed = tract_onnx::onnx()
-            .with_ignore_value_info(true)
-            .with_ignore_output_shapes(true)
-            .model_for_read(&mut bytes.as_slice())?;
-        typed.set_input_names(graph_inputs.iter().copied())?;
-        for (ix, input) in ordered.iter().enumerate() {
-            let fact = InferenceFact::dt_shape(input.value.datum_type(), input.value.shape());
-            typed = typed.with_input_fact(ix, fact)?;
-        }
-        typed.into_optimized()?.into_runnable()
-    })?;
-    let values: TVec<TValue> = ordered.iter().map(|i| i.value.clone().into_tvalue()).collect();
-    let outputs = guarded(label, "run", || plan.run(values))?;
-    let names = model.graph.outputs.iter().map(|o| o.name.clone());
-    Ok(names.zip(outputs).map(|(n, v)| (n, v.into_tensor())).collect())
+            .collect::<Result<_, _>>()?;
+        let shapes: Vec<Vec<usize>> = ordered.iter().map(|i| i.value.shape().to_vec()).collect();
+        let cached = self.plans.borrow().get(&shapes).cloned();
+        let plan = match cached {
+            Some(plan) => plan,
+            None => {
+                let plan = guarded(&self.label, "load", || {
+                    let mut typed = self.parsed.clone();
+                    for (ix, input) in ordered.iter().enumerate() {
+                        let fact = InferenceFact::dt_shape(input.value.datum_type(), input.value.shape());
+                        typed = typed.with_input_fact(ix, fact)?;
+                    }
+                    typed.into_optimized()?.into_runnable()
+                })?;
+                self.plans.borrow_mut().insert(shapes, plan.clone());
+                plan
+            }
+        };
+        let values: TVec<TValue> = ordered.iter().map(|i| i.value.clone().into_tvalue()).collect();
+        let outputs = guarded(&self.label, "run", || plan.run(values))?;
+        Ok(self.outputs.iter().cloned().zip(outputs).map(|(n, v)| (n, v.into_tensor())).collect())
+    }
 }
 
 fn compare_tensors(name: &str, want: &Tensor, got: &Tensor, atol: f32, rtol: f32) -> OutputComparison {

@@ -3,7 +3,8 @@ prints the first output's max abs difference and cosine (last on the line).
 
 usage: python3 compare_in_ort.py REFERENCE.onnx CANDIDATE.onnx
 
-Inputs: batch 2, other open dims 16; token ids below 100, masks of ones, token
+Inputs: batch 2, other open dims 16; token ids below 100, masks of ones (an
+int32 2-D mask, ORT's mask_index, pads the second row's last quarter), token
 type ids zero, floats N(0, 1). Written for tests/quantize.rs.
 """
 import sys
@@ -19,7 +20,13 @@ def feeds_for(session):
     feeds = {}
     for i in session.get_inputs():
         shape = [d if isinstance(d, int) else (BATCH if k == 0 else SEQUENCE) for k, d in enumerate(i.shape)]
-        if "int64" in i.type:
+        if "int32" in i.type and "mask" in i.name:
+            # ORT's mask_index / key_padding_mask: the second sequence right-padded
+            mask = np.ones(shape, np.int32)
+            if len(shape) == 2 and shape[0] > 1:
+                mask[1, shape[1] * 3 // 4:] = 0
+            feeds[i.name] = mask
+        elif "int64" in i.type:
             if "mask" in i.name:
                 feeds[i.name] = np.ones(shape, np.int64)
             elif "type" in i.name:

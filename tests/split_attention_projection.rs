@@ -1,0 +1,86 @@
+//! `split-attention-projection`: ORT's fused Attention becomes one MatMul (the
+//! packed Q/K/V projection), a Split and MultiHeadAttention. The rewrite is
+//! checked in tract against the fused op (both lowered), snapshotted, and left
+//! alone where the weight is not a constant or the mask is of a rank
+//! MultiHeadAttention reads otherwise.
+
+mod common;
+
+use onnxopt::ir::{AttrValue, DataType, Extras, GraphBuilder, Model, Node, OpsetImport};
+use onnxopt::passes::split_attention_projection::SplitAttentionProjection;
+use onnxopt::passes::{run_pipeline, verify_rewrite, DriverOptions, Pass};
+use onnxopt::verify;
+
+const MS: &str = "com.microsoft";
+
+fn values(count: usize, seed: u64) -> Vec<f32> {
+    let mut rng = verify::SeededRng::new(seed);
+    (0..count).map(|_| rng.uniform() as f32 * 2.0 - 1.0).collect()
+}
+
+/// Attention over x [2, 5, 6], 2 heads of 4, a 2-D mask; `constant_weight`
+/// false makes the weight a graph input; `mask_rank` 3 a [2, 5, 5] mask.
+fn fused_attention(constant_weight: bool, mask_rank: usize) -> Model {
+    let mut b = GraphBuilder::new("attention");
+    let x = b.input("x", DataType::Float, &[2, 5, 6]);
+    let w = if constant_weight { b.initializer_f32("qkv_weight", &[6, 24], &values(144, 1)) } else { b.input("qkv_weight", DataType::Float, &[6, 24]) };
+    let bias = b.initializer_f32("qkv_bias", &[24], &values(24, 2));
+    let mask_shape: &[i64] = if mask_rank == 2 { &[2, 5] } else { &[2, 5, 5] };
+    let mask = b.input("mask_index", DataType::Int32, mask_shape);
+    b.add(
+        Node::new("Attention", &[&x, &w, &bias, &mask], &["y"])
+            .with_domain(MS)
+            .with_name("fused_attention")
+            .with_attr("num_heads", AttrValue::Int(2))
+            .with_attr("scale", AttrValue::Float(0.4)),
+    );
+    b.output("y", DataType::Float, &[2, 5, 8]);
+    let mut model = b.into_model(17);
+    model.opset_imports.push(OpsetImport { domain: MS.into(), version: 1, extras: Extras::default() });
+    model
+}
+
+fn split(model: &Model) -> (Model, usize) {
+    let mut rewritten = model.clone();
+    let passes: Vec<Box<dyn Pass>> = vec![Box::new(SplitAttentionProjection)];
+    let records = run_pipeline(&mut rewritten, &passes, &DriverOptions { validate: true, ..DriverOptions::default() }).unwrap();
+    (rewritten, records[0].patches)
+}
+
+#[test]
+fn attention_becomes_projection_split_and_multi_head_attention() {
+    let model = fused_attention(true, 2);
+    let (rewritten, patches) = split(&model);
+    assert_eq!(patches, 1);
+    let ops: Vec<String> = rewritten.graph.nodes().map(|n| n.qualified_op()).collect();
+    assert_eq!(ops, ["MatMul", "Split", "com.microsoft.MultiHeadAttention"]);
+    let attention = rewritten.graph.nodes().find(|n| n.op_type == "MultiHeadAttention").unwrap();
+    assert_eq!((attention.attr_int("num_heads"), attention.attr_float("scale")), (Some(2), Some(0.4)));
+    let projection = rewritten.graph.nodes().find(|n| n.op_type == "MatMul").unwrap();
+    assert_eq!(projection.name, "fused_attention/qkv_projection", "named, for --exclude");
+
+    // the same computation: both lowered and run in tract on seeded inputs (masks included)
+    let options = verify::VerifyOptions { atol: 1e-5, rtol: 1e-4, ..Default::default() };
+    let comparison = verify_rewrite(&model, &rewritten, &options).unwrap();
+    assert!(comparison.passed(), "{comparison:?}");
+    assert!(comparison.outputs[0].cosine > 0.999_999, "{comparison:?}");
+    insta::assert_snapshot!("split_attention_projection__mask2d", format!("before:\n{model}\nafter:\n{rewritten}"));
+
+    // and in ONNX Runtime, whose kernels these are (the mask pads one sequence)
+    let dir = tempfile::tempdir().unwrap();
+    let (before, after) = (dir.path().join("before.onnx"), dir.path().join("after.onnx"));
+    onnxopt::onnx::save(&model, &before, &Default::default()).unwrap();
+    onnxopt::onnx::save(&rewritten, &after, &Default::default()).unwrap();
+    if let Some(cosine) = common::onnxruntime_cosine(&before, &after) {
+        assert!(cosine > 0.999_999, "ONNX Runtime: cosine {cosine}");
+    }
+}
+
+#[test]
+fn left_alone_without_a_constant_weight_or_with_a_3d_mask() {
+    for (model, case) in [(fused_attention(false, 2), "weight is a graph input"), (fused_attention(true, 3), "3-D mask")] {
+        let (rewritten, patches) = split(&model);
+        assert_eq!(patches, 0, "{case}");
+        assert_eq!(rewritten.graph.nodes().filter(|n| n.op_type == "Attention").count(), 1, "{case}");
+    }
+}
