@@ -2,7 +2,7 @@
 //! both targets (snapshot), where it must not fire, the tract error bound of
 //! round-to-nearest, ONNX Runtime's own MatMulNBits and DequantizeLinear kernels
 //! against the lowerings tract runs, GPTQ against RTN on the real MiniLM, and
-//! the CLI.
+//! the CLI; `quantize-gather-int4` for embedding tables.
 
 mod common;
 
@@ -14,6 +14,7 @@ use onnxopt::passes::dead_code::EliminateDeadCode;
 use onnxopt::passes::lower_contrib::lower_contrib_ops;
 use onnxopt::passes::lower_standard::lower_standard_ops;
 use onnxopt::passes::pipeline::{optimization_passes, PipelineOptions, Target};
+use onnxopt::passes::quantize_gather_int4::QuantizeGatherInt4;
 use onnxopt::passes::quantize_int4::{activation_hessians, QuantizeInt4, Rounding};
 use onnxopt::passes::{run_pipeline, verify_rewrite, DriverOptions, Pass};
 use onnxopt::{onnx, verify};
@@ -225,10 +226,15 @@ fn cli_quantizes_the_tiny_bert_for_both_targets_and_onnxruntime_runs_them() {
     for (target, op) in [("ort", "com.microsoft.MatMulNBits"), ("portable", "DequantizeLinear")] {
         let out = dir.path().join(format!("bert.{target}.onnx"));
         let report = dir.path().join(format!("{target}.json"));
-        let o = quantize_cli(&fixture("bert.ts.onnx"), &out, &["--target", target, "--zero-point", "--report", report.to_str().unwrap()]);
+        let o = quantize_cli(&fixture("bert.ts.onnx"), &out, &["--target", target, "--zero-point", "--quantize-embeddings", "--report", report.to_str().unwrap()]);
         assert!(o.status.success(), "{}", stderr(&o));
         let model = onnx::load(&out).unwrap();
-        assert_eq!(ops(&model).iter().filter(|o| *o == op).count(), 12, "{:?}", ops(&model));
+        // the word, position and token-type tables: GatherBlockQuantized, or a DequantizeLinear each
+        let tables = if target == "ort" { ops(&model).iter().filter(|o| *o == "com.microsoft.GatherBlockQuantized").count() } else { 3 };
+        assert_eq!(tables, 3, "{:?}", ops(&model));
+        let weights = ops(&model).iter().filter(|o| *o == op).count() - if target == "ort" { 0 } else { tables };
+        assert_eq!(weights, 12, "{:?}", ops(&model));
+        assert!(model.graph.initializers.iter().all(|t| t.dtype != DataType::Float || t.element_count() < 20_000), "a float table stays");
         if target == "portable" {
             assert_eq!(model.opset(""), Some(21));
         }
@@ -257,4 +263,67 @@ fn cli_refuses_bad_block_sizes_and_gptq_without_data() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("calibration data"), "{}", stderr(&o));
     assert!(files_in(dir.path()).is_empty());
+}
+
+/// An embedding lookup: y = Gather(table [128, 64], ids [2, 3]) (128 rows:
+/// the ONNX Runtime check feeds token ids below 100).
+fn embedding(axis: i64, table_is_input: bool) -> Model {
+    let mut b = GraphBuilder::new("embedding");
+    let ids = b.input("input_ids", DataType::Int64, &[2, 3]);
+    let table = if table_is_input { b.input("table", DataType::Float, &[128, 64]) } else { b.initializer_f32("table", &[128, 64], &values(128 * 64, 3)) };
+    b.add(Node::new("Gather", &[&table, &ids], &["y"]).with_name("embed").with_attr("axis", AttrValue::Int(axis)));
+    let shape: &[i64] = if axis == 0 { &[2, 3, 64] } else { &[128, 2, 3] };
+    b.output("y", DataType::Float, shape);
+    b.into_model(21)
+}
+
+fn gather_int4(target: Target, zero_point: bool) -> Vec<Box<dyn Pass>> {
+    let pass = QuantizeGatherInt4 { target, block_size: 32, zero_point, exclude: HashSet::new() };
+    vec![Box::new(pass), Box::new(EliminateDeadCode)]
+}
+
+/// `--quantize-embeddings`: the table becomes int4 per row and block, as
+/// GatherBlockQuantized (ort) or DequantizeLinear + Gather (portable); each
+/// looked-up value moves by at most half a step (`max|block| / 7 / 2`, the
+/// table's values being in [-1, 1)), and ONNX Runtime's kernel agrees with the
+/// lowering tract runs.
+#[test]
+fn embedding_tables_become_int4_rows() {
+    let model = embedding(0, false);
+    let mut cases = Vec::new();
+    for (target, zero_point, name, op) in [
+        (Target::Ort, false, "gather_block_quantized_symmetric", "com.microsoft.GatherBlockQuantized"),
+        (Target::Ort, true, "gather_block_quantized_zero_point", "com.microsoft.GatherBlockQuantized"),
+        (Target::Portable, false, "dequantize_gather_symmetric", "DequantizeLinear"),
+    ] {
+        let quantized = rewrite(&model, &gather_int4(target, zero_point));
+        assert!(ops(&quantized).contains(&op.to_string()), "{name}: {:?}", ops(&quantized));
+        assert!(quantized.graph.initializer("table").is_none(), "{name}: the float table stays");
+        let int4 = quantized.graph.initializers.iter().find(|t| t.dtype == DataType::Int4).unwrap();
+        assert_eq!(int4.dims, [128, 64], "{name}");
+        let options = verify::VerifyOptions { atol: 1.0 / 14.0 + 1e-6, rtol: 0.0, ..Default::default() };
+        let comparison = verify_rewrite(&model, &quantized, &options).unwrap();
+        assert!(comparison.passed(), "{name}: {comparison:?}");
+        if name == "gather_block_quantized_symmetric" {
+            insta::assert_snapshot!("quantize_gather_int4__ort_symmetric", format!("before:\n{model}\nafter:\n{quantized}"));
+        }
+        let mut lowered = quantized.clone();
+        let driver = DriverOptions { validate: true, ..DriverOptions::default() };
+        lower_contrib_ops(&mut lowered, &driver).unwrap();
+        lower_standard_ops(&mut lowered, &driver).unwrap();
+        assert_eq!(ops(&lowered), ["Gather"], "{name}");
+        cases.push((name, quantized, lowered));
+    }
+    onnxruntime_agrees(cases);
+}
+
+#[test]
+fn embedding_quantization_leaves_other_gathers_alone() {
+    for (model, case) in [(embedding(1, false), "axis 1"), (embedding(0, true), "table is a graph input")] {
+        let quantized = rewrite(&model, &gather_int4(Target::Ort, false));
+        assert_eq!(ops(&quantized), ["Gather"], "{case}");
+    }
+    // rows narrower than a block
+    let quantized = rewrite(&embedding(0, false), &[Box::new(QuantizeGatherInt4 { target: Target::Ort, block_size: 128, zero_point: false, exclude: HashSet::new() })]);
+    assert_eq!(ops(&quantized), ["Gather"]);
 }
