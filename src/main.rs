@@ -672,6 +672,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let json = serde_json::json!({
                     "input": input, "output": output.output, "target": target.name(), "mode": "int4-weight",
                     "block_size": block_size, "rounding": if source.is_some() { "gptq" } else { "rtn" }, "zero_point": zero_point,
+                    "embeddings": if quantize_embeddings { "int4, rounded to nearest" } else { "float32" },
                     "nodes_before": original.graph.node_count(), "nodes_after": quantized.graph.node_count(),
                     "replaced_float_weight_bytes": replaced, "int4_weight_bytes": int4,
                     "initializer_bytes_before": initializer_bytes(&original), "initializer_bytes_after": initializer_bytes(&quantized),

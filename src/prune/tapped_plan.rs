@@ -1,4 +1,5 @@
-//! A model loaded into tract once per input shape, for every calibration batch.
+//! A model loaded into tract once (a [`Runner`]: one plan per input shape),
+//! for every calibration batch.
 //!
 //! `verify::run` encodes, loads and optimises the model for each call: on
 //! MiniLM most of a second per batch, and reconstruction runs the teacher and
@@ -13,11 +14,8 @@
 
 use crate::calibrate::{with_taps, CalibrateError};
 use crate::ir::Model;
-use crate::verify::{NamedInput, TokenInput, VerifyError};
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use crate::verify::{NamedInput, Runner, TokenInput, VerifyError};
+use std::cell::Cell;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ndarray::Array2;
 
@@ -25,10 +23,9 @@ use tract_onnx::tract_core::ndarray::Array2;
 pub const SEQUENCE_STEP: usize = 16;
 
 pub struct TappedPlan {
-    /// The tapped model as ONNX bytes, encoded once.
-    bytes: Vec<u8>,
+    /// The tapped model, parsed once; a plan per padded shape.
+    runner: Runner,
     inputs: Vec<String>,
-    plans: RefCell<HashMap<Vec<Vec<usize>>, Arc<TypedSimplePlan>>>,
     /// Rows of the first text batch: later ones are padded up to it.
     batch_rows: Cell<Option<usize>>,
     label: String,
@@ -43,13 +40,7 @@ impl TappedPlan {
         outputs.sort_by_key(|o| taps.iter().position(|t| *t == o.name));
         tapped.graph.outputs = outputs;
         let inputs = tapped.graph.inputs.iter().filter(|i| tapped.graph.initializer(&i.name).is_none()).map(|i| i.name.clone()).collect();
-        Ok(TappedPlan {
-            bytes: crate::onnx::to_bytes(&tapped).to_vec(),
-            inputs,
-            plans: RefCell::new(HashMap::new()),
-            batch_rows: Cell::new(None),
-            label: label.into(),
-        })
+        Ok(TappedPlan { runner: Runner::new(&tapped, label)?, inputs, batch_rows: Cell::new(None), label: label.into() })
     }
 
     /// The inputs as run (text batches padded) and the taps' values, in the
@@ -69,33 +60,8 @@ impl TappedPlan {
             Some(padded) => padded.map_err(|e| VerifyError::Tract { model: self.label.clone(), stage: "pad a batch for", message: e.to_string() })?,
             None => ordered,
         };
-        let shapes: Vec<Vec<usize>> = ordered.iter().map(|i| i.value.shape().to_vec()).collect();
-        let plan = self.plans.borrow().get(&shapes).cloned();
-        let plan = match plan {
-            Some(plan) => plan,
-            None => {
-                let plan = self.load(&ordered)?;
-                self.plans.borrow_mut().insert(shapes, plan.clone());
-                plan
-            }
-        };
-        let values: TVec<TValue> = ordered.iter().map(|i| i.value.clone().into_tvalue()).collect();
-        let outputs = guarded(&self.label, "run", || plan.run(values))?;
-        Ok((ordered, outputs.into_iter().map(|v| v.into_tensor()).collect()))
-    }
-
-    fn load(&self, inputs: &[NamedInput]) -> Result<Arc<TypedSimplePlan>, VerifyError> {
-        guarded(&self.label, "load", || {
-            let mut model = tract_onnx::onnx()
-                .with_ignore_value_info(true)
-                .with_ignore_output_shapes(true)
-                .model_for_read(&mut self.bytes.as_slice())?;
-            model.set_input_names(self.inputs.iter().map(String::as_str))?;
-            for (ix, input) in inputs.iter().enumerate() {
-                model = model.with_input_fact(ix, InferenceFact::dt_shape(input.value.datum_type(), input.value.shape()))?;
-            }
-            model.into_optimized()?.into_runnable()
-        })
+        let outputs = self.runner.run(&ordered)?;
+        Ok((ordered, outputs.into_iter().map(|(_, v)| v).collect()))
     }
 
     /// A text batch (every input a token field `[B, S]`) padded to the
@@ -123,17 +89,5 @@ impl TappedPlan {
             Ok(NamedInput { name: input.name.clone(), value: tensor })
         };
         Some(inputs.iter().zip(&fields).map(|(i, f)| pad(i, f)).collect())
-    }
-}
-
-/// Runs a tract step, turning its errors and panics into `VerifyError`s.
-fn guarded<T>(label: &str, stage: &'static str, step: impl FnOnce() -> TractResult<T>) -> Result<T, VerifyError> {
-    match catch_unwind(AssertUnwindSafe(step)) {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(VerifyError::Tract { model: label.into(), stage, message: format!("{e:?}") }),
-        Err(panic) => {
-            let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-            Err(VerifyError::Panic { model: label.into(), stage, message: message.unwrap_or_default() })
-        }
     }
 }
