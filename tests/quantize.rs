@@ -286,6 +286,20 @@ fn report_of(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
+/// `onnxopt quantize MODEL` with `mode_args`, calibrated on `calib`, searched to
+/// `--max-error budget` on 2 batches: its report, and the output's path.
+fn quantize_with_budget(model: &Path, calib: &Path, mode_args: &[&str], budget: f64, dir: &Path, case: &str) -> (serde_json::Value, std::path::PathBuf) {
+    let out = dir.join(format!("{case}.onnx"));
+    let report = dir.join(format!("{case}.json"));
+    let budget = budget.to_string();
+    let mut args = vec!["--quiet", "quantize", model.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    args.extend_from_slice(mode_args);
+    args.extend_from_slice(&["--calib", calib.to_str().unwrap(), "--max-error", &budget, "--max-error-batches", "2", "--report", report.to_str().unwrap()]);
+    let o = run(&args);
+    assert!(o.status.success(), "{case}: {}", stderr(&o));
+    (report_of(&report), out)
+}
+
 /// --max-error keeps the costliest layers in float until the budget holds: a
 /// budget of 0 keeps all 12, a loose one none, one in between some, and the
 /// measured error is within it every time.
@@ -296,15 +310,8 @@ fn max_error_keeps_the_costliest_layers_in_float() {
     write_token_npz(&calib);
     let model = fixture("bert.dynamo.onnx");
     let quantize_within = |budget: f64, case: &str| -> (serde_json::Value, usize) {
-        let out = dir.path().join(format!("{case}.onnx"));
-        let report = dir.path().join(format!("{case}.json"));
-        let budget = budget.to_string();
-        let o = run(&[
-            "--quiet", "quantize", model.to_str().unwrap(), "-o", out.to_str().unwrap(), "--mode", "int8-dynamic", "--target", "portable",
-            "--calib", calib.to_str().unwrap(), "--max-error", &budget, "--max-error-batches", "2", "--report", report.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{case}: {}", stderr(&o));
-        let sensitivity = report_of(&report)["sensitivity"]["float"].clone();
+        let (report, out) = quantize_with_budget(&model, &calib, &["--mode", "int8-dynamic", "--target", "portable"], budget, dir.path(), case);
+        let sensitivity = report["sensitivity"]["float"].clone();
         let kept = sensitivity["spared"].as_array().unwrap().len();
         let error = sensitivity["error"].as_f64().unwrap();
         assert!(error <= sensitivity["budget"].as_f64().unwrap(), "{case}: error {error} over budget");
@@ -346,15 +353,8 @@ fn int8_mode_chooses_activation_scales_per_layer() {
     write_token_npz(&calib);
     let model = fixture("bert.ts.onnx");
     let quantize_within = |budget: f64, case: &str| -> (serde_json::Value, Model, std::path::PathBuf) {
-        let out = dir.path().join(format!("{case}.onnx"));
-        let report = dir.path().join(format!("{case}.json"));
-        let budget = budget.to_string();
-        let o = run(&[
-            "--quiet", "quantize", model.to_str().unwrap(), "-o", out.to_str().unwrap(), "--mode", "int8", "--target", "ort",
-            "--calib", calib.to_str().unwrap(), "--max-error", &budget, "--max-error-batches", "2", "--report", report.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{case}: {}", stderr(&o));
-        (report_of(&report)["sensitivity"].clone(), onnx::load(&out).unwrap(), out)
+        let (report, out) = quantize_with_budget(&model, &calib, &["--mode", "int8", "--target", "ort"], budget, dir.path(), case);
+        (report["sensitivity"].clone(), onnx::load(&out).unwrap(), out)
     };
     let count = |m: &Model, op: &str| m.graph.nodes().filter(|n| n.op_type == op).count();
 

@@ -414,6 +414,7 @@ mod tests {
     const INT4_BLOCKED: Grid = Grid { block: Some(16), levels: Levels::Asymmetric { max: 15 } };
     const INT4_SYMMETRIC: Grid = Grid { block: Some(32), levels: Levels::Symmetric { max: 7 } };
     const INT8_COLUMNS: Grid = Grid { block: None, levels: Levels::Symmetric { max: 127 } };
+    const INT8_PAIRS: Grid = Grid { block: None, levels: Levels::SymmetricPairs { max: 127, pair_sum: 128 } };
 
     #[test]
     fn gptq_beats_round_to_nearest_on_correlated_inputs() {
@@ -421,7 +422,7 @@ mod tests {
         let x = inputs(rows, k, 1);
         let h = gram(&x, rows, k);
         let w = weights(k, n, 2);
-        for grid in [INT4_BLOCKED, INT4_SYMMETRIC, INT8_COLUMNS] {
+        for grid in [INT4_BLOCKED, INT4_SYMMETRIC, INT8_COLUMNS, INT8_PAIRS] {
             let rtn = round_to_nearest(&w, k, n, grid).unwrap();
             let ours = gptq(&w, k, n, h.as_ref(), grid, GptqOptions { lazy_batch: 24, ..GptqOptions::default() }).unwrap();
             let (e_rtn, e_gptq) = (output_error(&x, rows, k, n, &w, &rtn.dequantized), output_error(&x, rows, k, n, &w, &ours.dequantized));
@@ -429,10 +430,9 @@ mod tests {
         }
     }
 
-    const INT8_PAIRS: Grid = Grid { block: None, levels: Levels::SymmetricPairs { max: 127, pair_sum: 128 } };
-
-    /// The int8 grid for ORT's AVX2 kernel: GPTQ still beats rounding to
-    /// nearest, and its updates never push an aligned pair past 128.
+    /// The int8 grid for ORT's AVX2 kernel: GPTQ's updates, which move weights
+    /// past the range their scale was chosen for, never push an aligned pair
+    /// past 128.
     #[test]
     fn pair_bounded_int8_keeps_every_pair_within_128() {
         let (rows, k, n) = (256, 64, 24);
@@ -441,8 +441,6 @@ mod tests {
         let w = weights(k, n, 9);
         let rtn = round_to_nearest(&w, k, n, INT8_PAIRS).unwrap();
         let ours = gptq(&w, k, n, h.as_ref(), INT8_PAIRS, GptqOptions::default()).unwrap();
-        let (e_rtn, e_gptq) = (output_error(&x, rows, k, n, &w, &rtn.dequantized), output_error(&x, rows, k, n, &w, &ours.dequantized));
-        assert!(e_gptq < 0.8 * e_rtn, "GPTQ {e_gptq:.4e}, RTN {e_rtn:.4e}");
         for q in [&rtn, &ours] {
             for pair in q.values.chunks(2 * n) {
                 for j in 0..n {
