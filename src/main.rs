@@ -217,7 +217,7 @@ enum Command {
         /// The N:M pattern of --method nm: N nonzeros kept in every M weights.
         #[arg(long, default_value = "2:4")]
         nm: String,
-        /// magnitude (|W|) or wanda (|W| x input norm; default with calibration data).
+        /// magnitude (|W|), wanda (|W| x input norm; default with calibration data) or obs (Optimal Brain Surgeon: |W| / sqrt([(X^T X)^-1]_kk), what a weight costs after the re-fit).
         #[arg(long)]
         importance: Option<PruneImportanceArg>,
         /// Re-fit the kept weights so each layer matches the original (default with calibration data).
@@ -375,6 +375,8 @@ enum PruneMethodArg {
 enum PruneImportanceArg {
     Magnitude,
     Wanda,
+    /// Optimal Brain Surgeon's saliency |W| / sqrt([(X^T X)^-1]_kk).
+    Obs,
 }
 
 #[derive(Args)]
@@ -883,6 +885,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             options.importance = match importance {
                 Some(PruneImportanceArg::Magnitude) => Importance::Magnitude,
                 Some(PruneImportanceArg::Wanda) => Importance::Wanda,
+                Some(PruneImportanceArg::Obs) => Importance::Obs,
                 None if calibration.is_some() => Importance::Wanda,
                 None => Importance::Magnitude,
             };

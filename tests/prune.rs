@@ -10,7 +10,7 @@ use ndarray::Array2;
 use onnxopt::calibrate::CalibrationSource;
 use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model, Node};
 use onnxopt::onnx;
-use onnxopt::prune::reconstruct::{refit, PairedGram};
+use onnxopt::prune::reconstruct::{obs_factors, refit, PairedGram};
 use onnxopt::prune::sparse::{satisfies_nm, LinearWeight, NofM};
 use onnxopt::prune::{prune, Importance, LayerSparsity, PruneMethod, PruneOptions};
 use onnxopt::verify::{self, SeededRng};
@@ -263,6 +263,7 @@ fn bad_arguments_are_usage_errors() {
         (&["--method", "unstructured", "--sparsity=-0.1"][..], "outside [0, 1)"),
         (&["--method", "unstructured", "--sparsity", "no_such_layer=0.3"][..], "no_such_layer"),
         (&["--method", "unstructured", "--importance", "wanda"][..], "needs calibration data"),
+        (&["--method", "unstructured", "--importance", "obs"][..], "needs calibration data"),
         (&["--method", "unstructured", "--reconstruct"][..], "needs calibration data"),
     ] {
         let o = prune_cli(&bert, &out, args);
@@ -327,4 +328,37 @@ fn minilm_wanda_with_reconstruction() {
     }
     let cosine = report["verification"]["outputs"][0]["cosine"].as_f64().unwrap();
     assert!(cosine > 0.9, "cosine {cosine}");
+}
+
+/// OBS importance is exact for one weight: removing `w_kn` and re-fitting the
+/// rest of output `n` (no damping) raises `||X w_n - X w'_n||^2` by exactly
+/// `w_kn^2 / [A^-1]_kk`, i.e. `(|w_kn| * factor_k)^2`; on a diagonal Gram
+/// matrix the factor is the damped input norm, Wanda's.
+#[test]
+fn obs_factor_predicts_the_cost_of_removing_one_weight() {
+    let (rows, k) = (60, 6);
+    let mut rng = SeededRng::new(11);
+    let z = random(&mut rng, rows * (k + 1));
+    // correlated features: each mixes in its neighbour
+    let x: Vec<f32> = (0..rows).flat_map(|r| (0..k).map(move |j| (r, j))).map(|(r, j)| z[r * (k + 1) + j] + 0.8 * z[r * (k + 1) + j + 1]).collect();
+    let weight = LinearWeight { values: random(&mut rng, k), k, n: 1 };
+    let mut sums = PairedGram::new("x");
+    let tensor = Array2::from_shape_vec((rows, k), x.clone()).unwrap().into_tensor();
+    sums.observe(&tensor, &tensor, None).unwrap();
+    let factors = obs_factors(sums.student.as_ref(), 0.0).unwrap();
+    let output_energy: f64 = (0..rows).map(|r| (0..k).map(|j| x[r * k + j] as f64 * weight.at(j, 0) as f64).sum::<f64>().powi(2)).sum();
+    for removed in 0..k {
+        let keep: Vec<bool> = (0..k).map(|j| j != removed).collect();
+        let cost = refit(&weight, &keep, sums.sums(), 0.0).unwrap().error_after * output_energy;
+        let predicted = (weight.at(removed, 0).abs() as f64 * factors[removed]).powi(2);
+        // up to the 1e-6 relative damping obs_factors always adds
+        assert!((cost - predicted).abs() <= 1e-4 * predicted + 1e-9, "k {removed}: cost {cost:.6e}, predicted {predicted:.6e}");
+    }
+
+    let diagonal = faer::Mat::<f64>::from_fn(3, 3, |i, j| if i == j { (i + 1) as f64 } else { 0.0 });
+    let factors = obs_factors(diagonal.as_ref(), 0.0).unwrap();
+    for (i, f) in factors.iter().enumerate() {
+        let expected = ((i + 1) as f64 + 1e-6 * 2.0).sqrt();
+        assert!((f - expected).abs() < 1e-9, "{i}: {f} against {expected}");
+    }
 }

@@ -62,6 +62,9 @@ pub enum Importance {
     Magnitude,
     /// `|W| * ||X||` over calibration tokens (Sun et al., 2023).
     Wanda,
+    /// `|W| / sqrt([(X^T X)^-1]_kk)`: Optimal Brain Surgeon's saliency, what a
+    /// weight costs once the re-fit has compensated (`reconstruct::obs_factors`).
+    Obs,
 }
 
 /// The fraction of weights to zero, per layer: a default and overrides by node
@@ -326,6 +329,7 @@ pub fn prune(model: &Model, options: &PruneOptions) -> Result<Pruned, PruneError
     let calibration = match (&options.calibration, options.importance, options.reconstruct) {
         (Some(source), _, _) => Some(source),
         (None, Importance::Wanda, _) => return Err(PruneError::NeedsCalibration("Wanda importance")),
+        (None, Importance::Obs, _) => return Err(PruneError::NeedsCalibration("OBS importance")),
         (None, _, true) => return Err(PruneError::NeedsCalibration("reconstruction")),
         (None, _, false) => None,
     };
@@ -403,8 +407,12 @@ impl Pruning<'_> {
         for (layer, pattern) in planned {
             let weight = layer.read(self.model)?;
             let gram = grams.get(&layer.activation);
-            let norms: Option<Vec<f64>> = gram.map(|g| g.squared_norms().into_iter().map(|s| s.max(0.0).sqrt()).collect());
-            let norms = norms.as_deref().filter(|_| self.options.importance == Importance::Wanda);
+            let norms: Option<Vec<f64>> = match self.options.importance {
+                Importance::Magnitude => None,
+                Importance::Wanda => gram.map(|g| g.squared_norms().into_iter().map(|s| s.max(0.0).sqrt()).collect()),
+                Importance::Obs => gram.and_then(|g| reconstruct::obs_factors(g.xtx.as_ref(), self.options.damping)),
+            };
+            let norms = norms.as_deref();
             let keep = sparse::mask(&weight, norms, *pattern);
             let pruned = weight.masked(&keep);
             let error = gram.map(|g| reconstruct::relative_error(&pruned, &weight, Sums::same(g.xtx.as_ref())));
@@ -430,8 +438,12 @@ impl Pruning<'_> {
             for (layer, pattern) in here {
                 let stats = sums.iter().find(|s| s.name == layer.activation).expect("every activation was tapped");
                 let weight = layer.read(self.model)?;
-                let norms = stats.student_norms();
-                let norms = (self.options.importance == Importance::Wanda).then_some(norms.as_slice());
+                let norms = match self.options.importance {
+                    Importance::Magnitude => None,
+                    Importance::Wanda => Some(stats.student_norms()),
+                    Importance::Obs => reconstruct::obs_factors(stats.student.as_ref(), self.options.damping),
+                };
+                let norms = norms.as_deref();
                 let keep = sparse::mask(&weight, norms, *pattern);
                 let refit = reconstruct::refit(&weight, &keep, stats.sums(), self.options.damping)
                     .map_err(|source| PruneError::Reconstruct { layer: layer.node.clone(), source })?;

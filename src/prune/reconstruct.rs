@@ -29,7 +29,7 @@
 
 use super::sparse::LinearWeight;
 use crate::calibrate::CalibrateError;
-use faer::linalg::solvers::Solve;
+use faer::linalg::solvers::{DenseSolveCore, Solve};
 use faer::{Accum, Mat, MatRef, Par, Side};
 use rayon::prelude::*;
 use tract_onnx::prelude::Tensor;
@@ -99,6 +99,26 @@ impl PairedGram {
     pub fn sums(&self) -> Sums<'_> {
         Sums { student: self.student.as_ref(), cross: self.cross.as_ref(), teacher: self.teacher.as_ref() }
     }
+}
+
+/// Optimal Brain Surgeon's per-feature factor for `Importance::Obs`:
+/// `1 / sqrt([(A + lambda I)^-1]_kk)`, `lambda = damping * mean(diag A)`.
+/// Removing the single weight `w_kn` and re-fitting the others of output `n`
+/// optimally raises `||X w_n||^2` by `w_kn^2 / [A^-1]_kk` (Hassibi and Stork
+/// 1993; SparseGPT's criterion), so ranking `|w_kn|` times this factor ranks
+/// weights by what they cost once the re-fit has compensated, where Wanda's
+/// `||X_k||` ranks by what they cost without it. `None` when `A` holds no
+/// data or is not positive definite with the damping.
+pub fn obs_factors(a: MatRef<f64>, damping: f64) -> Option<Vec<f64>> {
+    let k = a.nrows();
+    let mean_diagonal = (0..k).map(|i| a[(i, i)]).sum::<f64>() / k.max(1) as f64;
+    if mean_diagonal <= 0.0 {
+        return None;
+    }
+    let lambda = damping.max(1e-6) * mean_diagonal;
+    let damped = Mat::<f64>::from_fn(k, k, |i, j| a[(i, j)] + if i == j { lambda } else { 0.0 });
+    let inverse = damped.llt(Side::Lower).ok()?.inverse();
+    Some((0..k).map(|i| 1.0 / inverse[(i, i)].max(f64::MIN_POSITIVE).sqrt()).collect())
 }
 
 /// `A = X_s^T X_s`, `B = X_s^T X_t`, `C = X_t^T X_t`. Without reconstruction the
