@@ -155,6 +155,11 @@ pub fn run(model: &Model, label: &str, inputs: &[NamedInput]) -> Result<Vec<(Str
     Runner::new(model, label)?.run(inputs)
 }
 
+/// Plans a [`Runner`] keeps at once: the pruning code pads text batches to
+/// multiples of 16 tokens, at most 8 shapes up to 128; each plan holds the
+/// weights again, so more would cost memory for models of many shapes.
+const CACHED_PLANS: usize = 8;
+
 /// A model parsed by tract once, for running on many batches: optimised once
 /// per distinct input shape (tract plans for concrete shapes), not per batch.
 /// Measuring a candidate on 4 calibration batches of one shape parses and
@@ -209,7 +214,13 @@ impl Runner {
                     }
                     typed.into_optimized()?.into_runnable()
                 })?;
-                self.plans.borrow_mut().insert(shapes, plan.clone());
+                let mut plans = self.plans.borrow_mut();
+                // a plan holds the model's weights (packed for its kernels):
+                // text batches of many lengths must not keep one each
+                if plans.len() >= CACHED_PLANS {
+                    plans.clear();
+                }
+                plans.insert(shapes, plan.clone());
                 plan
             }
         };
