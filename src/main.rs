@@ -217,7 +217,7 @@ enum Command {
         /// The N:M pattern of --method nm: N nonzeros kept in every M weights.
         #[arg(long, default_value = "2:4")]
         nm: String,
-        /// magnitude (|W|), wanda (|W| x input norm; default with calibration data) or obs (Optimal Brain Surgeon: |W| / sqrt([(X^T X)^-1]_kk), what a weight costs after the re-fit).
+        /// magnitude (|W|), wanda (|W| x input norm) or obs (Optimal Brain Surgeon: |W| / sqrt([(X^T X)^-1]_kk), what a weight costs after the re-fit; default with calibration data).
         #[arg(long)]
         importance: Option<PruneImportanceArg>,
         /// Re-fit the kept weights so each layer matches the original (default with calibration data).
@@ -886,7 +886,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 Some(PruneImportanceArg::Magnitude) => Importance::Magnitude,
                 Some(PruneImportanceArg::Wanda) => Importance::Wanda,
                 Some(PruneImportanceArg::Obs) => Importance::Obs,
-                None if calibration.is_some() => Importance::Wanda,
+                // OBS measured 0.004 above Wanda on MiniLM at every setting tried
+                // (50% and 2:4; 64 and 128 calibration sentences; README)
+                None if calibration.is_some() => Importance::Obs,
                 None => Importance::Magnitude,
             };
             options.reconstruct = reconstruct || (calibration.is_some() && !no_reconstruct);

@@ -316,7 +316,7 @@ fn minilm_wanda_with_reconstruction() {
     std::fs::write(&calib, text.lines().take(16).collect::<Vec<_>>().join("\n")).unwrap();
     let out = dir.path().join("pruned.onnx");
     let report = dir.path().join("report.json");
-    let args = ["--method", "unstructured", "--sparsity", "0.5", "--calib-text", calib.to_str().unwrap(), "--tokenizer", tokenizer.to_str().unwrap(), "--batch", "16", "--report", report.to_str().unwrap()];
+    let args = ["--method", "unstructured", "--sparsity", "0.5", "--importance", "wanda", "--calib-text", calib.to_str().unwrap(), "--tokenizer", tokenizer.to_str().unwrap(), "--batch", "16", "--report", report.to_str().unwrap()];
     let o = prune_cli(&model, &out, &args);
     assert!(o.status.success(), "{}", stderr(&o));
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
