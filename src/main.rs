@@ -4,9 +4,8 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use onnxopt::passes::pipeline::{cleanup_passes, float16_passes, optimization_passes, quantization_passes, static_quantization_passes, PipelineOptions, Target};
-use onnxopt::passes::quantize_dynamic::{ActivationScale, QuantizeDynamic};
-use onnxopt::passes::split_attention_projection::SplitAttentionProjection;
+use onnxopt::passes::pipeline::{cleanup_passes, float16_passes, int8_fusion_passes, optimization_passes, quantization_passes, static_quantization_passes, PipelineOptions, Target};
+use onnxopt::passes::quantize_dynamic::{gptq_rounded, ActivationScale, QuantizeDynamic};
 use onnxopt::passes::quantize_fp16::{ConvertToFloat16, Float16Scope};
 use onnxopt::passes::quantize_static::{activation_ranges, activations_to_calibrate, CalibrationMethod, QuantizeStatic, WeightType};
 use onnxopt::passes::quantize_gather_int4::QuantizeGatherInt4;
@@ -752,24 +751,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 original_or_smoothed = smooth(&original, alpha, &calibration.source()?, quiet)?;
             }
             if mode == QuantizeMode::Int8 {
-                // Fuse first, then (ORT) split the packed Q/K/V projection back
-                // out of each fused Attention, as one MatMul feeding
-                // MultiHeadAttention, so that it quantizes too. The --max-error
-                // search then works on the MatMuls of this graph.
                 let _progress = Progress::start(quiet, format!("fusing for {target}"));
-                let fusion = PipelineOptions { skip_rules: INT8_UNFUSED_RULES.iter().map(|r| r.to_string()).collect(), ..PipelineOptions::default() };
-                let mut passes = optimization_passes(target, &fusion);
-                if target == Target::Ort {
-                    passes.push(Box::new(SplitAttentionProjection));
-                }
-                let records = run_pipeline(&mut original_or_smoothed, &passes, &DriverOptions::default()).map_err(anyhow::Error::from)?;
+                let records = run_pipeline(&mut original_or_smoothed, &int8_fusion_passes(target), &DriverOptions::default()).map_err(anyhow::Error::from)?;
                 if !quiet {
                     print_records(&records);
                 }
             }
             let rounded = if gptq {
                 let _progress = Progress::start(quiet, "GPTQ: X^T X of every quantized MatMul's input, then rounding".into());
-                Arc::new(gptq_rounded(&original_or_smoothed, &calibration.source()?)?)
+                Arc::new(gptq_rounded(&original_or_smoothed, &calibration.source()?).map_err(anyhow::Error::from)?)
             } else {
                 Arc::default()
             };
@@ -1022,23 +1012,6 @@ fn check_quantized(comparison: Option<&verify::Comparison>, min_cosine: f64, bou
 /// stayed at mean cosine 0.9976 to 0.9986 on the dev sentences: per-token
 /// errors partly cancel in the mean pooling.
 const DEFAULT_INT8_MAX_ERROR: f64 = 3e-3;
-
-/// The int8 weights of `model`'s MatMuls, GPTQ-rounded against their inputs
-/// on the calibration data.
-fn gptq_rounded(model: &Model, source: &onnxopt::calibrate::CalibrationSource) -> Result<onnxopt::passes::quantize_dynamic::RoundedWeights> {
-    use onnxopt::passes::quantize_dynamic::{gptq_rounded_weights, quantized_activations};
-    let activations = quantized_activations(model);
-    let names: Vec<&str> = activations.iter().map(String::as_str).collect();
-    let hessians = onnxopt::calibrate::gram_matrices(model, &names, source)?.into_iter().map(|g| (g.name, g.xtx)).collect();
-    Ok(gptq_rounded_weights(model, &hessians)?)
-}
-
-/// Fusions `--mode int8` leaves out. ORT 1.32's CPU SkipLayerNormalization
-/// took 1.3 ms per call on MiniLM at batch 8 (its Add + LayerNormalization,
-/// 0.6 ms); in a float model ORT fuses them back itself and nothing changes,
-/// but behind per-token int8 products it does not, and the unfused form ran
-/// 9% faster (batch 8, 125 -> 113 ms).
-const INT8_UNFUSED_RULES: [&str; 2] = ["skip-layer-norm-bias", "skip-layer-norm"];
 
 /// The `--max-error` search (see `onnxopt::sensitivity`) on the first
 /// `batches` calibration batches: which layers of `to_quantize` (the original,

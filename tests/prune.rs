@@ -246,9 +246,7 @@ fn reconstruction_reduces_the_layer_error_and_the_output_error() {
 }
 
 fn prune_cli(input: &Path, output: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["--quiet", "prune", input.to_str().unwrap(), "-o", output.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    run(&args)
+    run_command("prune", input, output, extra)
 }
 
 #[test]

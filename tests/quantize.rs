@@ -194,9 +194,7 @@ fn excluded_nodes_stay_in_float() {
 }
 
 fn quantize_cli(input: &Path, output: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["--quiet", "quantize", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--mode", "int8-dynamic"];
-    args.extend_from_slice(extra);
-    run(&args)
+    run_command("quantize", input, output, &[&["--mode", "int8-dynamic"], extra].concat())
 }
 
 /// Every weight MatMul of the tiny BERT becomes DynamicQuantizeMatMul (2 layers x
@@ -292,10 +290,8 @@ fn quantize_with_budget(model: &Path, calib: &Path, mode_args: &[&str], budget: 
     let out = dir.join(format!("{case}.onnx"));
     let report = dir.join(format!("{case}.json"));
     let budget = budget.to_string();
-    let mut args = vec!["--quiet", "quantize", model.to_str().unwrap(), "-o", out.to_str().unwrap()];
-    args.extend_from_slice(mode_args);
-    args.extend_from_slice(&["--calib", calib.to_str().unwrap(), "--max-error", &budget, "--max-error-batches", "2", "--report", report.to_str().unwrap()]);
-    let o = run(&args);
+    let search = ["--calib", calib.to_str().unwrap(), "--max-error", &budget, "--max-error-batches", "2", "--report", report.to_str().unwrap()];
+    let o = run_command("quantize", model, &out, &[mode_args, &search].concat());
     assert!(o.status.success(), "{case}: {}", stderr(&o));
     (report_of(&report), out)
 }

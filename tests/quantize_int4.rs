@@ -213,9 +213,7 @@ fn minilm_gptq_beats_round_to_nearest() {
 }
 
 fn quantize_cli(input: &Path, output: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["--quiet", "quantize", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--mode", "int4-weight"];
-    args.extend_from_slice(extra);
-    run(&args)
+    run_command("quantize", input, output, &[&["--mode", "int4-weight"], extra].concat())
 }
 
 /// The tiny BERT for both targets: every weight MatMul (K = 32 or 64) becomes

@@ -191,9 +191,7 @@ fn calibration_methods_choose_ranges_from_stats() {
 }
 
 fn quantize_cli(input: &Path, output: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["--quiet", "quantize", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--mode", "int8-static"];
-    args.extend_from_slice(extra);
-    run(&args)
+    run_command("quantize", input, output, &[&["--mode", "int8-static"], extra].concat())
 }
 
 #[test]

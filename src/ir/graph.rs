@@ -82,6 +82,16 @@ impl Node {
         }
     }
 
+    /// The name options such as `--exclude` take for this node: its own, or,
+    /// unnamed, its first output's.
+    pub fn name_or_output(&self) -> &str {
+        if self.name.is_empty() {
+            self.outputs.first().map(String::as_str).unwrap_or("")
+        } else {
+            &self.name
+        }
+    }
+
     /// `true` for an op of the default ONNX domain with this type.
     pub fn is_onnx(&self, op_type: &str) -> bool {
         self.op_type == op_type && (self.domain.is_empty() || self.domain == "ai.onnx")

@@ -127,7 +127,7 @@ pub fn lower_node(model: &Model, types: &TypeMap, id: NodeId) -> Result<Patch, L
         return Err(LowerError::Unsupported { node: format!("{id:?}"), op: "?".into(), reason: "no such node".into() });
     };
     let unsupported = |reason: String| LowerError::Unsupported {
-        node: if node.name.is_empty() { node.outputs.first().cloned().unwrap_or_default() } else { node.name.clone() },
+        node: node.name_or_output().to_string(),
         op: node.qualified_op(),
         reason,
     };

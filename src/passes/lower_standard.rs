@@ -154,7 +154,7 @@ pub fn lower_node(model: &Model, types: &TypeMap, id: NodeId) -> Result<Patch, L
         other => Err(format!("{other} is not lowered here")),
     };
     lowered.map_err(|reason| LowerError {
-        node: if node.name.is_empty() { node.outputs.first().cloned().unwrap_or_default() } else { node.name.clone() },
+        node: node.name_or_output().to_string(),
         op: node.op_type.clone(),
         reason,
     })?;

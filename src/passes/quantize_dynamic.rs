@@ -98,6 +98,7 @@ use super::pipeline::Target;
 use super::{Pass, PassError};
 use crate::ir::{infer_types, AttrValue, DataType, Graph, Model, Node, NodeId, Patch, Tensor};
 use bytes::Bytes;
+use crate::calibrate::{gram_matrices, CalibrateError, CalibrationSource};
 use crate::quantize::gptq::{gptq, GptqError, GptqOptions, Grid, Levels, QuantizedMatrix};
 use faer::Mat;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -189,7 +190,7 @@ impl Pass for QuantizeDynamic {
             if self.excluded(node) {
                 continue;
             }
-            let scale = if self.per_tensor_layers.contains(layer_name(node)) { ActivationScale::PerTensor } else { self.activations };
+            let scale = if self.per_tensor_layers.contains(node.name_or_output()) { ActivationScale::PerTensor } else { self.activations };
             let Some(activation) = node.inputs.first() else { continue };
             if types.elem_type(activation) != Some(DataType::Float) {
                 continue;
@@ -217,7 +218,7 @@ impl Pass for QuantizeDynamic {
 
 impl QuantizeDynamic {
     fn excluded(&self, node: &Node) -> bool {
-        self.exclude.contains(layer_name(node))
+        self.exclude.contains(node.name_or_output())
     }
 
     /// One patch per activation, so that the portable target quantizes it once.
@@ -440,16 +441,6 @@ fn constant<'g>(graph: &'g Graph, graph_inputs: &HashSet<&str>, name: &str) -> O
     (tensor.dtype == DataType::Float && !graph_inputs.contains(name)).then_some(tensor)
 }
 
-/// A layer's name as `exclude` and `per_tensor_layers` take it: the node's,
-/// or its first output's when the node has none.
-fn layer_name(node: &Node) -> &str {
-    if node.name.is_empty() {
-        node.outputs.first().map(String::as_str).unwrap_or("")
-    } else {
-        &node.name
-    }
-}
-
 /// The names (`exclude` takes them) of the layers the pass would quantize.
 pub fn quantizable_layers(model: &Model) -> Vec<String> {
     let graph_inputs: HashSet<&str> = model.graph.inputs.iter().map(|v| v.name.as_str()).collect();
@@ -457,7 +448,7 @@ pub fn quantizable_layers(model: &Model) -> Vec<String> {
         .graph
         .nodes()
         .filter(|n| quantizable_weight(&model.graph, &graph_inputs, n).is_some())
-        .map(|n| layer_name(n).to_string())
+        .map(|n| n.name_or_output().to_string())
         .collect()
 }
 
@@ -546,9 +537,27 @@ fn foldable_bias_add(graph: &Graph, product: &str, n: usize) -> Option<(NodeId, 
     Some((single.node, add.outputs.first()?.clone()))
 }
 
+/// The int8 weights of every layer the pass would quantize, GPTQ-rounded
+/// against `X^T X` of its input on the calibration data, for
+/// [`QuantizeDynamic::rounded`].
+pub fn gptq_rounded(model: &Model, source: &CalibrationSource) -> Result<RoundedWeights, GptqRoundingError> {
+    let activations = quantized_activations(model);
+    let names: Vec<&str> = activations.iter().map(String::as_str).collect();
+    let hessians = gram_matrices(model, &names, source)?.into_iter().map(|g| (g.name, g.xtx)).collect();
+    Ok(gptq_rounded_weights(model, &hessians)?)
+}
+
+/// Why [`gptq_rounded`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GptqRoundingError {
+    #[error("calibration for GPTQ: {0}")]
+    Calibrate(#[from] CalibrateError),
+    #[error("GPTQ: {0}")]
+    Gptq(#[from] GptqError),
+}
+
 /// GPTQ-rounds, on [`INT8_PAIR_GRID`], the weight of every MatMul or Gemm
-/// whose activation has a Hessian in `hessians` (`X^T X` by activation name,
-/// from [`crate::passes::quantize_int4::activation_hessians`]'s calibration),
+/// whose activation has a Hessian in `hessians` (`X^T X` by activation name),
 /// for [`QuantizeDynamic::rounded`]. A weight read by several nodes is rounded
 /// against the first one's activation.
 pub fn gptq_rounded_weights(model: &Model, hessians: &HashMap<String, Mat<f64>>) -> Result<RoundedWeights, GptqError> {

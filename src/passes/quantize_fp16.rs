@@ -174,7 +174,7 @@ impl ConvertToFloat16 {
     /// are considered.
     fn computes_in_float16(&self, node: &Node, types: &TypeMap) -> bool {
         let op = node.qualified_op();
-        let name = if node.name.is_empty() { node.outputs.first().map(String::as_str).unwrap_or("") } else { &node.name };
+        let name = node.name_or_output();
         let tensors = || node.inputs.iter().chain(&node.outputs).filter(|t| !t.is_empty());
         self.scope == Float16Scope::WeightsAndCompute
             && FLOAT16_OPS.contains(&op.as_str())

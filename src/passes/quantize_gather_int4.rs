@@ -58,8 +58,7 @@ impl Pass for QuantizeGatherInt4 {
         let grid = Grid { block: Some(self.block_size), levels: if self.zero_point { Levels::Asymmetric { max: 15 } } else { Levels::Symmetric { max: 7 } } };
         let mut patches = Vec::new();
         for (id, node) in graph.nodes_with_ids() {
-            let name = if node.name.is_empty() { node.outputs.first().cloned().unwrap_or_default() } else { node.name.clone() };
-            if !node.is_onnx("Gather") || node.attr_int("axis").unwrap_or(0) != 0 || self.exclude.contains(&name) {
+            if !node.is_onnx("Gather") || node.attr_int("axis").unwrap_or(0) != 0 || self.exclude.contains(node.name_or_output()) {
                 continue;
             }
             let (Some(table_name), Some(indices), Some(output)) = (node.inputs.first(), node.inputs.get(1), node.outputs.first()) else { continue };

@@ -263,7 +263,7 @@ fn candidates(model: &Model, block_size: usize, exclude: &HashSet<String>) -> Ve
         .nodes_with_ids()
         .into_iter()
         .filter_map(|(id, node)| {
-            let name = if node.name.is_empty() { node.outputs.first().cloned().unwrap_or_default() } else { node.name.clone() };
+            let name = node.name_or_output().to_string();
             if exclude.contains(&name) {
                 return None;
             }

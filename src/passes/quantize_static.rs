@@ -177,7 +177,7 @@ fn placement(model: &Model, target: Target, exclude: &HashSet<String>) -> BTreeM
     let types = infer_types(model);
     let graph_inputs: HashSet<&str> = graph.inputs.iter().map(|v| v.name.as_str()).collect();
     let excluded = |node: &Node| {
-        let name = if node.name.is_empty() { node.outputs.first().map(String::as_str).unwrap_or("") } else { &node.name };
+        let name = node.name_or_output();
         exclude.contains(name)
     };
     let mut readers: BTreeMap<String, Vec<QuantizedReader>> = BTreeMap::new();

@@ -274,7 +274,7 @@ pub fn linear_layers(model: &Model) -> Result<(Vec<LinearLayer>, Vec<SkippedLaye
 }
 
 fn node_label(node: &Node) -> String {
-    if node.name.is_empty() { node.outputs.first().cloned().unwrap_or_default() } else { node.name.clone() }
+    node.name_or_output().to_string()
 }
 
 /// `None` for a node that is no linear layer with a constant weight; `Err(why)`

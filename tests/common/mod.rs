@@ -31,6 +31,13 @@ pub fn run(args: &[&str]) -> Output {
     onnxopt().args(args).output().expect("onnxopt runs")
 }
 
+/// `onnxopt --quiet COMMAND INPUT -o OUTPUT EXTRA...`.
+pub fn run_command(command: &str, input: &Path, output: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["--quiet", command, input.to_str().unwrap(), "-o", output.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
