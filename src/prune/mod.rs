@@ -112,9 +112,14 @@ pub struct PruneOptions {
     pub reconstruct: bool,
     pub calibration: Option<CalibrationSource>,
     /// Ridge added to the re-fit's normal equations, relative to the mean
-    /// diagonal of `X_s^T X_s` (0.01, as SparseGPT's `percdamp`).
-    pub damping: f64,
+    /// diagonal of `X_s^T X_s`; `None` chooses it per layer by cross-validation
+    /// (`reconstruct::refit_cross_validated`). OBS importance damps its
+    /// inverse with this, or [`DEFAULT_DAMPING`].
+    pub damping: Option<f64>,
 }
+
+/// SparseGPT's `percdamp`.
+pub const DEFAULT_DAMPING: f64 = 0.01;
 
 impl PruneOptions {
     pub fn new(method: PruneMethod) -> PruneOptions {
@@ -124,7 +129,7 @@ impl PruneOptions {
             importance: Importance::Magnitude,
             reconstruct: false,
             calibration: None,
-            damping: 0.01,
+            damping: None,
         }
     }
 }
@@ -212,6 +217,9 @@ pub struct LayerReport {
     pub error_before: Option<f64>,
     /// The same after the re-fit; `None` without reconstruction.
     pub error_after: Option<f64>,
+    /// The re-fit's damping (cross-validated unless fixed); `None` without a
+    /// re-fit, or when cross-validation kept the masked original weights.
+    pub damping: Option<f64>,
 }
 
 /// What `prune` did (serialised as the `--report`).
@@ -220,7 +228,8 @@ pub struct PruneReport {
     pub method: PruneMethod,
     pub importance: Importance,
     pub reconstruct: bool,
-    pub damping: f64,
+    /// The fixed re-fit damping; `None`: cross-validated per layer.
+    pub damping: Option<f64>,
     pub layers: Vec<LayerReport>,
     pub skipped: Vec<SkippedLayer>,
     /// A line per kind of thing removed.
@@ -410,13 +419,13 @@ impl Pruning<'_> {
             let norms: Option<Vec<f64>> = match self.options.importance {
                 Importance::Magnitude => None,
                 Importance::Wanda => gram.map(|g| g.squared_norms().into_iter().map(|s| s.max(0.0).sqrt()).collect()),
-                Importance::Obs => gram.and_then(|g| reconstruct::obs_factors(g.xtx.as_ref(), self.options.damping)),
+                Importance::Obs => gram.and_then(|g| reconstruct::obs_factors(g.xtx.as_ref(), self.obs_damping())),
             };
             let norms = norms.as_deref();
             let keep = sparse::mask(&weight, norms, *pattern);
             let pruned = weight.masked(&keep);
             let error = gram.map(|g| reconstruct::relative_error(&pruned, &weight, Sums::same(g.xtx.as_ref())));
-            self.record(layer, *pattern, &pruned, error, None);
+            self.record(layer, *pattern, &pruned, error, None, None);
         }
         Ok(())
     }
@@ -436,24 +445,42 @@ impl Pruning<'_> {
             let sums = paired_grams((&teacher, &all_taps), &student, &taps, source)?;
             self.runs += 2 * batches(self.model, source)?;
             for (layer, pattern) in here {
-                let stats = sums.iter().find(|s| s.name == layer.activation).expect("every activation was tapped");
+                let stats = sums.iter().find(|s| s.total.name == layer.activation).expect("every activation was tapped");
                 let weight = layer.read(self.model)?;
                 let norms = match self.options.importance {
                     Importance::Magnitude => None,
-                    Importance::Wanda => Some(stats.student_norms()),
-                    Importance::Obs => reconstruct::obs_factors(stats.student.as_ref(), self.options.damping),
+                    Importance::Wanda => Some(stats.total.student_norms()),
+                    Importance::Obs => reconstruct::obs_factors(stats.total.student.as_ref(), self.obs_damping()),
                 };
                 let norms = norms.as_deref();
                 let keep = sparse::mask(&weight, norms, *pattern);
-                let refit = reconstruct::refit(&weight, &keep, stats.sums(), self.options.damping)
-                    .map_err(|source| PruneError::Reconstruct { layer: layer.node.clone(), source })?;
-                self.record(layer, *pattern, &refit.weight, Some(refit.error_before), Some(refit.error_after));
+                let refit = match self.options.damping {
+                    Some(damping) => reconstruct::refit(&weight, &keep, stats.total.sums(), damping),
+                    None => {
+                        let folds = [stats.folds[0].sums(), stats.folds[1].sums()];
+                        reconstruct::refit_cross_validated(&weight, &keep, stats.total.sums(), folds, DEFAULT_DAMPING)
+                    }
+                }
+                .map_err(|source| PruneError::Reconstruct { layer: layer.node.clone(), source })?;
+                self.record(layer, *pattern, &refit.weight, Some(refit.error_before), Some(refit.error_after), refit.damping);
             }
         }
         Ok(())
     }
 
-    fn record(&mut self, layer: &LinearLayer, pattern: SparsityPattern, pruned: &LinearWeight, error_before: Option<f64>, error_after: Option<f64>) {
+    fn obs_damping(&self) -> f64 {
+        self.options.damping.unwrap_or(DEFAULT_DAMPING)
+    }
+
+    fn record(
+        &mut self,
+        layer: &LinearLayer,
+        pattern: SparsityPattern,
+        pruned: &LinearWeight,
+        error_before: Option<f64>,
+        error_after: Option<f64>,
+        damping: Option<f64>,
+    ) {
         let total = (pruned.k * pruned.n).max(1);
         self.reports.push(LayerReport {
             node: layer.node.clone(),
@@ -468,6 +495,7 @@ impl Pruning<'_> {
             },
             error_before,
             error_after,
+            damping,
         });
         self.weights.insert(layer.weight.clone(), pruned.to_stored(layer.transposed));
     }
@@ -493,6 +521,13 @@ fn with_weights(model: &Model, weights: BTreeMap<String, Vec<f32>>) -> Result<Mo
     Ok(out)
 }
 
+/// One activation's [`PairedGram`] over all calibration batches, and over the
+/// even and the odd batches apart (the folds that cross-validate the damping).
+struct FoldedGram {
+    total: PairedGram,
+    folds: [PairedGram; 2],
+}
+
 /// The student's and the teacher's sums at `taps`, over every batch of
 /// `source`: both run on the same inputs. The teacher's plan, tapped at
 /// `teacher_taps` (a superset), serves every depth; the student's is loaded
@@ -502,26 +537,26 @@ fn paired_grams(
     student: &Model,
     taps: &[&str],
     source: &CalibrationSource,
-) -> Result<Vec<PairedGram>, PruneError> {
+) -> Result<Vec<FoldedGram>, PruneError> {
     let student_plan = TappedPlan::new(student, taps, "student")?;
     let position = |tap: &&str| teacher_taps.iter().position(|t| t == tap).expect("the teacher is tapped at every layer input");
     let teacher_index: Vec<usize> = taps.iter().map(position).collect();
-    let mut sums: Vec<PairedGram> = taps.iter().map(|t| PairedGram::new(t)).collect();
+    let mut folds: Vec<[PairedGram; 2]> = taps.iter().map(|t| [PairedGram::new(t), PairedGram::new(t)]).collect();
     let mut batches = 0;
     for inputs in source.batches(student)? {
         let inputs = inputs?;
         let (padded, teacher_values) = teacher_plan.run(&inputs)?;
         let (_, student_values) = student_plan.run(&inputs)?;
-        for ((sum, &t), s) in sums.iter_mut().zip(&teacher_index).zip(&student_values) {
+        for ((pair, &t), s) in folds.iter_mut().zip(&teacher_index).zip(&student_values) {
             let t = &teacher_values[t];
-            sum.observe(s, t, calibrate::token_rows(&padded, t).as_deref())?;
+            pair[batches % 2].observe(s, t, calibrate::token_rows(&padded, t).as_deref())?;
         }
         batches += 1;
     }
     if batches == 0 {
         return Err(CalibrateError::Empty("the source holds no samples".into()).into());
     }
-    Ok(sums)
+    Ok(folds.into_iter().map(|[even, odd]| FoldedGram { total: even.plus(&odd), folds: [even, odd] }).collect())
 }
 
 /// Gram matrices (`X^T X`, real-token rows) of `taps` in `model`, as

@@ -11,9 +11,16 @@
 //!   <=>  (A[S, S] + lambda I) w_S = (B w_n)[S],   A = X_s^T X_s,  B = X_s^T X_t
 //! ```
 //!
-//! (the normal equations; `lambda = damping * mean(diag A)`, default
-//! `damping = 0.01` as in SparseGPT, keeps `A[S, S]` positive definite when
-//! features are collinear or rarely active). Solved per output with a faer
+//! (the normal equations). They are damped towards the original weights,
+//! `min ||X_s w - X_t w_n||^2 + lambda ||w - w_n[S]||^2`, i.e.
+//! `(A[S, S] + lambda I) w_S = (B w_n)[S] + lambda w_n[S]`, with
+//! `lambda = damping * mean(diag A)`: where the calibration data says little
+//! (collinear or rarely active features) the re-fit keeps the teacher's
+//! weight instead of shrinking it to zero, as SparseGPT's damped OBS update
+//! does. [`refit_cross_validated`] chooses the damping per layer by two-fold
+//! cross-validation (even against odd calibration batches), from
+//! [`CROSS_VALIDATED_DAMPINGS`], or keeps the masked original weights when no
+//! re-fit does better on held-out batches. Solved per output with a faer
 //! Cholesky factorisation, outputs in parallel. This is the exact least-squares
 //! solution under the mask (the mask-tuning step of Kwon et al., NeurIPS 2022,
 //! with the student/teacher inputs of their layer-wise reconstruction);
@@ -90,6 +97,23 @@ impl PairedGram {
         Ok(())
     }
 
+    /// The sums over the rows of `self` and of `other`.
+    pub fn plus(&self, other: &PairedGram) -> PairedGram {
+        if other.rows == 0 {
+            return self.clone();
+        }
+        if self.rows == 0 {
+            return other.clone();
+        }
+        PairedGram {
+            name: self.name.clone(),
+            student: &self.student + &other.student,
+            cross: &self.cross + &other.cross,
+            teacher: &self.teacher + &other.teacher,
+            rows: self.rows + other.rows,
+        }
+    }
+
     /// `||X_s,k||` for each feature: Wanda's input norms, on the student's input.
     pub fn student_norms(&self) -> Vec<f64> {
         (0..self.student.nrows()).map(|k| self.student[(k, k)].max(0.0).sqrt()).collect()
@@ -153,10 +177,60 @@ pub struct Refit {
     pub weight: LinearWeight,
     pub error_before: f64,
     pub error_after: f64,
+    /// The damping the weight was fitted with; `None` when cross-validation
+    /// kept the masked original weights.
+    pub damping: Option<f64>,
+}
+
+/// Damping fractions (of the mean diagonal of `A`) tried by cross-validation.
+pub const CROSS_VALIDATED_DAMPINGS: [f64; 6] = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0];
+
+/// [`refit`] with the damping of [`CROSS_VALIDATED_DAMPINGS`] whose re-fit on
+/// one fold best predicts the other (summed both ways), then re-fitted on
+/// `total`; the masked original weights (`damping: None`) when they predict
+/// the held-out folds better than every re-fit. Folds without rows fall back
+/// to `fallback_damping`.
+pub fn refit_cross_validated(weight: &LinearWeight, keep: &[bool], total: Sums, folds: [Sums; 2], fallback_damping: f64) -> Result<Refit, ReconstructError> {
+    if folds.iter().any(|f| f.student.nrows() != weight.k || trace(f.teacher) <= 0.0) {
+        return refit(weight, keep, total, fallback_damping);
+    }
+    // the held-out squared error, un-normalised so the two folds add up
+    let held_out = |fitted: [&LinearWeight; 2]| {
+        (0..2).map(|f| relative_error(fitted[1 - f], weight, folds[f]) * output_energy(weight, folds[f])).sum::<f64>()
+    };
+    let masked = weight.masked(keep);
+    let mut best = (held_out([&masked, &masked]), None);
+    for damping in CROSS_VALIDATED_DAMPINGS {
+        let on_first = refit(weight, keep, folds[0], damping)?.weight;
+        let on_second = refit(weight, keep, folds[1], damping)?.weight;
+        let error = held_out([&on_first, &on_second]);
+        if error < best.0 {
+            best = (error, Some(damping));
+        }
+    }
+    match best.1 {
+        Some(damping) => refit(weight, keep, total, damping),
+        None => {
+            let error = relative_error(&masked, weight, total);
+            Ok(Refit { weight: masked, error_before: error, error_after: error, damping: None })
+        }
+    }
+}
+
+fn trace(m: MatRef<f64>) -> f64 {
+    (0..m.nrows()).map(|i| m[(i, i)]).sum()
+}
+
+/// `sum_n ||X_t w_n||^2`, the teacher's output energy.
+fn output_energy(weight: &LinearWeight, sums: Sums) -> f64 {
+    let w = as_mat(weight);
+    let cw = product(sums.teacher, w.as_ref());
+    (0..w.nrows()).flat_map(|i| (0..w.ncols()).map(move |j| (i, j))).map(|(i, j)| w[(i, j)] * cw[(i, j)]).sum()
 }
 
 /// Re-fits the kept weights of `weight` under `keep` (see the module
-/// documentation); `damping` is relative to the mean diagonal of `A`.
+/// documentation), damped towards `weight` by `damping` times the mean
+/// diagonal of `A`.
 pub fn refit(weight: &LinearWeight, keep: &[bool], sums: Sums, damping: f64) -> Result<Refit, ReconstructError> {
     let (k, n) = (weight.k, weight.n);
     if sums.student.nrows() != k {
@@ -174,7 +248,7 @@ pub fn refit(weight: &LinearWeight, keep: &[bool], sums: Sums, damping: f64) -> 
         .into_par_iter()
         .map(|nn| {
             let kept: Vec<usize> = (0..k).filter(|&kk| keep[kk * n + nn]).collect();
-            solve_kept(sums.student, &kept, |i| targets[(kept[i], nn)], lambda)
+            solve_kept(sums.student, &kept, |i| targets[(kept[i], nn)] + lambda * w[(kept[i], nn)], lambda)
                 .ok_or(ReconstructError::NotPositiveDefinite { output: nn, damping: lambda })
                 .map(|solution| {
                     let mut column = vec![0.0; k];
@@ -194,7 +268,7 @@ pub fn refit(weight: &LinearWeight, keep: &[bool], sums: Sums, damping: f64) -> 
     let refitted = LinearWeight { values, k, n };
     let error_before = relative_error(&weight.masked(keep), weight, sums);
     let error_after = relative_error(&refitted, weight, sums);
-    Ok(Refit { weight: refitted, error_before, error_after })
+    Ok(Refit { weight: refitted, error_before, error_after, damping: Some(damping) })
 }
 
 /// Solves `(A[S, S] + lambda I) x = rhs` for the kept indices `S` by Cholesky;

@@ -318,8 +318,7 @@ pub struct FitData {
     pub halves: [NormalEquations; 2],
 }
 
-/// Damping fractions tried by cross-validation.
-const DAMPINGS: [f64; 6] = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0];
+use super::reconstruct::CROSS_VALIDATED_DAMPINGS as DAMPINGS;
 
 /// `H = [X 1]^T [X 1]`, `C = [X 1]^T Y`, `||Y||^2`; the ones column is last.
 pub struct NormalEquations {
