@@ -157,7 +157,7 @@ fn refit_equals_the_exact_least_squares_solution() {
     for half in [0..20 * k, 20 * k..40 * k] {
         sums.observe(&tensor(&xs[half.clone()]), &tensor(&xt[half]), None).unwrap();
     }
-    let result = refit(&weight, &keep, sums.sums(), 0.0).unwrap();
+    let result = refit(&weight, &keep, false, sums.sums(), 0.0).unwrap();
 
     let x = |v: &[f32], r: usize, c: usize| v[r * k + c] as f64;
     let mut residual = 0.0;
@@ -190,6 +190,58 @@ fn refit_equals_the_exact_least_squares_solution() {
     }
     assert!((result.error_after - residual / reference).abs() < 1e-6, "{} against {}", result.error_after, residual / reference);
     assert!(result.error_after < result.error_before, "{} >= {}", result.error_after, result.error_before);
+}
+
+/// With a bias, the re-fit is the least-squares solution over `[X_S 1]`: the
+/// weights and the bias shift against the normal equations solved here, and
+/// the reported error against the residual computed row by row. Inputs with a
+/// nonzero mean make the shift matter: the fit with it is closer.
+#[test]
+fn refit_with_bias_equals_the_least_squares_solution_over_x_and_ones() {
+    let (rows, k, n) = (40, 4, 2);
+    let mut rng = SeededRng::new(9);
+    let xt: Vec<f32> = (0..rows * k).map(|_| 1.0 + rng.normal()).collect();
+    let xs: Vec<f32> = xt.iter().map(|v| v + 0.3 * rng.normal()).collect();
+    let weight = LinearWeight { values: random(&mut rng, k * n), k, n };
+    let keep = vec![true, false, false, true, true, true, false, false];
+    let tensor = |v: &[f32]| Array2::from_shape_vec((v.len() / k, k), v.to_vec()).unwrap().into_tensor();
+    let mut sums = PairedGram::new("x");
+    sums.observe(&tensor(&xs), &tensor(&xt), None).unwrap();
+    let with = refit(&weight, &keep, true, sums.sums(), 0.0).unwrap();
+    let without = refit(&weight, &keep, false, sums.sums(), 0.0).unwrap();
+    let shift = with.bias_shift.clone().expect("a bias shift");
+    assert!(without.bias_shift.is_none());
+    assert!(with.error_after < without.error_after, "{} >= {}", with.error_after, without.error_after);
+
+    let x = |v: &[f32], r: usize, c: usize| v[r * k + c] as f64;
+    let (mut residual, mut reference) = (0.0, 0.0);
+    for col in 0..n {
+        let kept: Vec<usize> = (0..k).filter(|&kk| keep[kk * n + col]).collect();
+        let target: Vec<f64> = (0..rows).map(|r| (0..k).map(|kk| x(&xt, r, kk) * weight.at(kk, col) as f64).sum()).collect();
+        // features of the fit: the kept columns of X_s, then ones
+        let feature = |r: usize, i: usize| if i < kept.len() { x(&xs, r, kept[i]) } else { 1.0 };
+        let size = kept.len() + 1;
+        let mut system: Vec<Vec<f64>> = (0..size)
+            .map(|i| {
+                let mut row: Vec<f64> = (0..size).map(|j| (0..rows).map(|r| feature(r, i) * feature(r, j)).sum()).collect();
+                row.push((0..rows).map(|r| feature(r, i) * target[r]).sum());
+                row
+            })
+            .collect();
+        let solution = gaussian_elimination(&mut system);
+        for (i, &kk) in kept.iter().enumerate() {
+            let got = with.weight.at(kk, col) as f64;
+            assert!((got - solution[i]).abs() <= 1e-5 * solution[i].abs().max(1.0), "output {col}, k {kk}: {got} against {}", solution[i]);
+        }
+        let expected_shift = solution[kept.len()];
+        assert!((shift[col] - expected_shift).abs() <= 1e-6 * expected_shift.abs().max(1.0), "shift {col}: {} against {expected_shift}", shift[col]);
+        for (r, wanted) in target.iter().enumerate() {
+            let predicted: f64 = (0..size).map(|i| feature(r, i) * solution[i]).sum();
+            residual += (predicted - wanted).powi(2);
+            reference += wanted.powi(2);
+        }
+    }
+    assert!((with.error_after - residual / reference).abs() < 1e-6, "{} against {}", with.error_after, residual / reference);
 }
 
 /// Solves the augmented system in place (partial pivoting).
@@ -227,7 +279,7 @@ fn damping_keeps_the_original_weight_where_the_data_is_silent() {
     sums.observe(&tensor, &tensor, None).unwrap();
     let weight = LinearWeight { values: vec![0.5, -1.0, 0.25, 2.0], k, n };
     let keep = [true, false, true, true];
-    let result = refit(&weight, &keep, sums.sums(), 0.1).unwrap();
+    let result = refit(&weight, &keep, false, sums.sums(), 0.1).unwrap();
     assert!((result.weight.at(3, 0) - 2.0).abs() < 1e-6, "silent feature's weight {}", result.weight.at(3, 0));
     assert_eq!(result.weight.at(1, 0), 0.0);
     assert!(result.error_after < result.error_before, "{} >= {}", result.error_after, result.error_before);
@@ -262,9 +314,9 @@ fn cross_validation_chooses_the_damping_on_held_out_batches() {
     let folds = [fold(&mut rng, 400, 0.0).0, fold(&mut rng, 400, 0.0).0];
     let total = folds[0].plus(&folds[1]);
     assert_eq!(total.rows, 800);
-    let chosen = refit_cross_validated(&weight, &keep, total.sums(), [folds[0].sums(), folds[1].sums()], 0.01).unwrap();
+    let chosen = refit_cross_validated(&weight, &keep, false, total.sums(), [folds[0].sums(), folds[1].sums()], 0.01).unwrap();
     let damping = chosen.damping.expect("a re-fit beats the masked weights on clean correlated data");
-    assert_eq!(chosen.weight, refit(&weight, &keep, total.sums(), damping).unwrap().weight);
+    assert_eq!(chosen.weight, refit(&weight, &keep, false, total.sums(), damping).unwrap().weight);
     assert!(chosen.error_after < chosen.error_before, "{} >= {}", chosen.error_after, chosen.error_before);
 
     // few noisy rows
@@ -272,15 +324,15 @@ fn cross_validation_chooses_the_damping_on_held_out_batches() {
     let total = first.0.plus(&second.0);
     let sums = [first.0.sums(), second.0.sums()];
     let energies = [first.1, second.1];
-    let chosen = refit_cross_validated(&weight, &keep, total.sums(), sums, 0.01).unwrap();
+    let chosen = refit_cross_validated(&weight, &keep, false, total.sums(), sums, 0.01).unwrap();
     let held_out = |damping: Option<f64>| -> f64 {
         (0..2)
             .map(|f| {
                 let fitted = match damping {
-                    Some(d) => refit(&weight, &keep, sums[1 - f], d).unwrap().weight,
+                    Some(d) => refit(&weight, &keep, false, sums[1 - f], d).unwrap().weight,
                     None => weight.masked(&keep),
                 };
-                relative_error(&fitted, &weight, sums[f]) * energies[f]
+                relative_error(&fitted, None, &weight, sums[f]) * energies[f]
             })
             .sum()
     };
@@ -308,6 +360,9 @@ fn reconstruction_reduces_the_layer_error_and_the_output_error() {
         prune(&model, &options).unwrap()
     };
     let (plain, refitted) = (run(false), run(true));
+    // the Gemm's bias `c` is re-fitted with its weight; without reconstruction it stays
+    assert!(refitted.model.graph.initializer("c/pruned").is_some());
+    assert!(plain.model.graph.initializer("c").is_some());
     for layer in &refitted.report.layers {
         let (before, after) = (layer.error_before.unwrap(), layer.error_after.unwrap());
         assert!(after < before, "{}: {after} >= {before}", layer.node);
@@ -425,7 +480,7 @@ fn obs_factor_predicts_the_cost_of_removing_one_weight() {
     let output_energy: f64 = (0..rows).map(|r| (0..k).map(|j| x[r * k + j] as f64 * weight.at(j, 0) as f64).sum::<f64>().powi(2)).sum();
     for removed in 0..k {
         let keep: Vec<bool> = (0..k).map(|j| j != removed).collect();
-        let cost = refit(&weight, &keep, sums.sums(), 0.0).unwrap().error_after * output_energy;
+        let cost = refit(&weight, &keep, false, sums.sums(), 0.0).unwrap().error_after * output_energy;
         let predicted = (weight.at(removed, 0).abs() as f64 * factors[removed]).powi(2);
         // up to the 1e-6 relative damping obs_factors always adds
         assert!((cost - predicted).abs() <= 1e-4 * predicted + 1e-9, "k {removed}: cost {cost:.6e}, predicted {predicted:.6e}");

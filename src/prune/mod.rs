@@ -179,6 +179,9 @@ pub struct LinearLayer {
     pub dims: [usize; 2],
     /// Prunable layers on the longest path before this one.
     pub depth: usize,
+    /// The float `[N]` initializer added to this layer's output alone (the
+    /// bias), which the re-fit may shift.
+    pub bias: Option<String>,
 }
 
 impl LinearLayer {
@@ -188,6 +191,12 @@ impl LinearLayer {
         let values = tensor.to_f32().map_err(|e| fail(e.to_string()))?;
         let values = values.as_slice().ok_or_else(|| fail("not contiguous".into()))?;
         Ok(LinearWeight::from_stored(values, self.dims[0], self.dims[1], self.transposed))
+    }
+
+    fn read_bias(&self, model: &Model, bias: &str) -> Result<Vec<f32>, PruneError> {
+        let fail = |why: String| PruneError::Weight { weight: bias.to_string(), why };
+        let tensor = model.graph.initializer(bias).ok_or_else(|| fail("not an initializer".into()))?;
+        Ok(tensor.to_f32().map_err(|e| fail(e.to_string()))?.iter().copied().collect())
     }
 }
 
@@ -313,17 +322,54 @@ fn linear_layer(model: &Model, graph_inputs: &HashSet<&str>, node: &Node, depth:
         if gemm && node.attr_int("transA").unwrap_or(0) != 0 {
             return Err("Gemm with transA = 1 (its rows are not tokens)".into());
         }
+        let transposed = gemm && node.attr_int("transB").unwrap_or(0) != 0;
+        let outputs = if transposed { rows } else { cols } as usize;
         Ok(LinearLayer {
             node: node_label(node),
             op: node.qualified_op(),
             weight: weight_name.clone(),
             activation: activation.clone(),
-            transposed: gemm && node.attr_int("transB").unwrap_or(0) != 0,
+            transposed,
             dims: [rows as usize, cols as usize],
             depth,
+            bias: layer_bias(model, graph_inputs, node, outputs),
         })
     };
     Some(check())
+}
+
+/// The bias of a linear layer with `outputs` outputs: a float `[outputs]`
+/// initializer read by nothing else and added to the product unchanged:
+/// Gemm's and com.microsoft Attention's input 2, or the other input of an Add,
+/// BiasGelu (input 1) or SkipLayerNormalization (input 4) that alone reads a
+/// MatMul's output.
+fn layer_bias(model: &Model, graph_inputs: &HashSet<&str>, node: &Node, outputs: usize) -> Option<String> {
+    let graph = &model.graph;
+    let name = if node.is_onnx("MatMul") {
+        let product = node.outputs.first()?;
+        if graph.is_graph_output(product) {
+            return None;
+        }
+        let [single] = graph.uses(product) else { return None };
+        let crate::ir::Slot::Input(slot) = single.slot else { return None };
+        let reader = graph.node(single.node)?;
+        let contrib = reader.domain == crate::passes::lower_contrib::CONTRIB_DOMAIN;
+        match (reader.op_type.as_str(), slot) {
+            ("Add", 0 | 1) if reader.is_onnx("Add") && reader.inputs.len() == 2 => reader.inputs.get(1 - slot)?,
+            ("BiasGelu", 0) if contrib => reader.inputs.get(1)?,
+            ("SkipLayerNormalization", 0) if contrib => reader.inputs.get(4)?,
+            _ => return None,
+        }
+    } else {
+        node.inputs.get(2)?
+    };
+    let tensor = graph.initializer(name)?;
+    let usable = tensor.dtype == DataType::Float
+        && tensor.dims == [outputs as i64]
+        && graph.uses(name).len() == 1
+        && !graph_inputs.contains(name.as_str())
+        && !graph.is_graph_output(name);
+    usable.then(|| name.clone())
 }
 
 /// Prunes `model` as `options` say; see the module documentation.
@@ -424,7 +470,7 @@ impl Pruning<'_> {
             let norms = norms.as_deref();
             let keep = sparse::mask(&weight, norms, *pattern);
             let pruned = weight.masked(&keep);
-            let error = gram.map(|g| reconstruct::relative_error(&pruned, &weight, Sums::same(g.xtx.as_ref())));
+            let error = gram.map(|g| reconstruct::relative_error(&pruned, None, &weight, Sums::same(g.xtx.as_ref())));
             self.record(layer, *pattern, &pruned, error, None, None);
         }
         Ok(())
@@ -454,14 +500,19 @@ impl Pruning<'_> {
                 };
                 let norms = norms.as_deref();
                 let keep = sparse::mask(&weight, norms, *pattern);
+                let with_bias = layer.bias.is_some();
                 let refit = match self.options.damping {
-                    Some(damping) => reconstruct::refit(&weight, &keep, stats.total.sums(), damping),
+                    Some(damping) => reconstruct::refit(&weight, &keep, with_bias, stats.total.sums(), damping),
                     None => {
                         let folds = [stats.folds[0].sums(), stats.folds[1].sums()];
-                        reconstruct::refit_cross_validated(&weight, &keep, stats.total.sums(), folds, DEFAULT_DAMPING)
+                        reconstruct::refit_cross_validated(&weight, &keep, with_bias, stats.total.sums(), folds, DEFAULT_DAMPING)
                     }
                 }
                 .map_err(|source| PruneError::Reconstruct { layer: layer.node.clone(), source })?;
+                if let (Some(bias), Some(shift)) = (&layer.bias, &refit.bias_shift) {
+                    let shifted = layer.read_bias(self.model, bias)?.iter().zip(shift).map(|(b, d)| (*b as f64 + d) as f32).collect();
+                    self.weights.insert(bias.clone(), shifted);
+                }
                 self.record(layer, *pattern, &refit.weight, Some(refit.error_before), Some(refit.error_after), refit.damping);
             }
         }

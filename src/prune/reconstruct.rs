@@ -52,13 +52,16 @@ pub struct PairedGram {
     pub cross: Mat<f64>,
     /// `X_t^T X_t`.
     pub teacher: Mat<f64>,
+    /// `X_s^T 1` and `X_t^T 1`: column sums, for re-fitting a bias.
+    pub student_sum: Vec<f64>,
+    pub teacher_sum: Vec<f64>,
     pub rows: u64,
 }
 
 impl PairedGram {
     pub fn new(name: &str) -> PairedGram {
         let empty = || Mat::zeros(0, 0);
-        PairedGram { name: name.into(), student: empty(), cross: empty(), teacher: empty(), rows: 0 }
+        PairedGram { name: name.into(), student: empty(), cross: empty(), teacher: empty(), student_sum: Vec::new(), teacher_sum: Vec::new(), rows: 0 }
     }
 
     /// Folds in the rows of one batch whose `keep` entry is true (`None`: all).
@@ -77,6 +80,7 @@ impl PairedGram {
         let rows = xs.len().checked_div(k).unwrap_or(0);
         if self.rows == 0 && self.student.nrows() == 0 {
             (self.student, self.cross, self.teacher) = (Mat::zeros(k, k), Mat::zeros(k, k), Mat::zeros(k, k));
+            (self.student_sum, self.teacher_sum) = (vec![0.0; k], vec![0.0; k]);
         } else if self.student.nrows() != k {
             return Err(fail(format!("last axis has {k} features, earlier batches had {}", self.student.nrows())));
         }
@@ -93,6 +97,11 @@ impl PairedGram {
         faer::linalg::matmul::matmul(self.student.as_mut(), Accum::Add, xs.transpose(), xs.as_ref(), 1.0, par);
         faer::linalg::matmul::matmul(self.cross.as_mut(), Accum::Add, xs.transpose(), xt.as_ref(), 1.0, par);
         faer::linalg::matmul::matmul(self.teacher.as_mut(), Accum::Add, xt.transpose(), xt.as_ref(), 1.0, par);
+        for (sum, x) in [(&mut self.student_sum, &xs), (&mut self.teacher_sum, &xt)] {
+            for (j, total) in sum.iter_mut().enumerate() {
+                *total += (0..x.nrows()).map(|i| x[(i, j)]).sum::<f64>();
+            }
+        }
         self.rows += kept.len() as u64;
         Ok(())
     }
@@ -110,6 +119,8 @@ impl PairedGram {
             student: &self.student + &other.student,
             cross: &self.cross + &other.cross,
             teacher: &self.teacher + &other.teacher,
+            student_sum: self.student_sum.iter().zip(&other.student_sum).map(|(a, b)| a + b).collect(),
+            teacher_sum: self.teacher_sum.iter().zip(&other.teacher_sum).map(|(a, b)| a + b).collect(),
             rows: self.rows + other.rows,
         }
     }
@@ -119,9 +130,11 @@ impl PairedGram {
         (0..self.student.nrows()).map(|k| self.student[(k, k)].max(0.0).sqrt()).collect()
     }
 
-    /// The sums as `(A, B, C)`.
+    /// The sums as `(A, B, C)`, with the column sums.
     pub fn sums(&self) -> Sums<'_> {
-        Sums { student: self.student.as_ref(), cross: self.cross.as_ref(), teacher: self.teacher.as_ref() }
+        let ones = (self.student_sum.len() == self.student.nrows())
+            .then(|| ColumnSums { student: &self.student_sum, teacher: &self.teacher_sum, rows: self.rows as f64 });
+        Sums { student: self.student.as_ref(), cross: self.cross.as_ref(), teacher: self.teacher.as_ref(), ones }
     }
 }
 
@@ -152,12 +165,22 @@ pub struct Sums<'a> {
     pub student: MatRef<'a, f64>,
     pub cross: MatRef<'a, f64>,
     pub teacher: MatRef<'a, f64>,
+    /// The column sums, where kept: what re-fitting a bias needs.
+    pub ones: Option<ColumnSums<'a>>,
+}
+
+/// `X_s^T 1`, `X_t^T 1` and `1^T 1`: the sums the ones column of `[X 1]` adds.
+#[derive(Clone, Copy)]
+pub struct ColumnSums<'a> {
+    pub student: &'a [f64],
+    pub teacher: &'a [f64],
+    pub rows: f64,
 }
 
 impl<'a> Sums<'a> {
     /// The student's input is the teacher's: `A = B = C = X^T X`.
     pub fn same(gram: MatRef<'a, f64>) -> Sums<'a> {
-        Sums { student: gram, cross: gram, teacher: gram }
+        Sums { student: gram, cross: gram, teacher: gram, ones: None }
     }
 }
 
@@ -175,6 +198,9 @@ pub enum ReconstructError {
 /// applied to the original weight) and after the re-fit.
 pub struct Refit {
     pub weight: LinearWeight,
+    /// What to add to the layer's bias (one value per output), when the bias
+    /// was re-fitted with the weights.
+    pub bias_shift: Option<Vec<f64>>,
     pub error_before: f64,
     pub error_after: f64,
     /// The damping the weight was fitted with; `None` when cross-validation
@@ -190,29 +216,41 @@ pub const CROSS_VALIDATED_DAMPINGS: [f64; 6] = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0];
 /// `total`; the masked original weights (`damping: None`) when they predict
 /// the held-out folds better than every re-fit. Folds without rows fall back
 /// to `fallback_damping`.
-pub fn refit_cross_validated(weight: &LinearWeight, keep: &[bool], total: Sums, folds: [Sums; 2], fallback_damping: f64) -> Result<Refit, ReconstructError> {
+pub fn refit_cross_validated(
+    weight: &LinearWeight,
+    keep: &[bool],
+    with_bias: bool,
+    total: Sums,
+    folds: [Sums; 2],
+    fallback_damping: f64,
+) -> Result<Refit, ReconstructError> {
     if folds.iter().any(|f| f.student.nrows() != weight.k || trace(f.teacher) <= 0.0) {
-        return refit(weight, keep, total, fallback_damping);
+        return refit(weight, keep, with_bias, total, fallback_damping);
     }
     // the held-out squared error, un-normalised so the two folds add up
-    let held_out = |fitted: [&LinearWeight; 2]| {
-        (0..2).map(|f| relative_error(fitted[1 - f], weight, folds[f]) * output_energy(weight, folds[f])).sum::<f64>()
+    let held_out = |fitted: [&Refit; 2]| {
+        (0..2)
+            .map(|f| {
+                let other = fitted[1 - f];
+                relative_error(&other.weight, other.bias_shift.as_deref(), weight, folds[f]) * output_energy(weight, folds[f])
+            })
+            .sum::<f64>()
     };
-    let masked = weight.masked(keep);
+    let masked = Refit { weight: weight.masked(keep), bias_shift: None, error_before: 0.0, error_after: 0.0, damping: None };
     let mut best = (held_out([&masked, &masked]), None);
     for damping in CROSS_VALIDATED_DAMPINGS {
-        let on_first = refit(weight, keep, folds[0], damping)?.weight;
-        let on_second = refit(weight, keep, folds[1], damping)?.weight;
+        let on_first = refit(weight, keep, with_bias, folds[0], damping)?;
+        let on_second = refit(weight, keep, with_bias, folds[1], damping)?;
         let error = held_out([&on_first, &on_second]);
         if error < best.0 {
             best = (error, Some(damping));
         }
     }
     match best.1 {
-        Some(damping) => refit(weight, keep, total, damping),
+        Some(damping) => refit(weight, keep, with_bias, total, damping),
         None => {
-            let error = relative_error(&masked, weight, total);
-            Ok(Refit { weight: masked, error_before: error, error_after: error, damping: None })
+            let error = relative_error(&masked.weight, None, weight, total);
+            Ok(Refit { error_before: error, error_after: error, ..masked })
         }
     }
 }
@@ -230,8 +268,10 @@ fn output_energy(weight: &LinearWeight, sums: Sums) -> f64 {
 
 /// Re-fits the kept weights of `weight` under `keep` (see the module
 /// documentation), damped towards `weight` by `damping` times the mean
-/// diagonal of `A`.
-pub fn refit(weight: &LinearWeight, keep: &[bool], sums: Sums, damping: f64) -> Result<Refit, ReconstructError> {
+/// diagonal of `A`. `with_bias` (and column sums in `sums`) also fits a shift
+/// of each output's bias: the least squares over `[X_s 1]`, the shift damped
+/// towards zero like the weights towards theirs.
+pub fn refit(weight: &LinearWeight, keep: &[bool], with_bias: bool, sums: Sums, damping: f64) -> Result<Refit, ReconstructError> {
     let (k, n) = (weight.k, weight.n);
     if sums.student.nrows() != k {
         return Err(ReconstructError::Shape { k, features: sums.student.nrows() });
@@ -240,52 +280,86 @@ pub fn refit(weight: &LinearWeight, keep: &[bool], sums: Sums, damping: f64) -> 
     if mean_diagonal <= 0.0 {
         return Err(ReconstructError::NoData);
     }
+    let ones = sums.ones.filter(|_| with_bias);
     let w = as_mat(weight);
     // B w_n for every n at once: the right-hand sides
     let targets = product(sums.cross, w.as_ref());
+    // (X_t^T 1)^T w_n: the ones column's right-hand side
+    let target_sums: Vec<f64> = match ones {
+        Some(ones) => (0..n).map(|nn| (0..k).map(|kk| ones.teacher[kk] * w[(kk, nn)]).sum()).collect(),
+        None => Vec::new(),
+    };
     let lambda = damping * mean_diagonal;
-    let columns: Vec<Vec<f64>> = (0..n)
+    let columns: Vec<(Vec<f64>, f64)> = (0..n)
         .into_par_iter()
         .map(|nn| {
             let kept: Vec<usize> = (0..k).filter(|&kk| keep[kk * n + nn]).collect();
-            solve_kept(sums.student, &kept, |i| targets[(kept[i], nn)] + lambda * w[(kept[i], nn)], lambda)
+            let system = KeptSystem { a: sums.student, kept: &kept, ones, lambda };
+            let rhs = |i: usize| if i < kept.len() { targets[(kept[i], nn)] + lambda * w[(kept[i], nn)] } else { target_sums[nn] };
+            system
+                .solve(rhs)
                 .ok_or(ReconstructError::NotPositiveDefinite { output: nn, damping: lambda })
                 .map(|solution| {
                     let mut column = vec![0.0; k];
-                    for (&kk, v) in kept.iter().zip(solution) {
-                        column[kk] = v;
+                    for (&kk, v) in kept.iter().zip(&solution) {
+                        column[kk] = *v;
                     }
-                    column
+                    (column, solution.get(kept.len()).copied().unwrap_or(0.0))
                 })
         })
         .collect::<Result<_, _>>()?;
     let mut values = vec![0f32; k * n];
-    for (nn, column) in columns.iter().enumerate() {
+    for (nn, (column, _)) in columns.iter().enumerate() {
         for (kk, v) in column.iter().enumerate() {
             values[kk * n + nn] = *v as f32;
         }
     }
     let refitted = LinearWeight { values, k, n };
-    let error_before = relative_error(&weight.masked(keep), weight, sums);
-    let error_after = relative_error(&refitted, weight, sums);
-    Ok(Refit { weight: refitted, error_before, error_after, damping: Some(damping) })
+    let bias_shift = ones.map(|_| columns.iter().map(|(_, shift)| *shift).collect::<Vec<f64>>());
+    let error_before = relative_error(&weight.masked(keep), None, weight, sums);
+    let error_after = relative_error(&refitted, bias_shift.as_deref(), weight, sums);
+    Ok(Refit { weight: refitted, bias_shift, error_before, error_after, damping: Some(damping) })
 }
 
-/// Solves `(A[S, S] + lambda I) x = rhs` for the kept indices `S` by Cholesky;
-/// `None` when that matrix is not positive definite.
-fn solve_kept(a: MatRef<f64>, kept: &[usize], rhs: impl Fn(usize) -> f64, lambda: f64) -> Option<Vec<f64>> {
-    if kept.is_empty() {
-        return Some(Vec::new());
+/// The damped normal equations of one output over its kept features `S`,
+/// and the ones column last when a bias is fitted:
+/// `([A[S, S], s; s^T, rows] + lambda I) x = rhs`, `s = (X_s^T 1)[S]`.
+struct KeptSystem<'a> {
+    a: MatRef<'a, f64>,
+    kept: &'a [usize],
+    ones: Option<ColumnSums<'a>>,
+    lambda: f64,
+}
+
+impl KeptSystem<'_> {
+    /// Solves by Cholesky; `None` when the matrix is not positive definite.
+    fn solve(&self, rhs: impl Fn(usize) -> f64) -> Option<Vec<f64>> {
+        let m = self.kept.len();
+        let size = m + usize::from(self.ones.is_some());
+        if size == 0 {
+            return Some(Vec::new());
+        }
+        let entry = |i: usize, j: usize| -> f64 {
+            let value = match (i < m, j < m, self.ones) {
+                (true, true, _) => self.a[(self.kept[i], self.kept[j])],
+                (true, false, Some(ones)) => ones.student[self.kept[i]],
+                (false, true, Some(ones)) => ones.student[self.kept[j]],
+                (false, false, Some(ones)) => ones.rows,
+                (_, _, None) => unreachable!("the ones column exists only with column sums"),
+            };
+            value + if i == j { self.lambda } else { 0.0 }
+        };
+        let g = Mat::<f64>::from_fn(size, size, entry);
+        let b = Mat::<f64>::from_fn(size, 1, |i, _| rhs(i));
+        let llt = g.llt(Side::Lower).ok()?;
+        let x = llt.solve(&b);
+        Some((0..size).map(|i| x[(i, 0)]).collect())
     }
-    let g = Mat::<f64>::from_fn(kept.len(), kept.len(), |i, j| a[(kept[i], kept[j])] + if i == j { lambda } else { 0.0 });
-    let b = Mat::<f64>::from_fn(kept.len(), 1, |i, _| rhs(i));
-    let llt = g.llt(Side::Lower).ok()?;
-    let x = llt.solve(&b);
-    Some((0..kept.len()).map(|i| x[(i, 0)]).collect())
 }
 
-/// `sum_n ||X_s w'_n - X_t w_n||^2 / sum_n ||X_t w_n||^2`, from the sums.
-pub fn relative_error(student: &LinearWeight, teacher: &LinearWeight, sums: Sums) -> f64 {
+/// `sum_n ||X_s w'_n + shift_n - X_t w_n||^2 / sum_n ||X_t w_n||^2`, from the
+/// sums (a `bias_shift` needs their column sums, and is ignored without).
+pub fn relative_error(student: &LinearWeight, bias_shift: Option<&[f64]>, teacher: &LinearWeight, sums: Sums) -> f64 {
     let (ws, wt) = (as_mat(student), as_mat(teacher));
     let trace_of = |m: MatRef<f64>, left: &Mat<f64>, right: &Mat<f64>| {
         let mr = product(m, right.as_ref());
@@ -295,7 +369,14 @@ pub fn relative_error(student: &LinearWeight, teacher: &LinearWeight, sums: Sums
     if reference <= 0.0 {
         return 0.0;
     }
-    let squared = trace_of(sums.student, &ws, &ws) - 2.0 * trace_of(sums.cross, &ws, &wt) + reference;
+    let mut squared = trace_of(sums.student, &ws, &ws) - 2.0 * trace_of(sums.cross, &ws, &wt) + reference;
+    if let (Some(shift), Some(ones)) = (bias_shift, sums.ones) {
+        // + 2 d_n (s^T w'_n - t^T w_n) + rows d_n^2
+        for (nn, d) in shift.iter().enumerate() {
+            let dot = |sum: &[f64], w: &Mat<f64>| (0..w.nrows()).map(|kk| sum[kk] * w[(kk, nn)]).sum::<f64>();
+            squared += 2.0 * d * (dot(ones.student, &ws) - dot(ones.teacher, &wt)) + ones.rows * d * d;
+        }
+    }
     squared.max(0.0) / reference
 }
 
