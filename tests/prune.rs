@@ -116,6 +116,39 @@ fn two_of_four_holds_on_every_pruned_weight_along_the_reduction_axis() {
     insta::assert_snapshot!("prune_weights__two_of_four_two_layers", format!("before:\n{model}\nafter:\n{}", pruned.model));
 }
 
+/// OBS with reconstruction chooses its masks in two rounds (the second on
+/// re-fitted weights): the patterns still hold exactly, 2:4 along K in every
+/// group and 50% in every output, and the re-fit still lowers each layer's error.
+#[test]
+fn two_round_obs_masks_keep_the_pattern() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = two_layers();
+    let source = calibration(dir.path());
+    for method in [PruneMethod::NofM(TWO_OF_FOUR), PruneMethod::Unstructured] {
+        let mut options = options(method);
+        options.importance = Importance::Obs;
+        options.reconstruct = true;
+        options.damping = Some(onnxopt::prune::DEFAULT_DAMPING);
+        options.calibration = Some(source.clone());
+        let pruned = prune(&model, &options).unwrap();
+        assert_eq!(pruned.report.layers.len(), 2);
+        for layer in &pruned.report.layers {
+            assert!((layer.sparsity - 0.5).abs() < 1e-9, "{method:?} {}: sparsity {}", layer.node, layer.sparsity);
+            assert!(layer.error_after.unwrap() < layer.error_before.unwrap(), "{method:?} {}", layer.node);
+        }
+        let w1 = LinearWeight::from_stored(&values(&pruned.model, "w1/pruned"), 8, 12, false);
+        let w2 = LinearWeight::from_stored(&values(&pruned.model, "w2/pruned"), 4, 12, true);
+        for w in [&w1, &w2] {
+            for n in 0..w.n {
+                assert_eq!((0..w.k).filter(|&k| w.at(k, n) != 0.0).count(), w.k / 2, "{method:?} output {n}");
+            }
+            if method != PruneMethod::Unstructured {
+                assert!(satisfies_nm(w, TWO_OF_FOUR));
+            }
+        }
+    }
+}
+
 /// Must not fire: a K that 4 does not divide, a weight two nodes share, a
 /// weight that is a graph input, a product of two activations.
 #[test]

@@ -6,14 +6,16 @@
 //!    order, with the activation it reads and its "depth": how many prunable
 //!    layers lie on the longest path before it. Layers of one depth never feed
 //!    each other.
-//! 2. A method chooses masks ([`sparse`]): unstructured or N:M, by magnitude or
-//!    Wanda importance.
+//! 2. A method chooses masks ([`sparse`]): unstructured or N:M, by magnitude,
+//!    Wanda or OBS importance.
 //! 3. With reconstruction ([`reconstruct`]), depth by depth: the calibration
 //!    batches run through the teacher (the original) and the student (the model
 //!    pruned and re-fitted so far), both tapped at the inputs of this depth's
-//!    layers; from those sums each layer gets its mask (Wanda on the student's
-//!    input norms) and its least-squares re-fit. One pair of tract runs per
-//!    depth and batch (24 depths in a 6-layer BERT), rather than one per layer.
+//!    layers; from those sums each layer gets its mask (on the student's input;
+//!    OBS in two rounds, the second ranking the re-fitted weights) and its
+//!    least-squares re-fit (weights and bias, damped towards the original, the
+//!    damping cross-validated). One pair of tract runs per depth and batch
+//!    (24 depths in a 6-layer BERT), rather than one per layer.
 //! 4. The weights go into the model through the `prune-weights` pass.
 //!
 //! The caller checks the result against the input in tract (the CLI does).
@@ -479,16 +481,14 @@ impl Pruning<'_> {
     /// Depth by depth: the student (pruned so far) and the teacher run on the
     /// calibration data, each layer of the depth is masked and re-fitted.
     fn sequential(&mut self, planned: &[(LinearLayer, SparsityPattern)], source: &CalibrationSource) -> Result<(), PruneError> {
-        // the teacher is loaded once, tapped at every layer's input
-        let all_taps = distinct_activations(planned.iter().map(|(l, _)| l));
-        let teacher = TappedPlan::new(&lowered_for_tract(self.model)?, &all_taps, "teacher")?;
+        let teacher = lowered_for_tract(self.model)?;
         let mut depths: Vec<usize> = planned.iter().map(|(l, _)| l.depth).collect();
         depths.dedup();
         for depth in depths {
             let here: Vec<&(LinearLayer, SparsityPattern)> = planned.iter().filter(|(l, _)| l.depth == depth).collect();
             let taps = distinct_activations(here.iter().map(|(l, _)| l));
             let student = lowered_for_tract(&with_weights(self.model, self.weights.clone())?)?;
-            let sums = paired_grams((&teacher, &all_taps), &student, &taps, source)?;
+            let sums = paired_grams(&teacher, &student, &taps, source)?;
             self.runs += 2 * batches(self.model, source)?;
             for (layer, pattern) in here {
                 let stats = sums.iter().find(|s| s.total.name == layer.activation).expect("every activation was tapped");
@@ -499,7 +499,16 @@ impl Pruning<'_> {
                     Importance::Obs => reconstruct::obs_factors(stats.total.student.as_ref(), self.obs_damping()),
                 };
                 let norms = norms.as_deref();
-                let keep = sparse::mask(&weight, norms, *pattern);
+                let keep = match (self.options.importance, sparse::first_round(*pattern)) {
+                    // OBS in two rounds: half the removals, then the rest ranked on the re-fitted weights
+                    (Importance::Obs, Some(first_pattern)) => {
+                        let first = sparse::mask(&weight, norms, first_pattern);
+                        let removals = |kept: &[usize]| sparse::second_round_removals(*pattern, weight.k, kept);
+                        reconstruct::second_round_mask(&weight, &first, stats.total.sums(), self.obs_damping(), removals)
+                            .map_err(|source| PruneError::Reconstruct { layer: layer.node.clone(), source })?
+                    }
+                    _ => sparse::mask(&weight, norms, *pattern),
+                };
                 let with_bias = layer.bias.is_some();
                 let refit = match self.options.damping {
                     Some(damping) => reconstruct::refit(&weight, &keep, with_bias, stats.total.sums(), damping),
@@ -580,26 +589,19 @@ struct FoldedGram {
 }
 
 /// The student's and the teacher's sums at `taps`, over every batch of
-/// `source`: both run on the same inputs. The teacher's plan, tapped at
-/// `teacher_taps` (a superset), serves every depth; the student's is loaded
-/// for this depth.
-fn paired_grams(
-    (teacher_plan, teacher_taps): (&TappedPlan, &[&str]),
-    student: &Model,
-    taps: &[&str],
-    source: &CalibrationSource,
-) -> Result<Vec<FoldedGram>, PruneError> {
+/// `source`: both run on the same inputs. Both are loaded for this depth with
+/// `taps` as their only outputs, so tract computes no further than the taps
+/// (the teacher tapped at every depth at once would run whole, 24 times).
+fn paired_grams(teacher: &Model, student: &Model, taps: &[&str], source: &CalibrationSource) -> Result<Vec<FoldedGram>, PruneError> {
+    let teacher_plan = TappedPlan::new(teacher, taps, "teacher")?;
     let student_plan = TappedPlan::new(student, taps, "student")?;
-    let position = |tap: &&str| teacher_taps.iter().position(|t| t == tap).expect("the teacher is tapped at every layer input");
-    let teacher_index: Vec<usize> = taps.iter().map(position).collect();
     let mut folds: Vec<[PairedGram; 2]> = taps.iter().map(|t| [PairedGram::new(t), PairedGram::new(t)]).collect();
     let mut batches = 0;
     for inputs in source.batches(student)? {
         let inputs = inputs?;
         let (padded, teacher_values) = teacher_plan.run(&inputs)?;
         let (_, student_values) = student_plan.run(&inputs)?;
-        for ((pair, &t), s) in folds.iter_mut().zip(&teacher_index).zip(&student_values) {
-            let t = &teacher_values[t];
+        for ((pair, t), s) in folds.iter_mut().zip(&teacher_values).zip(&student_values) {
             pair[batches % 2].observe(s, t, calibrate::token_rows(&padded, t).as_deref())?;
         }
         batches += 1;

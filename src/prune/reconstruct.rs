@@ -27,12 +27,17 @@
 //! SparseGPT's OBS sweep approximates the same problem to save the per-output
 //! factorisations, which at MiniLM's sizes (K at most 1536) cost seconds, not
 //! hours, so the exact solve is used. The mask itself is chosen before the
-//! re-fit (Wanda or magnitude, on the student's own input norms).
+//! re-fit (magnitude, Wanda or OBS on the student's input; OBS in two rounds,
+//! [`second_round_mask`]).
 //!
-//! Only `K x K` sums are kept, never activations: `A`, `B` and `C = X_t^T X_t`
-//! summed over real-token rows of every batch. The layer error reported is
-//! relative, `sum_n ||X_s w'_n - X_t w_n||^2 / sum_n ||X_t w_n||^2`, expanded
-//! through the same sums: `w'^T A w' - 2 w'^T B w + w^T C w`.
+//! A layer with a bias also re-fits it: the same least squares over `[X_s 1]`
+//! (a ones column appended), whose last coefficient shifts the bias.
+//!
+//! Only `K x K` sums (and column sums) are kept, never activations: `A`, `B`
+//! and `C = X_t^T X_t` summed over real-token rows of every batch. The layer
+//! error reported is relative, `sum_n ||X_s w'_n - X_t w_n||^2 / sum_n
+//! ||X_t w_n||^2`, expanded through the same sums:
+//! `w'^T A w' - 2 w'^T B w + w^T C w` (plus the bias shift's terms).
 
 use super::sparse::LinearWeight;
 use crate::calibrate::CalibrateError;
@@ -156,6 +161,65 @@ pub fn obs_factors(a: MatRef<f64>, damping: f64) -> Option<Vec<f64>> {
     let damped = Mat::<f64>::from_fn(k, k, |i, j| a[(i, j)] + if i == j { lambda } else { 0.0 });
     let inverse = damped.llt(Side::Lower).ok()?.inverse();
     Some((0..k).map(|i| 1.0 / inverse[(i, i)].max(f64::MIN_POSITIVE).sqrt()).collect())
+}
+
+/// The second round of a two-round OBS mask. The first round zeroed part of
+/// each output's weights (`first`, chosen by [`obs_factors`] on the original
+/// weights); here each output `n` is re-fitted on its kept features `S`
+/// (`G = A[S, S] + lambda I`, `w_S = G^-1 ((B w_n)[S] + lambda w_n[S])`, as
+/// [`refit`] does) and its weights ranked again by
+/// `w_k^2 / [G^-1]_kk`, the exact rise of the damped cost when `k` too is
+/// removed and the rest re-fitted. Re-ranking after compensation is what
+/// SparseGPT's column sweep and OBC's greedy removal do weight by weight; two
+/// rounds take most of that at two factorisations per output.
+/// `removals(n, kept)` says which of the kept `k` of output `n` may go and how
+/// many: a list of `(candidates, count)` groups (all of `S` for unstructured,
+/// each group of M for N:M).
+pub fn second_round_mask(
+    weight: &LinearWeight,
+    first: &[bool],
+    sums: Sums,
+    damping: f64,
+    removals: impl Fn(&[usize]) -> Vec<(Vec<usize>, usize)> + Sync,
+) -> Result<Vec<bool>, ReconstructError> {
+    let (k, n) = (weight.k, weight.n);
+    if sums.student.nrows() != k {
+        return Err(ReconstructError::Shape { k, features: sums.student.nrows() });
+    }
+    let mean_diagonal = trace(sums.student) / k.max(1) as f64;
+    if mean_diagonal <= 0.0 {
+        return Err(ReconstructError::NoData);
+    }
+    let lambda = damping.max(1e-6) * mean_diagonal;
+    let w = as_mat(weight);
+    let targets = product(sums.cross, w.as_ref());
+    let dropped: Vec<Vec<usize>> = (0..n)
+        .into_par_iter()
+        .map(|nn| {
+            let kept: Vec<usize> = (0..k).filter(|&kk| first[kk * n + nn]).collect();
+            let g = Mat::<f64>::from_fn(kept.len(), kept.len(), |i, j| sums.student[(kept[i], kept[j])] + if i == j { lambda } else { 0.0 });
+            let llt = g.llt(Side::Lower).map_err(|_| ReconstructError::NotPositiveDefinite { output: nn, damping: lambda })?;
+            let rhs = Mat::<f64>::from_fn(kept.len(), 1, |i, _| targets[(kept[i], nn)] + lambda * w[(kept[i], nn)]);
+            let fitted = llt.solve(&rhs);
+            let inverse = llt.inverse();
+            let saliency: std::collections::HashMap<usize, f64> =
+                (0..kept.len()).map(|i| (kept[i], fitted[(i, 0)].powi(2) / inverse[(i, i)].max(f64::MIN_POSITIVE))).collect();
+            let mut out = Vec::new();
+            for (mut candidates, count) in removals(&kept) {
+                // least salient first; ties drop the higher k
+                candidates.sort_by(|a, b| saliency[a].total_cmp(&saliency[b]).then(b.cmp(a)));
+                out.extend(candidates.into_iter().take(count));
+            }
+            Ok(out)
+        })
+        .collect::<Result<_, ReconstructError>>()?;
+    let mut keep = first.to_vec();
+    for (nn, gone) in dropped.iter().enumerate() {
+        for &kk in gone {
+            keep[kk * n + nn] = false;
+        }
+    }
+    Ok(keep)
 }
 
 /// `A = X_s^T X_s`, `B = X_s^T X_t`, `C = X_t^T X_t`. Without reconstruction the

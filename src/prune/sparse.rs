@@ -154,6 +154,38 @@ pub fn mask(weight: &LinearWeight, input_norms: Option<&[f64]>, pattern: Sparsit
     keep
 }
 
+/// The pattern of the first of two rounds (half the removals of `pattern`),
+/// `None` when that is nothing (3:4 has one removal per group of 4).
+pub fn first_round(pattern: SparsityPattern) -> Option<SparsityPattern> {
+    match pattern {
+        SparsityPattern::Unstructured(sparsity) => Some(SparsityPattern::Unstructured(sparsity / 2.0)),
+        SparsityPattern::NofM(NofM { kept, group }) => {
+            let removed = (group - kept) / 2;
+            (removed > 0).then_some(SparsityPattern::NofM(NofM { kept: group - removed, group }))
+        }
+    }
+}
+
+/// What the second round removes from one output whose kept `k` are `kept`
+/// (of `k_total`) to reach `pattern`: `(candidates, count)` groups, the whole
+/// kept set for unstructured, each group of M along K for N:M.
+pub fn second_round_removals(pattern: SparsityPattern, k_total: usize, kept: &[usize]) -> Vec<(Vec<usize>, usize)> {
+    match pattern {
+        SparsityPattern::Unstructured(sparsity) => {
+            let survivors = k_total - (sparsity * k_total as f64).floor() as usize;
+            vec![(kept.to_vec(), kept.len().saturating_sub(survivors))]
+        }
+        SparsityPattern::NofM(NofM { kept: n, group }) => (0..k_total)
+            .step_by(group)
+            .map(|start| {
+                let members: Vec<usize> = kept.iter().copied().filter(|k| (start..start + group).contains(k)).collect();
+                let count = members.len().saturating_sub(n);
+                (members, count)
+            })
+            .collect(),
+    }
+}
+
 /// Whether every group of `pattern.group` consecutive weights along K, in
 /// every output, holds at most `pattern.kept` nonzeros (and K divides into
 /// groups).
@@ -188,6 +220,18 @@ mod tests {
         assert_eq!(keep, [false, true, true, false, true, false, false, true]);
         assert!(satisfies_nm(&w.masked(&keep), NofM { kept: 2, group: 4 }));
         assert!(!satisfies_nm(&w, NofM { kept: 2, group: 4 }));
+    }
+
+    #[test]
+    fn two_rounds_split_the_removals() {
+        assert_eq!(first_round(SparsityPattern::Unstructured(0.5)), Some(SparsityPattern::Unstructured(0.25)));
+        assert_eq!(first_round(SparsityPattern::NofM(NofM { kept: 2, group: 4 })), Some(SparsityPattern::NofM(NofM { kept: 3, group: 4 })));
+        assert_eq!(first_round(SparsityPattern::NofM(NofM { kept: 3, group: 4 })), None);
+        // unstructured 50% of K = 8 keeps 4: from 6 kept, 2 more go
+        assert_eq!(second_round_removals(SparsityPattern::Unstructured(0.5), 8, &[0, 1, 2, 4, 5, 7]), vec![(vec![0, 1, 2, 4, 5, 7], 2)]);
+        // 2:4 of K = 8: each group of 4 down to 2
+        let groups = second_round_removals(SparsityPattern::NofM(NofM { kept: 2, group: 4 }), 8, &[0, 1, 3, 4, 6]);
+        assert_eq!(groups, vec![(vec![0, 1, 3], 1), (vec![4, 6], 0)]);
     }
 
     #[test]
