@@ -230,6 +230,10 @@ enum Command {
         /// cross-validation over the calibration batches.
         #[arg(long)]
         damping: Option<f64>,
+        /// OBS importance with the re-fit: choose each mask in this many rounds,
+        /// each after the first ranking the weights re-fitted to what is still kept.
+        #[arg(long, default_value_t = onnxopt::prune::DEFAULT_OBS_ROUNDS as u64, value_parser = clap::value_parser!(u64).range(1..=16))]
+        obs_rounds: u64,
         #[command(flatten)]
         data: CalibrationArgs,
         /// Write the layers, their errors, parameter and FLOP counts and the verification as JSON.
@@ -868,7 +872,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Prune { input, output, method: method @ (PruneMethodArg::Structured | PruneMethodArg::Layers), keep_flops, drop_layers, no_reconstruct, report, data, .. } => {
             prune_blocks(&input, &output, method, keep_flops, drop_layers, no_reconstruct, report.as_deref(), &data, quiet)?;
         }
-        Command::Prune { input, output, method, sparsity, nm, importance, reconstruct, no_reconstruct, damping, data, report, no_verify, min_cosine, .. } => {
+        Command::Prune { input, output, method, sparsity, nm, importance, reconstruct, no_reconstruct, damping, obs_rounds, data, report, no_verify, min_cosine, .. } => {
             use onnxopt::prune::{Importance, LayerSparsity, PruneMethod, PruneOptions};
             let bad = |e: String| Failure::BadInput(anyhow::anyhow!(e));
             let method = match method {
@@ -892,6 +896,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(bad(format!("--damping {damping}: must be a positive number")));
             }
             options.damping = damping;
+            options.obs_rounds = obs_rounds as usize;
             options.calibration = calibration;
             let original = load(&input, quiet, true)?;
             let mut pruned = {

@@ -116,7 +116,7 @@ fn two_of_four_holds_on_every_pruned_weight_along_the_reduction_axis() {
     insta::assert_snapshot!("prune_weights__two_of_four_two_layers", format!("before:\n{model}\nafter:\n{}", pruned.model));
 }
 
-/// OBS with reconstruction chooses its masks in two rounds (the second on
+/// OBS with reconstruction chooses its masks in rounds (the later ones on
 /// re-fitted weights): the patterns still hold exactly, 2:4 along K in every
 /// group and 50% in every output, and the re-fit still lowers each layer's error.
 #[test]

@@ -12,7 +12,7 @@
 //!    batches run through the teacher (the original) and the student (the model
 //!    pruned and re-fitted so far), both tapped at the inputs of this depth's
 //!    layers; from those sums each layer gets its mask (on the student's input;
-//!    OBS in two rounds, the second ranking the re-fitted weights) and its
+//!    OBS in rounds, each after the first ranking the re-fitted weights) and its
 //!    least-squares re-fit (weights and bias, damped towards the original, the
 //!    damping cross-validated). One pair of tract runs per depth and batch
 //!    (24 depths in a 6-layer BERT), rather than one per layer.
@@ -118,7 +118,14 @@ pub struct PruneOptions {
     /// (`reconstruct::refit_cross_validated`). OBS importance damps its
     /// inverse with this, or [`DEFAULT_DAMPING`].
     pub damping: Option<f64>,
+    /// With reconstruction, OBS chooses each mask in this many rounds, each
+    /// after the first on the weights re-fitted to what is still kept
+    /// ([`DEFAULT_OBS_ROUNDS`]; 1: one ranking of the original weights).
+    pub obs_rounds: usize,
 }
+
+/// MiniLM 50%, 128 sentences: one round 0.9828, two 0.9845.
+pub const DEFAULT_OBS_ROUNDS: usize = 2;
 
 /// SparseGPT's `percdamp`.
 pub const DEFAULT_DAMPING: f64 = 0.01;
@@ -132,6 +139,7 @@ impl PruneOptions {
             reconstruct: false,
             calibration: None,
             damping: None,
+            obs_rounds: DEFAULT_OBS_ROUNDS,
         }
     }
 }
@@ -241,6 +249,8 @@ pub struct PruneReport {
     pub reconstruct: bool,
     /// The fixed re-fit damping; `None`: cross-validated per layer.
     pub damping: Option<f64>,
+    /// Rounds of OBS mask selection (with reconstruction).
+    pub obs_rounds: usize,
     pub layers: Vec<LayerReport>,
     pub skipped: Vec<SkippedLayer>,
     /// A line per kind of thing removed.
@@ -419,6 +429,7 @@ pub fn prune(model: &Model, options: &PruneOptions) -> Result<Pruned, PruneError
         importance: options.importance,
         reconstruct: options.reconstruct,
         damping: options.damping,
+        obs_rounds: options.obs_rounds,
         layers: reports,
         skipped,
         removed: Vec::new(),
@@ -499,13 +510,17 @@ impl Pruning<'_> {
                     Importance::Obs => reconstruct::obs_factors(stats.total.student.as_ref(), self.obs_damping()),
                 };
                 let norms = norms.as_deref();
-                let keep = match (self.options.importance, sparse::first_round(*pattern)) {
-                    // OBS in two rounds: half the removals, then the rest ranked on the re-fitted weights
-                    (Importance::Obs, Some(first_pattern)) => {
-                        let first = sparse::mask(&weight, norms, first_pattern);
-                        let removals = |kept: &[usize]| sparse::second_round_removals(*pattern, weight.k, kept);
-                        reconstruct::second_round_mask(&weight, &first, stats.total.sums(), self.obs_damping(), removals)
-                            .map_err(|source| PruneError::Reconstruct { layer: layer.node.clone(), source })?
+                let keep = match self.options.importance {
+                    // OBS in rounds: each after the first ranks the weights re-fitted on what is kept
+                    Importance::Obs => {
+                        let steps = sparse::rounds(*pattern, self.options.obs_rounds);
+                        let mut keep = sparse::mask(&weight, norms, steps[0]);
+                        for step in &steps[1..] {
+                            let removals = |kept: &[usize]| sparse::removals_to(*step, weight.k, kept);
+                            keep = reconstruct::refined_mask(&weight, &keep, stats.total.sums(), self.obs_damping(), removals)
+                                .map_err(|source| PruneError::Reconstruct { layer: layer.node.clone(), source })?;
+                        }
+                        keep
                     }
                     _ => sparse::mask(&weight, norms, *pattern),
                 };

@@ -27,8 +27,8 @@
 //! SparseGPT's OBS sweep approximates the same problem to save the per-output
 //! factorisations, which at MiniLM's sizes (K at most 1536) cost seconds, not
 //! hours, so the exact solve is used. The mask itself is chosen before the
-//! re-fit (magnitude, Wanda or OBS on the student's input; OBS in two rounds,
-//! [`second_round_mask`]).
+//! re-fit (magnitude, Wanda or OBS on the student's input; OBS in rounds,
+//! [`refined_mask`]).
 //!
 //! A layer with a bias also re-fits it: the same least squares over `[X_s 1]`
 //! (a ones column appended), whose last coefficient shifts the bias.
@@ -163,21 +163,20 @@ pub fn obs_factors(a: MatRef<f64>, damping: f64) -> Option<Vec<f64>> {
     Some((0..k).map(|i| 1.0 / inverse[(i, i)].max(f64::MIN_POSITIVE).sqrt()).collect())
 }
 
-/// The second round of a two-round OBS mask. The first round zeroed part of
-/// each output's weights (`first`, chosen by [`obs_factors`] on the original
-/// weights); here each output `n` is re-fitted on its kept features `S`
-/// (`G = A[S, S] + lambda I`, `w_S = G^-1 ((B w_n)[S] + lambda w_n[S])`, as
-/// [`refit`] does) and its weights ranked again by
-/// `w_k^2 / [G^-1]_kk`, the exact rise of the damped cost when `k` too is
-/// removed and the rest re-fitted. Re-ranking after compensation is what
-/// SparseGPT's column sweep and OBC's greedy removal do weight by weight; two
-/// rounds take most of that at two factorisations per output.
-/// `removals(n, kept)` says which of the kept `k` of output `n` may go and how
-/// many: a list of `(candidates, count)` groups (all of `S` for unstructured,
-/// each group of M for N:M).
-pub fn second_round_mask(
+/// A later round of an OBS mask in rounds. Earlier rounds zeroed part of
+/// each output's weights (`earlier`; the first by [`obs_factors`] on the
+/// original weights); here each output `n` is re-fitted on its kept features
+/// `S` (`G = A[S, S] + lambda I`, `w_S = G^-1 ((B w_n)[S] + lambda w_n[S])`,
+/// as [`refit`] does) and its weights ranked again by `w_k^2 / [G^-1]_kk`,
+/// the exact rise of the damped cost when `k` too is removed and the rest
+/// re-fitted. Re-ranking after compensation is what SparseGPT's column sweep
+/// and OBC's greedy removal do weight by weight; a few rounds take most of
+/// that at two factorisations per output and round.
+/// `removals(kept)` says which of the kept `k` of an output may go and how
+/// many: `(candidates, count)` groups (`sparse::removals_to`).
+pub fn refined_mask(
     weight: &LinearWeight,
-    first: &[bool],
+    earlier: &[bool],
     sums: Sums,
     damping: f64,
     removals: impl Fn(&[usize]) -> Vec<(Vec<usize>, usize)> + Sync,
@@ -196,7 +195,7 @@ pub fn second_round_mask(
     let dropped: Vec<Vec<usize>> = (0..n)
         .into_par_iter()
         .map(|nn| {
-            let kept: Vec<usize> = (0..k).filter(|&kk| first[kk * n + nn]).collect();
+            let kept: Vec<usize> = (0..k).filter(|&kk| earlier[kk * n + nn]).collect();
             let g = Mat::<f64>::from_fn(kept.len(), kept.len(), |i, j| sums.student[(kept[i], kept[j])] + if i == j { lambda } else { 0.0 });
             let llt = g.llt(Side::Lower).map_err(|_| ReconstructError::NotPositiveDefinite { output: nn, damping: lambda })?;
             let rhs = Mat::<f64>::from_fn(kept.len(), 1, |i, _| targets[(kept[i], nn)] + lambda * w[(kept[i], nn)]);
@@ -213,7 +212,7 @@ pub fn second_round_mask(
             Ok(out)
         })
         .collect::<Result<_, ReconstructError>>()?;
-    let mut keep = first.to_vec();
+    let mut keep = earlier.to_vec();
     for (nn, gone) in dropped.iter().enumerate() {
         for &kk in gone {
             keep[kk * n + nn] = false;

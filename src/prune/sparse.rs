@@ -154,22 +154,29 @@ pub fn mask(weight: &LinearWeight, input_norms: Option<&[f64]>, pattern: Sparsit
     keep
 }
 
-/// The pattern of the first of two rounds (half the removals of `pattern`),
-/// `None` when that is nothing (3:4 has one removal per group of 4).
-pub fn first_round(pattern: SparsityPattern) -> Option<SparsityPattern> {
-    match pattern {
-        SparsityPattern::Unstructured(sparsity) => Some(SparsityPattern::Unstructured(sparsity / 2.0)),
-        SparsityPattern::NofM(NofM { kept, group }) => {
-            let removed = (group - kept) / 2;
-            (removed > 0).then_some(SparsityPattern::NofM(NofM { kept: group - removed, group }))
-        }
-    }
+/// The patterns of `count` rounds that reach `pattern` by equal steps: round
+/// `r` has `floor(r / count)` of the removals (per output for unstructured,
+/// per group of M for N:M). Rounds that would remove nothing more are left
+/// out (2:4 has two removals per group, so at most two rounds); the last is
+/// `pattern`.
+pub fn rounds(pattern: SparsityPattern, count: usize) -> Vec<SparsityPattern> {
+    let count = count.max(1);
+    let mut out: Vec<SparsityPattern> = match pattern {
+        SparsityPattern::Unstructured(sparsity) => (1..=count).map(|r| SparsityPattern::Unstructured(sparsity * r as f64 / count as f64)).collect(),
+        SparsityPattern::NofM(NofM { kept, group }) => (1..=count)
+            .map(|r| (group - kept) * r / count)
+            .filter(|&removed| removed > 0)
+            .map(|removed| SparsityPattern::NofM(NofM { kept: group - removed, group }))
+            .collect(),
+    };
+    out.dedup();
+    out
 }
 
-/// What the second round removes from one output whose kept `k` are `kept`
-/// (of `k_total`) to reach `pattern`: `(candidates, count)` groups, the whole
+/// What a later round removes from one output whose kept `k` are `kept` (of
+/// `k_total`) to reach `pattern`: `(candidates, count)` groups, the whole
 /// kept set for unstructured, each group of M along K for N:M.
-pub fn second_round_removals(pattern: SparsityPattern, k_total: usize, kept: &[usize]) -> Vec<(Vec<usize>, usize)> {
+pub fn removals_to(pattern: SparsityPattern, k_total: usize, kept: &[usize]) -> Vec<(Vec<usize>, usize)> {
     match pattern {
         SparsityPattern::Unstructured(sparsity) => {
             let survivors = k_total - (sparsity * k_total as f64).floor() as usize;
@@ -223,15 +230,18 @@ mod tests {
     }
 
     #[test]
-    fn two_rounds_split_the_removals() {
-        assert_eq!(first_round(SparsityPattern::Unstructured(0.5)), Some(SparsityPattern::Unstructured(0.25)));
-        assert_eq!(first_round(SparsityPattern::NofM(NofM { kept: 2, group: 4 })), Some(SparsityPattern::NofM(NofM { kept: 3, group: 4 })));
-        assert_eq!(first_round(SparsityPattern::NofM(NofM { kept: 3, group: 4 })), None);
+    fn rounds_split_the_removals() {
+        let u = SparsityPattern::Unstructured;
+        assert_eq!(rounds(u(0.5), 2), vec![u(0.25), u(0.5)]);
+        assert_eq!(rounds(u(0.5), 1), vec![u(0.5)]);
+        let nm = |kept| SparsityPattern::NofM(NofM { kept, group: 4 });
+        assert_eq!(rounds(nm(2), 2), vec![nm(3), nm(2)]);
+        assert_eq!(rounds(nm(2), 4), vec![nm(3), nm(2)]);
+        assert_eq!(rounds(nm(3), 2), vec![nm(3)]);
         // unstructured 50% of K = 8 keeps 4: from 6 kept, 2 more go
-        assert_eq!(second_round_removals(SparsityPattern::Unstructured(0.5), 8, &[0, 1, 2, 4, 5, 7]), vec![(vec![0, 1, 2, 4, 5, 7], 2)]);
+        assert_eq!(removals_to(u(0.5), 8, &[0, 1, 2, 4, 5, 7]), vec![(vec![0, 1, 2, 4, 5, 7], 2)]);
         // 2:4 of K = 8: each group of 4 down to 2
-        let groups = second_round_removals(SparsityPattern::NofM(NofM { kept: 2, group: 4 }), 8, &[0, 1, 3, 4, 6]);
-        assert_eq!(groups, vec![(vec![0, 1, 3], 1), (vec![4, 6], 0)]);
+        assert_eq!(removals_to(nm(2), 8, &[0, 1, 3, 4, 6]), vec![(vec![0, 1, 3], 1), (vec![4, 6], 0)]);
     }
 
     #[test]
