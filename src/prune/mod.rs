@@ -504,35 +504,8 @@ impl Pruning<'_> {
             for (layer, pattern) in here {
                 let stats = sums.iter().find(|s| s.total.name == layer.activation).expect("every activation was tapped");
                 let weight = layer.read(self.model)?;
-                let norms = match self.options.importance {
-                    Importance::Magnitude => None,
-                    Importance::Wanda => Some(stats.total.student_norms()),
-                    Importance::Obs => reconstruct::obs_factors(stats.total.student.as_ref(), self.obs_damping()),
-                };
-                let norms = norms.as_deref();
-                let keep = match self.options.importance {
-                    // OBS in rounds: each after the first ranks the weights re-fitted on what is kept
-                    Importance::Obs => {
-                        let steps = sparse::rounds(*pattern, self.options.obs_rounds);
-                        let mut keep = sparse::mask(&weight, norms, steps[0]);
-                        for step in &steps[1..] {
-                            let removals = |kept: &[usize]| sparse::removals_to(*step, weight.k, kept);
-                            keep = reconstruct::refined_mask(&weight, &keep, stats.total.sums(), self.obs_damping(), removals)
-                                .map_err(|source| PruneError::Reconstruct { layer: layer.node.clone(), source })?;
-                        }
-                        keep
-                    }
-                    _ => sparse::mask(&weight, norms, *pattern),
-                };
-                let with_bias = layer.bias.is_some();
-                let refit = match self.options.damping {
-                    Some(damping) => reconstruct::refit(&weight, &keep, with_bias, stats.total.sums(), damping),
-                    None => {
-                        let folds = [stats.folds[0].sums(), stats.folds[1].sums()];
-                        reconstruct::refit_cross_validated(&weight, &keep, with_bias, stats.total.sums(), folds, DEFAULT_DAMPING)
-                    }
-                }
-                .map_err(|source| PruneError::Reconstruct { layer: layer.node.clone(), source })?;
+                let keep = self.student_mask(layer, &weight, *pattern, stats)?;
+                let refit = self.refit(layer, &weight, &keep, stats)?;
                 if let (Some(bias), Some(shift)) = (&layer.bias, &refit.bias_shift) {
                     let shifted = layer.read_bias(self.model, bias)?.iter().zip(shift).map(|(b, d)| (*b as f64 + d) as f32).collect();
                     self.weights.insert(bias.clone(), shifted);
@@ -541,6 +514,41 @@ impl Pruning<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The mask of one layer, from the student's input sums: OBS in rounds
+    /// (each after the first ranks the weights re-fitted on what is kept),
+    /// Wanda on the student's input norms, or magnitude.
+    fn student_mask(&self, layer: &LinearLayer, weight: &LinearWeight, pattern: SparsityPattern, stats: &FoldedGram) -> Result<Vec<bool>, PruneError> {
+        let failed = |source| PruneError::Reconstruct { layer: layer.node.clone(), source };
+        Ok(match self.options.importance {
+            Importance::Magnitude => sparse::mask(weight, None, pattern),
+            Importance::Wanda => sparse::mask(weight, Some(&stats.total.student_norms()), pattern),
+            Importance::Obs => {
+                let factors = reconstruct::obs_factors(stats.total.student.as_ref(), self.obs_damping());
+                let steps = sparse::rounds(pattern, self.options.obs_rounds);
+                let mut keep = sparse::mask(weight, factors.as_deref(), steps[0]);
+                for step in &steps[1..] {
+                    let removals = |kept: &[usize]| sparse::removals_to(*step, weight.k, kept);
+                    keep = reconstruct::refined_mask(weight, &keep, stats.total.sums(), self.obs_damping(), removals).map_err(failed)?;
+                }
+                keep
+            }
+        })
+    }
+
+    /// The re-fit of one layer under `keep`, its bias too when it has one; the
+    /// damping fixed by the options or cross-validated over the two folds.
+    fn refit(&self, layer: &LinearLayer, weight: &LinearWeight, keep: &[bool], stats: &FoldedGram) -> Result<reconstruct::Refit, PruneError> {
+        let with_bias = layer.bias.is_some();
+        match self.options.damping {
+            Some(damping) => reconstruct::refit(weight, keep, with_bias, stats.total.sums(), damping),
+            None => {
+                let folds = [stats.folds[0].sums(), stats.folds[1].sums()];
+                reconstruct::refit_cross_validated(weight, keep, with_bias, stats.total.sums(), folds, DEFAULT_DAMPING)
+            }
+        }
+        .map_err(|source| PruneError::Reconstruct { layer: layer.node.clone(), source })
     }
 
     fn obs_damping(&self) -> f64 {

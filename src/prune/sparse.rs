@@ -8,7 +8,9 @@
 //!
 //! - importance `S[k, n] = |W[k, n]| * ||X_k||`, where `||X_k||^2` is the
 //!   diagonal of the Gram matrix `X^T X` of the layer's input over calibration
-//!   tokens (Wanda), or `|W[k, n]|` alone (magnitude);
+//!   tokens (Wanda), `|W[k, n]| / sqrt([(X^T X)^-1]_kk)` (OBS; with the
+//!   re-fit, in [`rounds`]: each later round ranks the re-fitted weights,
+//!   `reconstruct::refined_mask`), or `|W[k, n]|` alone (magnitude);
 //! - unstructured at sparsity `s`: the `floor(s K)` least important weights of
 //!   each output are zeroed (every output then has the same sparsity);
 //! - `N:M` (`2:4`): in every group of `M` consecutive `k` of one output, the
@@ -123,7 +125,9 @@ impl LinearWeight {
 }
 
 /// Which weights survive: `true` at `[k * N + n]` keeps `W[k, n]`.
-/// `input_norms` holds `||X_k||` for Wanda, `None` for magnitude.
+/// `input_norms` holds a factor per input feature: `||X_k||` for Wanda,
+/// `1 / sqrt([(X^T X)^-1]_kk)` for OBS (`reconstruct::obs_factors`); `None`
+/// for magnitude.
 pub fn mask(weight: &LinearWeight, input_norms: Option<&[f64]>, pattern: SparsityPattern) -> Vec<bool> {
     let (k, n) = (weight.k, weight.n);
     let importance = |kk: usize, nn: usize| weight.at(kk, nn).abs() as f64 * input_norms.map_or(1.0, |norms| norms[kk]);
