@@ -291,11 +291,12 @@ pub fn refit_cross_validated(
         return refit(weight, keep, with_bias, total, fallback_damping);
     }
     // the held-out squared error, un-normalised so the two folds add up
+    let energies = folds.map(|fold| output_energy(weight, fold));
     let held_out = |fitted: [&Refit; 2]| {
         (0..2)
             .map(|f| {
                 let other = fitted[1 - f];
-                relative_error(&other.weight, other.bias_shift.as_deref(), weight, folds[f]) * output_energy(weight, folds[f])
+                relative_error(&other.weight, other.bias_shift.as_deref(), weight, folds[f]) * energies[f]
             })
             .sum::<f64>()
     };
