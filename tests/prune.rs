@@ -120,7 +120,7 @@ fn two_of_four_holds_on_every_pruned_weight_along_the_reduction_axis() {
 /// re-fitted weights): the patterns still hold exactly, 2:4 along K in every
 /// group and 50% in every output, and the re-fit still lowers each layer's error.
 #[test]
-fn two_round_obs_masks_keep_the_pattern() {
+fn obs_masks_in_rounds_keep_the_pattern() {
     let dir = tempfile::tempdir().unwrap();
     let model = two_layers();
     let source = calibration(dir.path());
