@@ -196,8 +196,8 @@ pub fn refined_mask(
         .into_par_iter()
         .map(|nn| {
             let kept: Vec<usize> = (0..k).filter(|&kk| earlier[kk * n + nn]).collect();
-            let g = Mat::<f64>::from_fn(kept.len(), kept.len(), |i, j| sums.student[(kept[i], kept[j])] + if i == j { lambda } else { 0.0 });
-            let llt = g.llt(Side::Lower).map_err(|_| ReconstructError::NotPositiveDefinite { output: nn, damping: lambda })?;
+            let system = KeptSystem { a: sums.student, kept: &kept, ones: None, lambda };
+            let llt = system.matrix().llt(Side::Lower).map_err(|_| ReconstructError::NotPositiveDefinite { output: nn, damping: lambda })?;
             let rhs = Mat::<f64>::from_fn(kept.len(), 1, |i, _| targets[(kept[i], nn)] + lambda * w[(kept[i], nn)]);
             let fitted = llt.solve(&rhs);
             let inverse = llt.inverse();
@@ -398,11 +398,21 @@ struct KeptSystem<'a> {
 impl KeptSystem<'_> {
     /// Solves by Cholesky; `None` when the matrix is not positive definite.
     fn solve(&self, rhs: impl Fn(usize) -> f64) -> Option<Vec<f64>> {
-        let m = self.kept.len();
-        let size = m + usize::from(self.ones.is_some());
+        let g = self.matrix();
+        let size = g.nrows();
         if size == 0 {
             return Some(Vec::new());
         }
+        let b = Mat::<f64>::from_fn(size, 1, |i, _| rhs(i));
+        let llt = g.llt(Side::Lower).ok()?;
+        let x = llt.solve(&b);
+        Some((0..size).map(|i| x[(i, 0)]).collect())
+    }
+
+    /// The damped matrix.
+    fn matrix(&self) -> Mat<f64> {
+        let m = self.kept.len();
+        let size = m + usize::from(self.ones.is_some());
         let entry = |i: usize, j: usize| -> f64 {
             let value = match (i < m, j < m, self.ones) {
                 (true, true, _) => self.a[(self.kept[i], self.kept[j])],
@@ -413,11 +423,7 @@ impl KeptSystem<'_> {
             };
             value + if i == j { self.lambda } else { 0.0 }
         };
-        let g = Mat::<f64>::from_fn(size, size, entry);
-        let b = Mat::<f64>::from_fn(size, 1, |i, _| rhs(i));
-        let llt = g.llt(Side::Lower).ok()?;
-        let x = llt.solve(&b);
-        Some((0..size).map(|i| x[(i, 0)]).collect())
+        Mat::<f64>::from_fn(size, size, entry)
     }
 }
 
