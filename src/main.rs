@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use onnxopt::passes::pipeline::{cleanup_passes, float16_passes, int8_fusion_passes, optimization_passes, quantization_passes, static_quantization_passes, PipelineOptions, Target};
-use onnxopt::passes::quantize_dynamic::{gptq_rounded, ActivationScale, QuantizeDynamic};
+use onnxopt::passes::quantize_dynamic::{calibrate_int8, ActivationScale, Int8Calibration, QuantizeDynamic};
 use onnxopt::passes::quantize_fp16::{ConvertToFloat16, Float16Scope};
 use onnxopt::passes::quantize_static::{activation_ranges, activations_to_calibrate, CalibrationMethod, QuantizeStatic, WeightType};
 use onnxopt::passes::quantize_gather_int4::QuantizeGatherInt4;
@@ -767,12 +767,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     print_records(&records);
                 }
             }
-            let rounded = if gptq {
-                let _progress = Progress::start(quiet, "GPTQ: X^T X of every quantized MatMul's input, then rounding".into());
-                Arc::new(gptq_rounded(&original_or_smoothed, &calibration.source()?).map_err(anyhow::Error::from)?)
+            // GPTQ's X^T X and the GELU outputs' row maxima, in one run over the calibration data
+            let per_token_possible = activations == ActivationScale::PerToken;
+            let calibrated = if int8 && (gptq || (per_token_possible && calibration.given())) {
+                let what = if gptq { "GPTQ: X^T X of every quantized MatMul's input, then rounding" } else { "row maxima of GELU outputs" };
+                let _progress = Progress::start(quiet, what.into());
+                calibrate_int8(&original_or_smoothed, &calibration.source()?, gptq).map_err(anyhow::Error::from)?
             } else {
-                Arc::default()
+                Int8Calibration::default()
             };
+            let (rounded, gelu_zero_points) = (Arc::new(calibrated.rounded), Arc::new(calibrated.gelu_zero_points));
             // `in_float`: layers kept in float beyond --exclude; `per_tensor`: layers
             // whose activations get one scale whatever --activations says
             let quantize_with = |in_float: &HashSet<String>, per_tensor: &HashSet<String>| -> Result<(Model, Vec<PassRecord>), onnxopt::passes::PassError> {
@@ -782,7 +786,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         let scope = if target == Target::Ort { Float16Scope::Weights } else { Float16Scope::WeightsAndCompute };
                         float16_passes(target, ConvertToFloat16::new(scope, excluded))
                     }
-                    _ => quantization_passes(QuantizeDynamic { target, exclude: excluded, activations, per_tensor_layers: per_tensor.clone(), rounded: rounded.clone() }),
+                    _ => quantization_passes(QuantizeDynamic {
+                        target,
+                        exclude: excluded,
+                        activations,
+                        per_tensor_layers: per_tensor.clone(),
+                        rounded: rounded.clone(),
+                        gelu_zero_points: gelu_zero_points.clone(),
+                    }),
                 };
                 let mut quantized = original_or_smoothed.clone();
                 let records = run_pipeline(&mut quantized, &pipeline, &DriverOptions::default())?;

@@ -19,8 +19,15 @@ fn quantize(model: &Model, target: Target, exclude: &[&str]) -> (Model, PassReco
 }
 
 fn quantize_with(model: &Model, target: Target, exclude: &[&str], activations: ActivationScale) -> (Model, PassRecord) {
+    quantize_gelu_one_sided(model, target, exclude, activations, &[])
+}
+
+/// `gelu_zero_points`: the one-sided grids' zero points, by activation.
+fn quantize_gelu_one_sided(model: &Model, target: Target, exclude: &[&str], activations: ActivationScale, gelu_zero_points: &[(&str, u8)]) -> (Model, PassRecord) {
     let exclude = exclude.iter().map(|s| s.to_string()).collect();
-    let passes: Vec<Box<dyn Pass>> = vec![Box::new(QuantizeDynamic { target, exclude, activations, per_tensor_layers: Default::default(), rounded: Default::default() }), Box::new(EliminateDeadCode)];
+    let gelu_zero_points = std::sync::Arc::new(gelu_zero_points.iter().map(|(a, z)| (a.to_string(), *z)).collect());
+    let quantize = QuantizeDynamic { target, exclude, activations, per_tensor_layers: Default::default(), rounded: Default::default(), gelu_zero_points };
+    let passes: Vec<Box<dyn Pass>> = vec![Box::new(quantize), Box::new(EliminateDeadCode)];
     let mut quantized = model.clone();
     let options = DriverOptions { validate: true, ..DriverOptions::default() };
     let records = run_pipeline(&mut quantized, &passes, &options).unwrap();
@@ -134,11 +141,83 @@ fn a_shared_activation_is_quantized_once() {
         outputs.push(out);
     }
     let model = b.into_model(17);
-    let (quantized, _) = quantize(&model, Target::Portable, &[]);
-    let ops = ops(&quantized);
-    assert_eq!(ops.iter().filter(|op| *op == "DynamicQuantizeLinear").count(), 1, "{ops:?}");
-    assert_eq!(ops.iter().filter(|op| *op == "MatMulInteger").count(), 3, "{ops:?}");
-    assert!(min_cosine(&model, &quantized) > 0.999);
+    let mut lowered_cases = Vec::new();
+    for (target, product, case) in [(Target::Portable, "MatMulInteger", "shared_portable"), (Target::Ort, "com.microsoft.MatMulIntegerToFloat", "shared_ort")] {
+        let (quantized, _) = quantize(&model, target, &[]);
+        let ops = ops(&quantized);
+        assert_eq!(ops.iter().filter(|op| *op == "DynamicQuantizeLinear").count(), 1, "{case}: {ops:?}");
+        assert_eq!(ops.iter().filter(|op| *op == product).count(), 3, "{case}: {ops:?}");
+        assert!(!ops.iter().any(|op| op.ends_with("DynamicQuantizeMatMul")), "{case}: {ops:?}");
+        assert!(min_cosine(&model, &quantized) > 0.999, "{case}");
+        let mut lowered = quantized.clone();
+        onnxopt::passes::lower_contrib::lower_contrib_ops(&mut lowered, &DriverOptions { validate: true, ..DriverOptions::default() }).unwrap();
+        lowered_cases.push((case, quantized, lowered));
+    }
+    onnxruntime_agrees(lowered_cases);
+}
+
+/// y = MatMul(BiasGelu(MatMul(x, w1), b1), w2) over 64 tokens; the first
+/// MatMul's output is named "hidden", the GELU's "gelu".
+fn gelu_ffn() -> Model {
+    let mut b = GraphBuilder::new("ffn");
+    let x = b.input("x", DataType::Float, &[4, 16, 8]);
+    let w1: Vec<f32> = (0..128).map(|i| ((i * 7 % 17) as f32 - 8.0) / 6.0).collect();
+    let w1 = b.initializer_f32("w1", &[8, 16], &w1);
+    let b1: Vec<f32> = (0..16).map(|i| (i % 5) as f32 * 0.3 - 0.6).collect();
+    let b1 = b.initializer_f32("b1", &[16], &b1);
+    let w2: Vec<f32> = (0..64).map(|i| ((i * 5 % 11) as f32 - 5.0) / 8.0).collect();
+    let w2 = b.initializer_f32("w2", &[16, 4], &w2);
+    b.add(Node::new("MatMul", &[&x, &w1], &["hidden"]));
+    b.add(Node::new("BiasGelu", &["hidden", &b1], &["gelu"]).with_domain("com.microsoft"));
+    let y = b.node("MatMul", &["gelu", &w2]);
+    b.output(&y, DataType::Float, &[4, 16, 4]);
+    let mut model = b.into_model(17);
+    model.opset_imports.push(onnxopt::ir::OpsetImport { domain: "com.microsoft".into(), version: 1, extras: Default::default() });
+    model
+}
+
+/// Per token, a GELU's output given a zero point takes the one-sided grid:
+/// that zero point, its row maximum without Abs, nothing clipped (GELU >=
+/// -0.1701); a zero point named for a tensor that is not a GELU's output is
+/// ignored. With the first MatMul kept in float, so that only the GELU's
+/// quantization differs, it is closer to the float model than the symmetric
+/// grid; ONNX Runtime agrees with the lowering.
+#[test]
+fn per_token_gelu_inputs_take_the_one_sided_grid() {
+    let model = gelu_ffn();
+    let options = verify::VerifyOptions { atol: 1.0, rtol: 0.0, ..Default::default() };
+    let error = |m: &Model| 1.0 - verify_rewrite(&model, m, &options).unwrap().outputs[0].cosine;
+    let mut lowered_cases = Vec::new();
+    for (target, case) in [(Target::Ort, "gelu_ort"), (Target::Portable, "gelu_portable")] {
+        let zero_points = [("gelu", 20), ("x", 20)];
+        let one_sided = quantize_gelu_one_sided(&model, target, &[], ActivationScale::PerToken, &zero_points).0;
+        let zero_point = |x: &str| one_sided.graph.initializer(&format!("{x}/zero_point")).map(|t| t.to_i64().unwrap().iter().copied().collect::<Vec<_>>());
+        assert_eq!(zero_point("gelu"), Some(vec![20]), "{case}");
+        assert_eq!(zero_point("x"), Some(vec![128]), "{case}: x is no GELU's output");
+        let abs_inputs: Vec<&str> = one_sided.graph.nodes().filter(|n| n.op_type == "Abs").map(|n| n.inputs[0].as_str()).collect();
+        assert_eq!(abs_inputs, ["x"], "{case}");
+
+        let second_only = quantize_gelu_one_sided(&model, target, &["hidden"], ActivationScale::PerToken, &zero_points).0;
+        let symmetric = quantize_with(&model, target, &["hidden"], ActivationScale::PerToken).0;
+        let (one_sided_error, symmetric_error) = (error(&second_only), error(&symmetric));
+        assert!(one_sided_error < 0.7 * symmetric_error, "{case}: 1 - cosine one-sided {one_sided_error:.3e}, symmetric {symmetric_error:.3e}");
+        let mut lowered = one_sided.clone();
+        onnxopt::passes::lower_contrib::lower_contrib_ops(&mut lowered, &DriverOptions { validate: true, ..DriverOptions::default() }).unwrap();
+        lowered_cases.push((case, one_sided, lowered));
+    }
+    onnxruntime_agrees(lowered_cases);
+}
+
+/// The zero point minimises the mean squared step over the rows' maxima, and
+/// rows too small for the one-sided grid to pay keep the symmetric one.
+#[test]
+fn one_sided_zero_point_follows_the_row_maxima() {
+    use onnxopt::passes::quantize_dynamic::one_sided_zero_point;
+    // R = 2.5 everywhere: the steps meet where 2.5 / (255 - z) = 0.1701 / z, z = 16.2
+    assert!(matches!(one_sided_zero_point(&[2.5; 10]), Some(15..=17)), "{:?}", one_sided_zero_point(&[2.5; 10]));
+    assert!(matches!(one_sided_zero_point(&[10.0; 10]), Some(3..=5)), "{:?}", one_sided_zero_point(&[10.0; 10]));
+    assert_eq!(one_sided_zero_point(&[0.15; 10]), None, "below the GELU's own minimum: symmetric");
+    assert_eq!(one_sided_zero_point(&[]), None);
 }
 
 /// A Gemm with transB and a [N] C: quantized, C becomes the bias.
@@ -197,9 +276,10 @@ fn quantize_cli(input: &Path, output: &Path, extra: &[&str]) -> std::process::Ou
     run_command("quantize", input, output, &[&["--mode", "int8-dynamic"], extra].concat())
 }
 
-/// Every weight MatMul of the tiny BERT becomes DynamicQuantizeMatMul (2 layers x
-/// Q, K, V, output, 2 feed-forward = 12; the 4 attention products stay), and ONNX
-/// Runtime runs it close to the float model.
+/// Every weight MatMul of the tiny BERT is quantized (2 layers x Q, K, V,
+/// output, 2 feed-forward = 12; the 4 attention products stay): Q, K and V
+/// share one DynamicQuantizeLinear for a MatMulIntegerToFloat each, the others
+/// become DynamicQuantizeMatMul; ONNX Runtime runs it close to the float model.
 #[test]
 fn bert_ort_target_runs_in_onnxruntime() {
     let dir = tempfile::tempdir().unwrap();
@@ -209,7 +289,9 @@ fn bert_ort_target_runs_in_onnxruntime() {
     assert!(o.status.success(), "{}", stderr(&o));
     let model = onnx::load(&out).unwrap();
     let ops = ops(&model);
-    assert_eq!(ops.iter().filter(|op| *op == "com.microsoft.DynamicQuantizeMatMul").count(), 12, "{ops:?}");
+    let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+    assert_eq!(count("com.microsoft.DynamicQuantizeMatMul"), 6, "{ops:?}");
+    assert_eq!((count("DynamicQuantizeLinear"), count("com.microsoft.MatMulIntegerToFloat")), (2, 6), "{ops:?}");
     let graph = &model.graph;
     let weight_matmuls = graph.nodes().filter(|n| n.op_type == "MatMul" && graph.initializer(&n.inputs[1]).is_some()).count();
     assert_eq!(weight_matmuls, 0);
@@ -354,11 +436,13 @@ fn int8_mode_chooses_activation_scales_per_layer() {
     };
     let count = |m: &Model, op: &str| m.graph.nodes().filter(|n| n.op_type == op).count();
 
-    // loose: per tensor everywhere, Q/K/V included (one packed MatMul per layer)
+    // loose: per tensor everywhere, Q/K/V included (three MatMuls sharing one
+    // DynamicQuantizeLinear per layer, the other three a DynamicQuantizeMatMul each)
     let (loose, quantized, _) = quantize_within(1.0, "loose");
     assert_eq!(count(&quantized, "Attention"), 0, "the fused Attention was split");
     assert_eq!(count(&quantized, "MultiHeadAttention"), 2);
-    assert_eq!((count(&quantized, "DynamicQuantizeMatMul"), count(&quantized, "MatMulIntegerToFloat")), (8, 0));
+    assert_eq!(count(&quantized, "DynamicQuantizeLinear"), 2);
+    assert_eq!((count(&quantized, "DynamicQuantizeMatMul"), count(&quantized, "MatMulIntegerToFloat")), (6, 6));
     assert_eq!(count(&quantized, "MatMul"), 0, "every projection quantized");
     assert!(loose["float"].is_null(), "{loose}");
     let per_tensor_error = loose["activation_scales"]["error_none_spared"].as_f64().unwrap();
@@ -367,7 +451,7 @@ fn int8_mode_chooses_activation_scales_per_layer() {
     let (zero, _, _) = quantize_within(0.0, "zero");
     let per_token_error = zero["activation_scales"]["error_all_spared"].as_f64().unwrap();
     assert!(per_token_error < per_tensor_error, "per token {per_token_error} vs per tensor {per_tensor_error}");
-    assert_eq!(zero["float"]["spared"].as_array().unwrap().len(), 8, "{zero}");
+    assert_eq!(zero["float"]["spared"].as_array().unwrap().len(), 12, "{zero}");
 
     // in between: a mix, within budget, nothing in float
     let budget = (per_tensor_error + per_token_error) / 2.0;
@@ -376,9 +460,12 @@ fn int8_mode_chooses_activation_scales_per_layer() {
     assert!(scales["error"].as_f64().unwrap() <= budget, "{mixed}");
     assert!(mixed["float"].is_null(), "{mixed}");
     let per_token = scales["spared"].as_array().unwrap().len();
-    assert!((1..8).contains(&per_token), "{mixed}");
-    assert_eq!(count(&quantized, "MatMulIntegerToFloat"), per_token);
-    assert_eq!(count(&quantized, "DynamicQuantizeMatMul"), 8 - per_token);
+    assert!((1..12).contains(&per_token), "{mixed}");
+    // each layer one integer product: per token a MatMulIntegerToFloat, per
+    // tensor a DynamicQuantizeMatMul unless it shares its input (Q, K, V)
+    assert_eq!(count(&quantized, "MatMulIntegerToFloat") + count(&quantized, "DynamicQuantizeMatMul"), 12);
+    assert!(count(&quantized, "DynamicQuantizeMatMul") <= 12 - per_token);
+    assert!(count(&quantized, "MatMulIntegerToFloat") >= per_token);
     if let Some(cosine) = onnxruntime_cosine(&model, &out) {
         assert!(cosine > 0.98, "ONNX Runtime: cosine {cosine}");
     }

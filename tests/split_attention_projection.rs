@@ -1,5 +1,5 @@
-//! `split-attention-projection`: ORT's fused Attention becomes one MatMul (the
-//! packed Q/K/V projection), a Split and MultiHeadAttention. The rewrite is
+//! `split-attention-projection`: ORT's fused Attention becomes three MatMuls
+//! (the columns of the packed Q/K/V weight) and MultiHeadAttention. The rewrite is
 //! checked in tract against the fused op (both lowered), snapshotted, and left
 //! alone where the weight is not a constant or the mask is of a rank
 //! MultiHeadAttention reads otherwise.
@@ -53,11 +53,18 @@ fn attention_becomes_projection_split_and_multi_head_attention() {
     let (rewritten, patches) = split(&model);
     assert_eq!(patches, 1);
     let ops: Vec<String> = rewritten.graph.nodes().map(|n| n.qualified_op()).collect();
-    assert_eq!(ops, ["MatMul", "Split", "com.microsoft.MultiHeadAttention"]);
+    assert_eq!(ops, ["MatMul", "MatMul", "MatMul", "com.microsoft.MultiHeadAttention"]);
     let attention = rewritten.graph.nodes().find(|n| n.op_type == "MultiHeadAttention").unwrap();
     assert_eq!((attention.attr_int("num_heads"), attention.attr_float("scale")), (Some(2), Some(0.4)));
-    let projection = rewritten.graph.nodes().find(|n| n.op_type == "MatMul").unwrap();
-    assert_eq!(projection.name, "fused_attention/qkv_projection", "named, for --exclude");
+    let projections: Vec<&str> = rewritten.graph.nodes().filter(|n| n.op_type == "MatMul").map(|n| n.name.as_str()).collect();
+    assert_eq!(projections, ["fused_attention/q_projection", "fused_attention/k_projection", "fused_attention/v_projection"], "named, for --exclude");
+    // the packed weight's columns, 8 each: Q's first row is W[0, 0..8], V's last W[5, 16..24]
+    let packed = model.graph.initializer("qkv_weight").unwrap().to_f32().unwrap().into_raw_vec_and_offset().0;
+    let block = |part: &str| rewritten.graph.initializer(&format!("y/{part}/weight")).unwrap().to_f32().unwrap();
+    assert_eq!(block("q").shape(), [6, 8]);
+    let (q, v) = (block("q").into_raw_vec_and_offset().0, block("v").into_raw_vec_and_offset().0);
+    assert_eq!(q[..8], packed[..8]);
+    assert_eq!(v[40..], packed[5 * 24 + 16..]);
 
     // the same computation: both lowered and run in tract on seeded inputs (masks included)
     let options = verify::VerifyOptions { atol: 1e-5, rtol: 1e-4, ..Default::default() };

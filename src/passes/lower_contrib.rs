@@ -576,14 +576,17 @@ impl<'m> Lowering<'m> {
 
     /// MatMulIntegerToFloat(A, B, a_scale, b_scale, a_zero_point?, b_zero_point?, bias?):
     /// `Y = (A - a_zero_point) (B - b_zero_point) * (a_scale * b_scale) + bias`,
-    /// the integer product exact in int32 as in ORT's kernel.
+    /// the integer product exact in int32 as in ORT's kernel. An `a_scale` of
+    /// more than one element (a row scale `[..., M, 1]`) ORT multiplies into
+    /// the output after the bias (`ScaleOutput` in `dynamic_quantize_matmul.cc`):
+    /// `Y = ((A - za) (B - zb) * b_scale + bias) * a_scale`.
     fn matmul_integer_to_float(&mut self) -> Result<(), Refusal> {
         let a = self.required(0, "A")?;
         let b = self.required(1, "B")?;
         let a_scale = self.required(2, "a_scale")?;
         let b_scale = self.required(3, "b_scale")?;
         let output = self.used_output(0);
-        let mut matmul_inputs = vec![a, b];
+        let mut matmul_inputs = vec![a.to_string(), b.to_string()];
         match (self.input(4), self.input(5)) {
             (a_zero_point, Some(b_zero_point)) => {
                 let a_zero_point = match a_zero_point {
@@ -593,15 +596,28 @@ impl<'m> Lowering<'m> {
                         self.constant(&format!("{dtype}:0"), dtype, Vec::new(), vec![0])
                     }
                 };
-                let refs = [a, b, a_zero_point.as_str(), b_zero_point];
-                let accumulated = self.op("MatMulInteger", &refs, "accumulated");
-                return self.scale_and_bias(&accumulated, a_scale, b_scale, self.input(6), output);
+                matmul_inputs.extend([a_zero_point, b_zero_point.to_string()]);
             }
-            (Some(a_zero_point), None) => matmul_inputs.push(a_zero_point),
+            (Some(a_zero_point), None) => matmul_inputs.push(a_zero_point.to_string()),
             (None, None) => {}
         }
-        let accumulated = self.op("MatMulInteger", &matmul_inputs, "accumulated");
-        self.scale_and_bias(&accumulated, a_scale, b_scale, self.input(6), output)
+        let refs: Vec<&str> = matmul_inputs.iter().map(String::as_str).collect();
+        let accumulated = self.op("MatMulInteger", &refs, "accumulated");
+        let Some(bias) = self.input(6) else {
+            return self.scale_and_bias(&accumulated, a_scale, b_scale, None, output);
+        };
+        let one_element = |shape: &[Dim]| shape.len() <= 1 && shape.iter().all(|d| d.fixed() == Some(1));
+        match self.types.shape(a_scale) {
+            Some(shape) if one_element(shape) => self.scale_and_bias(&accumulated, a_scale, b_scale, Some(bias), output),
+            Some(_) => {
+                let accumulated = self.cast(&accumulated, DataType::Float, "accumulated_float");
+                let scaled = self.op("Mul", &[&accumulated, b_scale], "scaled");
+                let biased = self.op("Add", &[&scaled, bias], "biased");
+                self.op_into("Mul", &[&biased, a_scale], Vec::new(), output, "y");
+                Ok(())
+            }
+            None => Err(format!("the shape of a_scale '{a_scale}' is unknown; with a bias, ORT's result depends on it")),
+        }
     }
 
     /// `Cast<float>(accumulated) * (a_scale * b_scale) (+ bias)`, into `output`:

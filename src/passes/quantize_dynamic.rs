@@ -49,16 +49,32 @@
 //! The bound costs little: a column's largest weight rarely sits beside a
 //! large one, so its step is close to `max |W| / 127`.
 //!
+//! GELU inputs. A GELU's output is at least -0.1701 (`GELU_MINIMUM`), and a
+//! FFN's second MatMul reads it. Per token, such a row can take a one-sided
+//! grid with a zero point `z` fixed per activation instead of the symmetric
+//! one: `a_m = max(max_k A[m, k], 0.1701 (255 - z) / z) / (255 - z)`,
+//! `Aq[m, k] = round(A[m, k] / a_m) + z`. Nothing saturates: `A / a_m <= 255 - z`
+//! above, and `A / a_m >= -0.1701 / a_m >= -z` below. For a row maximum `R`
+//! well above 0.17 the step `R / (255 - z)` is about half the symmetric
+//! `R / 127`, and the row maximum needs no `Abs`. `z` comes from calibration
+//! ([`calibrate_int8`], [`one_sided_zero_point`]): the one that minimises the
+//! mean squared step over the calibration rows, used only where that beats
+//! the symmetric grid (rows whose maxima are near 0.17 gain nothing). On
+//! all-MiniLM-L6-v2 it chose 17-26 for the four FFN-output layers the
+//! search left per token, and took the calibration error with every layer
+//! per token from 2.76e-3 to 2.19e-3.
+//!
 //! Targets:
-//! - `ort`: one `com.microsoft.DynamicQuantizeMatMul(A, Wq, s, zeros, bias?)` per
-//!   MatMul (ORT's fast kernel is u8 activations x s8 weights, what this op runs).
-//!   A following `Add` of a constant float32 `[N]` vector, sole reader of the
-//!   MatMul's output, becomes the op's bias input; a Gemm's `[N]` C too. Each
-//!   op quantizes its A itself, so Q, K and V quantize theirs three times
-//!   (all-MiniLM-L6-v2 in ORT 1.32, batch 1: 0.61x float latency, against
-//!   0.58x for the portable form, which shares it).
+//! - `ort`: `com.microsoft.DynamicQuantizeMatMul(A, Wq, s, zeros, bias?)` for a
+//!   MatMul whose activation no other quantized MatMul reads (ORT's fast
+//!   kernel is u8 activations x s8 weights, what this op runs; it quantizes A
+//!   itself). An activation read by several (Q, K and V) is quantized once, by
+//!   `DynamicQuantizeLinear`, for a `MatMulIntegerToFloat(Aq, Wq, a, s, z, _,
+//!   bias?)` each. A following `Add` of a constant float32 `[N]` vector, sole
+//!   reader of the MatMul's output, becomes the op's bias input; a Gemm's `[N]`
+//!   C too.
 //! - `portable`: standard ops (opset 11+). Each activation is quantized once, for
-//!   every MatMul that reads it (Q, K and V projections share theirs).
+//!   every MatMul that reads it.
 //!
 //! ```text
 //! y = MatMul(x, w)                  ->  y = com.microsoft.DynamicQuantizeMatMul(x, y/weight_int8, y/weight_scale, y/weight_zero_point, b)
@@ -70,20 +86,20 @@
 //!                                       y = Mul(Cast<float>(y/accumulated), y/scale)
 //! ```
 //!
-//! Per token, for both targets (ort's `MatMulIntegerToFloat` does the Cast and
-//! the weight-scale Mul in one kernel; its A scale is a scalar, so the row scale
-//! is a Mul after it):
+//! Per token, for both targets (ort's `MatMulIntegerToFloat` does the Cast,
+//! the weight-scale Mul and, given the `[..., 1]` row scale as A's scale, the
+//! row-scale Mul in one kernel; it adds a bias before that last Mul, so the
+//! bias is an Add after it):
 //! ```text
-//! y = MatMul(x, w)  ->  x/row_scale = Max(Mul(ReduceMax(Abs(x), axes=-1), 1/127), tiny)
-//!                       x/quantized = Reshape(QuantizeLinear(Reshape(x, [-1, K]), Reshape(x/row_scale, [-1]), 128, axis=0), Shape(x))
-//!                       y/unscaled  = com.microsoft.MatMulIntegerToFloat(x/quantized, y/weight_int8, 1, y/weight_scale, 128)   # ort
-//!                                   = Mul(Cast<float>(MatMulInteger(x/quantized, y/weight_int8, 128)), y/weight_scale) # portable
-//!                       y           = Mul(y/unscaled, x/row_scale)
+//! y = MatMul(x, w)  ->  x/row_scale = Max(Mul(ReduceMax(Abs(x), axes=-1), 1/127), tiny)      # GELU input: Mul(Max(ReduceMax(x), 0.1701*231/24), 1/231)
+//!                       x/quantized = Reshape(QuantizeLinear(Reshape(x, [-1, K]), Reshape(x/row_scale, [-1]), 128, axis=0), Shape(x))   # GELU input: 24
+//!                       y           = com.microsoft.MatMulIntegerToFloat(x/quantized, y/weight_int8, x/row_scale, y/weight_scale, 128)   # ort
+//!                                   = Mul(Mul(Cast<float>(MatMulInteger(x/quantized, y/weight_int8, 128)), y/weight_scale), x/row_scale) # portable
 //! ```
-//! The weight-scale and row-scale Muls stay separate on purpose: ORT 1.32's
-//! MatMulIntegerToFloat fusion turns `Mul(Cast(MatMulInteger), Mul(a_scale,
-//! b_scale))` into one op that reads `a_scale` as a scalar, which for a
-//! per-row scale gave garbage (mean cosine 0.08 on MiniLM).
+//! The weight-scale and row-scale Muls of the portable form stay separate on
+//! purpose: ORT 1.32's MatMulIntegerToFloat fusion turns `Mul(Cast(MatMulInteger),
+//! Mul(a_scale, b_scale))` into one op that reads `a_scale` as a scalar, which
+//! for a per-row scale gave garbage (mean cosine 0.08 on MiniLM).
 //!
 //! Per layer: `per_tensor_layers` names layers scaled per tensor whatever
 //! `activations` says (`onnxopt quantize --mode int8`'s `--max-error` search
@@ -98,7 +114,7 @@ use super::pipeline::Target;
 use super::{Pass, PassError};
 use crate::ir::{infer_types, AttrValue, DataType, Graph, Model, Node, NodeId, Patch, Tensor};
 use bytes::Bytes;
-use crate::calibrate::{gram_matrices, CalibrateError, CalibrationSource};
+use crate::calibrate::{for_each_batch, CalibrateError, CalibrationSource, Gram};
 use crate::quantize::gptq::{gptq, GptqError, GptqOptions, Grid, Levels, QuantizedMatrix};
 use faer::Mat;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -120,6 +136,10 @@ pub struct QuantizeDynamic {
     /// name of the float initializer they stand for; the others are rounded
     /// to nearest here.
     pub rounded: Arc<RoundedWeights>,
+    /// The one-sided grid's zero point for GELU outputs read per token, by
+    /// activation name (see "GELU inputs", [`gelu_zero_points`]); the others
+    /// take the symmetric grid.
+    pub gelu_zero_points: Arc<HashMap<String, u8>>,
 }
 
 /// Int8 weights rounded ahead of the pass, by float initializer name.
@@ -143,6 +163,7 @@ pub enum ActivationScale {
 const TOKEN_LEVELS: f32 = 127.0;
 /// Its zero point: the quantized values span `1..=255`.
 const TOKEN_ZERO_POINT: u8 = 128;
+
 
 /// One MatMul or Gemm to quantize.
 struct Candidate {
@@ -209,8 +230,11 @@ impl Pass for QuantizeDynamic {
         Ok(by_activation
             .into_iter()
             .map(|((activation, scale), group)| match scale {
-                ActivationScale::PerTensor => self.patch(&activation, group),
-                ActivationScale::PerToken => self.per_token_patch(&activation, group, opset),
+                ActivationScale::PerTensor => self.patch(&activation, group, opset),
+                ActivationScale::PerToken => {
+                    let one_sided = self.gelu_zero_points.get(&activation).filter(|_| is_gelu_output(&model.graph, &activation));
+                    self.per_token_patch(&activation, group, opset, one_sided.copied())
+                }
             })
             .collect())
     }
@@ -222,12 +246,16 @@ impl QuantizeDynamic {
     }
 
     /// One patch per activation, so that the portable target quantizes it once.
-    fn patch(&self, activation: &str, group: Vec<Candidate>) -> Patch {
+    fn patch(&self, activation: &str, group: Vec<Candidate>, opset: i64) -> Patch {
         let mut patch = Patch::new(match self.target {
-            Target::Ort => "dynamic-quantize-matmul",
+            Target::Ort if group.len() == 1 => "dynamic-quantize-matmul",
+            Target::Ort => "matmul-integer-to-float",
             _ => "matmul-integer",
         });
-        let shared = (self.target != Target::Ort).then(|| {
+        // ORT quantizes a lone MatMul's activation inside DynamicQuantizeMatMul;
+        // one read by several (Q, K and V) once, for a MatMulIntegerToFloat each
+        let fused_quantization = self.target == Target::Ort && (group.len() == 1 || opset < 11);
+        let shared = (!fused_quantization).then(|| {
             let names = [format!("{activation}/quantized"), format!("{activation}/scale"), format!("{activation}/zero_point")];
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             patch.add_node(Node::new("DynamicQuantizeLinear", &[activation], &refs));
@@ -239,7 +267,7 @@ impl QuantizeDynamic {
             let (w, s, z) = c.weights.initializers(root);
             let (weight, scale, zero_point) = (w.name.clone(), s.name.clone(), z.name.clone());
             patch.add_initializer(w).add_initializer(s);
-            if shared.is_none() {
+            if fused_quantization {
                 // MatMulInteger's B zero point defaults to 0; DynamicQuantizeMatMul's is given
                 patch.add_initializer(z);
             }
@@ -258,6 +286,13 @@ impl QuantizeDynamic {
                     let mut inputs = vec![c.activation.as_str(), &weight, &scale, &zero_point];
                     inputs.extend(c.bias.as_deref());
                     patch.add_node(Node::new("DynamicQuantizeMatMul", &inputs, &[&product_output]).with_domain(CONTRIB_DOMAIN));
+                }
+                Some([quantized, a_scale, a_zero_point]) if self.target == Target::Ort => {
+                    let mut inputs = vec![quantized.as_str(), &weight, a_scale, &scale, a_zero_point];
+                    if let Some(bias) = &c.bias {
+                        inputs.extend(["", bias.as_str()]);
+                    }
+                    patch.add_node(Node::new("MatMulIntegerToFloat", &inputs, &[&product_output]).with_domain(CONTRIB_DOMAIN));
                 }
                 Some([quantized, a_scale, a_zero_point]) => {
                     let accumulated = format!("{root}/accumulated");
@@ -289,11 +324,14 @@ impl QuantizeDynamic {
 
 impl QuantizeDynamic {
     /// One patch per activation: its rows quantized once, then one integer
-    /// product per MatMul reading it.
-    fn per_token_patch(&self, activation: &str, group: Vec<Candidate>, opset: i64) -> Patch {
-        let mut patch = Patch::new(match self.target {
-            Target::Ort => "matmul-integer-to-float-per-token",
-            _ => "matmul-integer-per-token",
+    /// product per MatMul reading it. `one_sided`: the zero point of the
+    /// one-sided grid, for a GELU's output (see "GELU inputs").
+    fn per_token_patch(&self, activation: &str, group: Vec<Candidate>, opset: i64, one_sided: Option<u8>) -> Patch {
+        let mut patch = Patch::new(match (self.target, one_sided) {
+            (Target::Ort, None) => "matmul-integer-to-float-per-token",
+            (Target::Ort, Some(_)) => "matmul-integer-to-float-per-token-gelu",
+            (_, None) => "matmul-integer-per-token",
+            (_, Some(_)) => "matmul-integer-per-token-gelu",
         });
         let Some(k) = group.first().map(|c| c.weights.k) else { return patch };
         let x = activation;
@@ -303,23 +341,42 @@ impl QuantizeDynamic {
             let raw: Vec<u8> = v.iter().flat_map(|i| i.to_le_bytes()).collect();
             Tensor::from_raw(name(what), DataType::Int64, vec![v.len() as i64], Bytes::from(raw))
         };
-        patch.add_initializer(scalar_f32("inverse_levels", 1.0 / TOKEN_LEVELS));
-        patch.add_initializer(scalar_f32("smallest_scale", f32::MIN_POSITIVE));
-        patch.add_initializer(Tensor::from_raw(name("zero_point"), DataType::Uint8, vec![], Bytes::from(vec![TOKEN_ZERO_POINT])));
         patch.add_initializer(ints("rows_shape", &[-1, k as i64]));
         patch.add_initializer(ints("flat_shape", &[-1]));
 
-        patch.add_node(Node::new("Abs", &[x], &[&name("abs")]));
-        let row_max = if opset >= 18 {
-            patch.add_initializer(ints("last_axis", &[-1]));
-            Node::new("ReduceMax", &[&name("abs"), &name("last_axis")], &[&name("row_max")])
-        } else {
-            Node::new("ReduceMax", &[&name("abs")], &[&name("row_max")]).with_attr("axes", AttrValue::Ints(vec![-1]))
+        let reduce_max = |input: &str| {
+            let node = if opset >= 18 {
+                Node::new("ReduceMax", &[input, &name("last_axis")], &[&name("row_max")])
+            } else {
+                Node::new("ReduceMax", &[input], &[&name("row_max")]).with_attr("axes", AttrValue::Ints(vec![-1]))
+            };
+            node.with_attr("keepdims", AttrValue::Int(1))
         };
-        patch.add_node(row_max.with_attr("keepdims", AttrValue::Int(1)));
-        patch.add_node(Node::new("Mul", &[&name("row_max"), &name("inverse_levels")], &[&name("row_step")]));
-        // an all-zero row would get scale 0, and QuantizeLinear divides by it
-        patch.add_node(Node::new("Max", &[&name("row_step"), &name("smallest_scale")], &[&name("row_scale")]));
+        if opset >= 18 {
+            patch.add_initializer(ints("last_axis", &[-1]));
+        }
+        let zero_point = match one_sided {
+            None => {
+                patch.add_initializer(scalar_f32("inverse_levels", 1.0 / TOKEN_LEVELS));
+                patch.add_initializer(scalar_f32("smallest_scale", f32::MIN_POSITIVE));
+                patch.add_node(Node::new("Abs", &[x], &[&name("abs")]));
+                patch.add_node(reduce_max(&name("abs")));
+                patch.add_node(Node::new("Mul", &[&name("row_max"), &name("inverse_levels")], &[&name("row_step")]));
+                // an all-zero row would get scale 0, and QuantizeLinear divides by it
+                patch.add_node(Node::new("Max", &[&name("row_step"), &name("smallest_scale")], &[&name("row_scale")]));
+                TOKEN_ZERO_POINT
+            }
+            Some(zero_point) => {
+                let levels = 255.0 - zero_point as f32;
+                patch.add_initializer(scalar_f32("inverse_levels", 1.0 / levels));
+                patch.add_initializer(scalar_f32("smallest_max", -GELU_MINIMUM * levels / zero_point as f32));
+                patch.add_node(reduce_max(x));
+                patch.add_node(Node::new("Max", &[&name("row_max"), &name("smallest_max")], &[&name("row_bound")]));
+                patch.add_node(Node::new("Mul", &[&name("row_bound"), &name("inverse_levels")], &[&name("row_scale")]));
+                zero_point
+            }
+        };
+        patch.add_initializer(Tensor::from_raw(name("zero_point"), DataType::Uint8, vec![], Bytes::from(vec![zero_point])));
         patch.add_node(Node::new("Reshape", &[x, &name("rows_shape")], &[&name("rows")]));
         patch.add_node(Node::new("Reshape", &[&name("row_scale"), &name("flat_shape")], &[&name("row_scale_flat")]));
         patch.add_node(Node::new("Shape", &[&name("row_scale_flat")], &[&name("row_count")]));
@@ -330,9 +387,6 @@ impl QuantizeDynamic {
         );
         patch.add_node(Node::new("Shape", &[x], &[&name("shape")]));
         patch.add_node(Node::new("Reshape", &[&name("rows_quantized"), &name("shape")], &[&name("quantized")]));
-        if self.target == Target::Ort {
-            patch.add_initializer(scalar_f32("unit_scale", 1.0));
-        }
 
         for c in group {
             patch.remove_node(c.id);
@@ -340,24 +394,25 @@ impl QuantizeDynamic {
             let (w, s, _) = c.weights.initializers(root);
             let (weight, weight_scale) = (w.name.clone(), s.name.clone());
             patch.add_initializer(w).add_initializer(s);
-            let unscaled = format!("{root}/unscaled");
+            let scaled = if c.bias.is_some() || c.addend.is_some() { format!("{root}/scaled") } else { root.clone() };
             match self.target {
                 Target::Ort => {
-                    let inputs = [name("quantized"), weight, name("unit_scale"), weight_scale, name("zero_point")];
+                    // the row scale as A's scale: ORT multiplies the output by it
+                    let inputs = [name("quantized"), weight, name("row_scale"), weight_scale, name("zero_point")];
                     let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-                    patch.add_node(Node::new("MatMulIntegerToFloat", &refs, &[&unscaled]).with_domain(CONTRIB_DOMAIN));
+                    patch.add_node(Node::new("MatMulIntegerToFloat", &refs, &[&scaled]).with_domain(CONTRIB_DOMAIN));
                 }
                 _ => {
                     let accumulated = format!("{root}/accumulated");
                     let as_float = format!("{root}/accumulated_float");
+                    let unscaled = format!("{root}/unscaled");
                     patch.add_node(Node::new("MatMulInteger", &[&name("quantized"), &weight, &name("zero_point")], &[&accumulated]));
                     let to = AttrValue::Int(DataType::Float.code() as i64);
                     patch.add_node(Node::new("Cast", &[&accumulated], &[&as_float]).with_attr("to", to));
                     patch.add_node(Node::new("Mul", &[&as_float, &weight_scale], &[&unscaled]));
+                    patch.add_node(Node::new("Mul", &[&unscaled, &name("row_scale")], &[&scaled]));
                 }
             }
-            let scaled = if c.bias.is_some() || c.addend.is_some() { format!("{root}/scaled") } else { root.clone() };
-            patch.add_node(Node::new("Mul", &[&unscaled, &name("row_scale")], &[&scaled]));
             match (&c.bias, &c.addend) {
                 (Some(bias), Some(addend)) => {
                     let biased = format!("{root}/biased");
@@ -372,6 +427,33 @@ impl QuantizeDynamic {
         }
         patch
     }
+}
+
+/// The lowest value a GELU (erf or tanh form) outputs, rounded down: `x Phi(x)`
+/// is smallest at `x = -0.7518`, -0.169971; the tanh form's minimum is -0.170041.
+pub const GELU_MINIMUM: f32 = -0.1701;
+
+/// Whether `activation` is the output of a GELU (com.microsoft BiasGelu, Gelu
+/// or FastGelu, or ONNX Gelu), whose values are all at least [`GELU_MINIMUM`].
+fn is_gelu_output(graph: &Graph, activation: &str) -> bool {
+    let Some(node) = graph.producer(activation).and_then(|(id, _)| graph.node(id)) else { return false };
+    let contrib_gelu = node.domain == CONTRIB_DOMAIN && matches!(node.op_type.as_str(), "BiasGelu" | "Gelu" | "FastGelu");
+    contrib_gelu || node.is_onnx("Gelu")
+}
+
+/// The zero point of the one-sided grid for rows with these maxima, or
+/// `None` where the symmetric grid is as fine. A row's step is
+/// `max(R / (255 - z), -GELU_MINIMUM / z)` one-sided and `max(R, -GELU_MINIMUM) / 127`
+/// symmetric; the `z` in `1..=127` with the least mean squared step wins if
+/// it beats the symmetric grid's.
+pub fn one_sided_zero_point(row_maxima: &[f32]) -> Option<u8> {
+    let floor = -GELU_MINIMUM as f64;
+    let mean_squared_step = |step: &dyn Fn(f64) -> f64| row_maxima.iter().map(|&r| step(r as f64).powi(2)).sum::<f64>() / row_maxima.len().max(1) as f64;
+    let symmetric = mean_squared_step(&|r| r.max(floor) / 127.0);
+    let (best, cost) = (1..=127u8)
+        .map(|z| (z, mean_squared_step(&|r| (r / (255.0 - z as f64)).max(floor / z as f64))))
+        .min_by(|a, b| a.1.total_cmp(&b.1))?;
+    (cost < symmetric && !row_maxima.is_empty()).then_some(best)
 }
 
 impl QuantizedWeights {
@@ -537,17 +619,63 @@ fn foldable_bias_add(graph: &Graph, product: &str, n: usize) -> Option<(NodeId, 
     Some((single.node, add.outputs.first()?.clone()))
 }
 
-/// The int8 weights of every layer the pass would quantize, GPTQ-rounded
-/// against `X^T X` of its input on the calibration data, for
-/// [`QuantizeDynamic::rounded`].
-pub fn gptq_rounded(model: &Model, source: &CalibrationSource) -> Result<RoundedWeights, GptqRoundingError> {
-    let activations = quantized_activations(model);
-    let names: Vec<&str> = activations.iter().map(String::as_str).collect();
-    let hessians = gram_matrices(model, &names, source)?.into_iter().map(|g| (g.name, g.xtx)).collect();
-    Ok(gptq_rounded_weights(model, &hessians)?)
+/// What [`QuantizeDynamic`] takes from calibration data.
+#[derive(Debug, Default)]
+pub struct Int8Calibration {
+    /// Weights GPTQ-rounded against `X^T X` of their input, for
+    /// [`QuantizeDynamic::rounded`] (empty when GPTQ was not asked for).
+    pub rounded: RoundedWeights,
+    /// For [`QuantizeDynamic::gelu_zero_points`]: each GELU output a
+    /// quantized MatMul reads, where the one-sided grid beats the symmetric one
+    /// on the calibration rows ([`one_sided_zero_point`]).
+    pub gelu_zero_points: HashMap<String, u8>,
 }
 
-/// Why [`gptq_rounded`] failed.
+/// One run of `model` over `source` (real-token rows only, padding left
+/// out): with `gptq`, `X^T X` of every quantized MatMul's input and the int8
+/// weights GPTQ-rounded against it; and the row maxima of each GELU output a
+/// quantized MatMul reads, for its one-sided grid.
+pub fn calibrate_int8(model: &Model, source: &CalibrationSource, gptq: bool) -> Result<Int8Calibration, GptqRoundingError> {
+    let activations = quantized_activations(model);
+    let gelu_outputs: Vec<&str> = activations.iter().map(String::as_str).filter(|a| is_gelu_output(&model.graph, a)).collect();
+    let taps: Vec<&str> = if gptq { activations.iter().map(String::as_str).collect() } else { gelu_outputs.clone() };
+    if taps.is_empty() {
+        return Ok(Int8Calibration::default());
+    }
+    let mut grams: Vec<Gram> = if gptq { taps.iter().map(|t| Gram::new(t)).collect() } else { Vec::new() };
+    let mut row_maxima: Vec<Vec<f32>> = vec![Vec::new(); gelu_outputs.len()];
+    for_each_batch(model, &taps, source, |batch| {
+        for (gram, value) in grams.iter_mut().zip(&batch.taps) {
+            gram.observe(value, batch.token_rows(value).as_deref())?;
+        }
+        for (maxima, gelu) in row_maxima.iter_mut().zip(&gelu_outputs) {
+            let Some(value) = taps.iter().position(|t| t == gelu).map(|i| &batch.taps[i]) else { continue };
+            maxima.extend(row_maxima_of(gelu, value, batch.token_rows(value).as_deref())?);
+        }
+        Ok(())
+    })?;
+    let gelu_zero_points = gelu_outputs.iter().zip(&row_maxima).filter_map(|(name, maxima)| Some((name.to_string(), one_sided_zero_point(maxima)?))).collect();
+    let rounded = if gptq {
+        let hessians = grams.into_iter().map(|g| (g.name, g.xtx)).collect();
+        gptq_rounded_weights(model, &hessians)?
+    } else {
+        RoundedWeights::new()
+    };
+    Ok(Int8Calibration { rounded, gelu_zero_points })
+}
+
+/// The largest value of each row (last axis) of `value` whose `keep` entry is true.
+fn row_maxima_of(name: &str, value: &tract_onnx::prelude::Tensor, keep: Option<&[bool]>) -> Result<Vec<f32>, CalibrateError> {
+    let fail = |why: String| CalibrateError::Observe { tensor: name.to_string(), why };
+    let cast = value.cast_to::<f32>().map_err(|e| fail(format!("not numeric: {e}")))?;
+    let view = cast.to_plain_array_view::<f32>().map_err(|e| fail(e.to_string()))?;
+    let values = view.as_slice().ok_or_else(|| fail("not contiguous".into()))?;
+    let width = value.shape().last().copied().unwrap_or(1).max(1);
+    let rows = values.chunks_exact(width).enumerate().filter(|(r, _)| keep.is_none_or(|k| k.get(*r).copied().unwrap_or(true)));
+    Ok(rows.map(|(_, row)| row.iter().copied().fold(f32::NEG_INFINITY, f32::max)).collect())
+}
+
+/// Why [`calibrate_int8`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GptqRoundingError {
     #[error("calibration for GPTQ: {0}")]
