@@ -25,6 +25,7 @@ pub mod quantize_static;
 pub mod quantize_gather_int4;
 pub mod quantize_int4;
 pub mod raise_opset;
+pub mod residual_sum;
 pub mod shape_folding;
 pub mod smooth_quant;
 pub mod split_attention_projection;

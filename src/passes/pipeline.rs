@@ -27,6 +27,7 @@
 use super::common_subexpression::MergeCommonSubexpressions;
 use super::constant_folding::FoldConstants;
 use super::dead_code::EliminateDeadCode;
+use super::residual_sum::ResidualAddAsSum;
 use super::split_attention_projection::SplitAttentionProjection;
 use super::fuse::Fuse;
 use super::no_op::RemoveNoOps;
@@ -116,19 +117,21 @@ pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box
 /// 0.6 ms); in a float model ORT fuses them back itself and nothing changes,
 /// but behind per-token int8 products it does not, and the unfused form ran
 /// 9% faster (batch 8, 125 -> 113 ms).
-const INT8_UNFUSED_RULES: [&str; 2] = ["skip-layer-norm-bias", "skip-layer-norm"];
+pub const INT8_UNFUSED_RULES: [&str; 2] = ["skip-layer-norm-bias", "skip-layer-norm"];
 
 /// The passes `onnxopt quantize --mode int8` runs before it quantizes, in
 /// order: [`optimization_passes`] for `target` without [`INT8_UNFUSED_RULES`],
 /// then, for ORT, `split-attention-projection` (the packed Q/K/V projection
-/// back out of each fused Attention, as one MatMul feeding
+/// back out of each fused Attention, as three MatMuls feeding
 /// MultiHeadAttention), so that the `--max-error` search sees every MatMul
-/// [`quantization_passes`] will quantize.
+/// [`quantization_passes`] will quantize, and `residual-add-as-sum` (so that
+/// ORT does not fuse what [`INT8_UNFUSED_RULES`] left apart).
 pub fn int8_fusion_passes(target: Target) -> Vec<Box<dyn Pass>> {
     let options = PipelineOptions { skip_rules: INT8_UNFUSED_RULES.iter().map(|r| r.to_string()).collect(), ..PipelineOptions::default() };
     let mut passes = optimization_passes(target, &options);
     if target == Target::Ort {
         passes.push(Box::new(SplitAttentionProjection));
+        passes.push(Box::new(ResidualAddAsSum));
     }
     passes
 }

@@ -137,7 +137,7 @@ pub struct QuantizeDynamic {
     /// to nearest here.
     pub rounded: Arc<RoundedWeights>,
     /// The one-sided grid's zero point for GELU outputs read per token, by
-    /// activation name (see "GELU inputs", [`gelu_zero_points`]); the others
+    /// activation name (see "GELU inputs", [`calibrate_int8`]); the others
     /// take the symmetric grid.
     pub gelu_zero_points: Arc<HashMap<String, u8>>,
 }
