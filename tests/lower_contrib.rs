@@ -275,6 +275,26 @@ fn dynamic_quantize_matmul() -> Model {
     with_contrib_import(b, 17)
 }
 
+/// MatMulIntegerToFloat with a per-row A scale `[2, 3, 1]` and a bias: ORT adds
+/// the bias before it multiplies by the row scale, and so must the lowering.
+fn matmul_integer_to_float_row_scale() -> Model {
+    let mut b = GraphBuilder::new("matmul_integer_to_float_row_scale");
+    let x = b.input("x", DataType::Float, &[B, 3, 8]);
+    let step = b.initializer_f32("step", &[], &[0.02]);
+    let a_zero_point = b.initializer(Tensor::from_raw("a_zero_point", DataType::Uint8, vec![], vec![128u8].into()));
+    b.add(Node::new("QuantizeLinear", &[&x, &step, &a_zero_point], &["a"]));
+    let magnitude = b.node("Abs", &[&x]);
+    b.add(Node::new("ReduceMax", &[&magnitude], &["row_scale"]).with_attr("axes", AttrValue::Ints(vec![-1])).with_attr("keepdims", AttrValue::Int(1)));
+    let quantized: Vec<u8> = values(48, 7).iter().map(|v| ((v * 127.0).round() as i8) as u8).collect();
+    let b_int8 = b.initializer(Tensor::from_raw("b_int8", DataType::Int8, vec![8, 6], quantized.into()));
+    let scales: Vec<f32> = values(6, 8).iter().map(|v| 0.01 + v.abs() * 0.02).collect();
+    let scale = b.initializer_f32("b_scale", &[6], &scales);
+    let bias = weight(&mut b, "bias", &[6], 9);
+    b.add(contrib("MatMulIntegerToFloat", &["a", &b_int8, "row_scale", &scale, &a_zero_point, "", &bias], &["y"], vec![]));
+    b.output("y", DataType::Float, &[B, 3, 6]);
+    with_contrib_import(b, 17)
+}
+
 fn cases() -> Vec<Case> {
     vec![
         case("gelu", activation("Gelu", false)),
@@ -301,6 +321,7 @@ fn cases() -> Vec<Case> {
         case("group_query_attention", group_query_attention(false)),
         case("group_query_attention_packed_window", group_query_attention(true)),
         case("dynamic_quantize_matmul", dynamic_quantize_matmul()),
+        case("matmul_integer_to_float_row_scale", matmul_integer_to_float_row_scale()),
     ]
 }
 

@@ -91,8 +91,8 @@
 //! row-scale Mul in one kernel; it adds a bias before that last Mul, so the
 //! bias is an Add after it):
 //! ```text
-//! y = MatMul(x, w)  ->  x/row_scale = Max(Mul(ReduceMax(Abs(x), axes=-1), 1/127), tiny)      # GELU input: Mul(Max(ReduceMax(x), 0.1701*231/24), 1/231)
-//!                       x/quantized = Reshape(QuantizeLinear(Reshape(x, [-1, K]), Reshape(x/row_scale, [-1]), 128, axis=0), Shape(x))   # GELU input: 24
+//! y = MatMul(x, w)  ->  x/row_scale = Max(Mul(ReduceMax(Abs(x), axes=-1), 1/127), tiny)      # GELU input: Mul(Max(ReduceMax(x), 0.1701 (255-z)/z), 1/(255-z))
+//!                       x/quantized = Reshape(QuantizeLinear(Reshape(x, [-1, K]), Reshape(x/row_scale, [-1]), 128, axis=0), Shape(x))   # GELU input: z, not 128
 //!                       y           = com.microsoft.MatMulIntegerToFloat(x/quantized, y/weight_int8, x/row_scale, y/weight_scale, 128)   # ort
 //!                                   = Mul(Mul(Cast<float>(MatMulInteger(x/quantized, y/weight_int8, 128)), y/weight_scale), x/row_scale) # portable
 //! ```
@@ -163,7 +163,6 @@ pub enum ActivationScale {
 const TOKEN_LEVELS: f32 = 127.0;
 /// Its zero point: the quantized values span `1..=255`.
 const TOKEN_ZERO_POINT: u8 = 128;
-
 
 /// One MatMul or Gemm to quantize.
 struct Candidate {
