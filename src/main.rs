@@ -1060,7 +1060,10 @@ struct Int8Choice {
     per_tensor: HashSet<String>,
     /// Layers searched over.
     candidates: usize,
-    /// Which layers need per-token activations (the rest take per-tensor).
+    /// Activations searched over for their scale (each read by one or more layers).
+    activations: usize,
+    /// Which activations need per-token scales (the rest take per-tensor); each
+    /// is named by the layers that read it, "a + b".
     #[serde(skip_serializing_if = "Option::is_none")]
     activation_scales: Option<onnxopt::sensitivity::SensitivityReport>,
     /// Which layers stay in float (every other one per token).
@@ -1089,14 +1092,25 @@ impl Int8Search<'_> {
             .collect();
         let failed = |e: onnxopt::passes::PassError| SensitivityError::Quantize(e.to_string());
         let none = HashSet::new();
-        let mut choice = Int8Choice { in_float: HashSet::new(), per_tensor: HashSet::new(), candidates: layers.len(), activation_scales: None, float: None };
+        let mut choice = Int8Choice { in_float: HashSet::new(), per_tensor: HashSet::new(), candidates: layers.len(), activations: 0, activation_scales: None, float: None };
         if choose_scales {
-            let all_but = |per_token: &HashSet<String>| layers.iter().filter(|l| !per_token.contains(*l)).cloned().collect::<HashSet<_>>();
-            let quantize = |per_token: &HashSet<String>| quantize_with(&none, &all_but(per_token)).map(|(m, _)| m).map_err(failed);
-            let (_, scales) = spare_costliest(&measurement, &layers, self.budget, quantize)?;
+            // the search's units: the layers reading one activation (Q, K and V
+            // share one quantization of it, so one scale), named "a + b + c"
+            let groups: Vec<Vec<String>> = onnxopt::passes::quantize_dynamic::layers_by_activation(self.to_quantize)
+                .into_iter()
+                .map(|group| group.into_iter().filter(|l| !self.excluded_already.contains(l)).collect::<Vec<_>>())
+                .filter(|group| !group.is_empty())
+                .collect();
+            let units: Vec<String> = groups.iter().map(|group| group.join(" + ")).collect();
+            choice.activations = units.len();
+            let per_tensor_layers = |per_token_units: &HashSet<String>| -> HashSet<String> {
+                units.iter().zip(&groups).filter(|(unit, _)| !per_token_units.contains(*unit)).flat_map(|(_, group)| group.iter().cloned()).collect()
+            };
+            let quantize = |per_token: &HashSet<String>| quantize_with(&none, &per_tensor_layers(per_token)).map(|(m, _)| m).map_err(failed);
+            let (_, scales) = spare_costliest(&measurement, &units, self.budget, quantize)?;
             let within = scales.within_budget();
             if within {
-                choice.per_tensor = all_but(&scales.spared.iter().cloned().collect());
+                choice.per_tensor = per_tensor_layers(&scales.spared.iter().cloned().collect());
             }
             choice.activation_scales = Some(scales);
             if within {
@@ -1115,7 +1129,7 @@ impl Int8Choice {
     fn print(&self) {
         if let Some(scales) = &self.activation_scales {
             let chosen = if scales.within_budget() {
-                format!("per token for {} of {} layers: {:.2e}", scales.spared.len(), self.candidates, scales.error)
+                format!("per token for {} of {} activations: {:.2e}", scales.spared.len(), self.activations, scales.error)
             } else {
                 format!("per token everywhere: {:.2e}", scales.error)
             };

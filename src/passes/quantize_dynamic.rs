@@ -533,6 +533,23 @@ pub fn quantizable_layers(model: &Model) -> Vec<String> {
         .collect()
 }
 
+/// The layers the pass would quantize, grouped by the activation they read,
+/// in graph order. A group shares one quantization of its activation (Q, K
+/// and V), so it takes one activation scale: per tensor or per token.
+pub fn layers_by_activation(model: &Model) -> Vec<Vec<String>> {
+    let graph_inputs: HashSet<&str> = model.graph.inputs.iter().map(|v| v.name.as_str()).collect();
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for node in model.graph.nodes().filter(|n| quantizable_weight(&model.graph, &graph_inputs, n).is_some()) {
+        let Some(activation) = node.inputs.first() else { continue };
+        let layer = node.name_or_output().to_string();
+        match groups.iter_mut().find(|(a, _)| a == activation) {
+            Some((_, layers)) => layers.push(layer),
+            None => groups.push((activation.clone(), vec![layer])),
+        }
+    }
+    groups.into_iter().map(|(_, layers)| layers).collect()
+}
+
 /// The activations (first inputs) of the layers the pass would quantize, each once.
 pub fn quantized_activations(model: &Model) -> Vec<String> {
     let graph_inputs: HashSet<&str> = model.graph.inputs.iter().map(|v| v.name.as_str()).collect();
