@@ -7,6 +7,7 @@
 mod common;
 
 use onnxopt::ir::{AttrValue, DataType, Extras, GraphBuilder, Model, Node, OpsetImport};
+use onnxopt::passes::attention_opset::RaiseOpsetForAttention;
 use onnxopt::passes::split_attention_projection::SplitAttentionProjection;
 use onnxopt::passes::{run_pipeline, verify_rewrite, DriverOptions, Pass};
 use onnxopt::verify;
@@ -90,4 +91,65 @@ fn left_alone_without_a_constant_weight_or_with_a_3d_mask() {
         assert_eq!(patches, 0, "{case}");
         assert_eq!(rewritten.graph.nodes().filter(|n| n.op_type == "Attention").count(), 1, "{case}");
     }
+}
+
+/// Attention over x [2, 5, 6], 2 heads of 4, its mask an additive
+/// attention_bias [2, 1, 5, 5] (as the fused MiniLM has it), at opset 17.
+fn fused_attention_with_bias() -> Model {
+    let mut b = GraphBuilder::new("attention_bias");
+    let x = b.input("x", DataType::Float, &[2, 5, 6]);
+    let w = b.initializer_f32("qkv_weight", &[6, 24], &values(144, 1));
+    let bias = b.initializer_f32("qkv_bias", &[24], &values(24, 2));
+    let mask = b.input("attention_bias", DataType::Float, &[2, 1, 5, 5]);
+    b.add(
+        Node::new("Attention", &[&x, &w, &bias, "", "", &mask], &["y"])
+            .with_domain(MS)
+            .with_name("fused_attention")
+            .with_attr("num_heads", AttrValue::Int(2))
+            .with_attr("scale", AttrValue::Float(0.4)),
+    );
+    b.output("y", DataType::Float, &[2, 5, 8]);
+    let mut model = b.into_model(17);
+    model.opset_imports.push(OpsetImport { domain: MS.into(), version: 1, extras: Extras::default() });
+    model
+}
+
+/// With an attention_bias (no mask_index), the model is raised to opset 23 and
+/// the attention becomes ONNX Attention: three projections, each with its bias
+/// block as an Add, the bias as attn_mask, the heads and scale carried over;
+/// the same numbers in tract and in ONNX Runtime. With a mask_index, neither
+/// pass fires towards ONNX Attention: the opset stays 17, MultiHeadAttention.
+#[test]
+fn with_an_attention_bias_the_model_takes_onnx_attention_at_opset_23() {
+    let model = fused_attention_with_bias();
+    let mut rewritten = model.clone();
+    let passes: Vec<Box<dyn Pass>> = vec![Box::new(RaiseOpsetForAttention), Box::new(SplitAttentionProjection)];
+    let records = run_pipeline(&mut rewritten, &passes, &DriverOptions { validate: true, ..DriverOptions::default() }).unwrap();
+    assert_eq!(records[1].patches, 1);
+    assert_eq!(rewritten.opset(""), Some(23));
+    let ops: Vec<String> = rewritten.graph.nodes().map(|n| n.qualified_op()).collect();
+    assert_eq!(ops, ["MatMul", "Add", "MatMul", "Add", "MatMul", "Add", "Attention"]);
+    let attention = rewritten.graph.nodes().find(|n| n.op_type == "Attention").unwrap();
+    assert_eq!((attention.attr_int("q_num_heads"), attention.attr_int("kv_num_heads"), attention.attr_float("scale")), (Some(2), Some(2), Some(0.4)));
+    assert_eq!(attention.inputs[3], "attention_bias");
+    let v_bias = rewritten.graph.initializer("y/v/bias").unwrap().to_f32().unwrap().into_raw_vec_and_offset().0;
+    assert_eq!(v_bias, values(24, 2)[16..]);
+
+    let options = verify::VerifyOptions { atol: 1e-5, rtol: 1e-4, ..Default::default() };
+    let comparison = verify_rewrite(&model, &rewritten, &options).unwrap();
+    assert!(comparison.passed() && comparison.outputs[0].cosine > 0.999_999, "{comparison:?}");
+    insta::assert_snapshot!("split_attention_projection__onnx_attention", format!("before:\n{model}\nafter:\n{rewritten}"));
+    let dir = tempfile::tempdir().unwrap();
+    let (before, after) = (dir.path().join("before.onnx"), dir.path().join("after.onnx"));
+    onnxopt::onnx::save(&model, &before, &Default::default()).unwrap();
+    onnxopt::onnx::save(&rewritten, &after, &Default::default()).unwrap();
+    if let Some(cosine) = common::onnxruntime_cosine(&before, &after) {
+        assert!(cosine > 0.999_999, "ONNX Runtime: cosine {cosine}");
+    }
+
+    let with_mask_index = fused_attention(true, 2);
+    let mut kept = with_mask_index.clone();
+    run_pipeline(&mut kept, &passes, &DriverOptions { validate: true, ..DriverOptions::default() }).unwrap();
+    assert_eq!(kept.opset(""), Some(17));
+    assert!(kept.graph.nodes().any(|n| n.op_type == "MultiHeadAttention"));
 }

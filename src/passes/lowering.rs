@@ -57,15 +57,20 @@ pub(super) trait Emitter<'m> {
 
     /// A fresh tensor name `{root}/{what}` (numbered from the second use on).
     fn fresh(&mut self, what: &str) -> String {
-        let n = {
-            let count = self.taken().entry(what.to_string()).or_insert(0);
-            *count += 1;
-            *count
-        };
-        if n == 1 {
-            format!("{}/{what}", self.root())
-        } else {
-            format!("{}/{what}_{n}", self.root())
+        loop {
+            let n = {
+                let count = self.taken().entry(what.to_string()).or_insert(0);
+                *count += 1;
+                *count
+            };
+            let name = if n == 1 { format!("{}/{what}", self.root()) } else { format!("{}/{what}_{n}", self.root()) };
+            // another pass may have named a tensor under the same root
+            // (quantize-dynamic's `{x}/row_max` for the input x of a MatMul)
+            let graph = self.graph();
+            let taken = graph.producer(&name).is_some() || graph.initializer(&name).is_some() || graph.inputs.iter().any(|v| v.name == name);
+            if !taken {
+                return name;
+            }
         }
     }
 

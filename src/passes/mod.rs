@@ -7,6 +7,7 @@
 //! so that a broken patch is named; the CLI checks per pass to stay fast).
 //! The order of passes is written once, in `pipeline.rs`.
 
+pub mod attention_opset;
 pub mod check;
 pub mod lower_contrib;
 pub mod lower_float16_gemm;

@@ -27,6 +27,7 @@
 use super::common_subexpression::MergeCommonSubexpressions;
 use super::constant_folding::FoldConstants;
 use super::dead_code::EliminateDeadCode;
+use super::attention_opset::RaiseOpsetForAttention;
 use super::residual_sum::ResidualAddAsSum;
 use super::split_attention_projection::SplitAttentionProjection;
 use super::fuse::Fuse;
@@ -121,15 +122,17 @@ pub const INT8_UNFUSED_RULES: [&str; 2] = ["skip-layer-norm-bias", "skip-layer-n
 
 /// The passes `onnxopt quantize --mode int8` runs before it quantizes, in
 /// order: [`optimization_passes`] for `target` without [`INT8_UNFUSED_RULES`],
-/// then, for ORT, `split-attention-projection` (the packed Q/K/V projection
-/// back out of each fused Attention, as three MatMuls feeding
-/// MultiHeadAttention), so that the `--max-error` search sees every MatMul
+/// then, for ORT, `raise-opset-for-attention` (opset 23, where it can raise
+/// exactly) and `split-attention-projection` (the packed Q/K/V projection
+/// back out of each fused Attention, as three MatMuls feeding ONNX Attention
+/// at opset 23, MultiHeadAttention below), so that the `--max-error` search sees every MatMul
 /// [`quantization_passes`] will quantize, and `residual-add-as-sum` (so that
 /// ORT does not fuse what [`INT8_UNFUSED_RULES`] left apart).
 pub fn int8_fusion_passes(target: Target) -> Vec<Box<dyn Pass>> {
     let options = PipelineOptions { skip_rules: INT8_UNFUSED_RULES.iter().map(|r| r.to_string()).collect(), ..PipelineOptions::default() };
     let mut passes = optimization_passes(target, &options);
     if target == Target::Ort {
+        passes.push(Box::new(RaiseOpsetForAttention));
         passes.push(Box::new(SplitAttentionProjection));
         passes.push(Box::new(ResidualAddAsSum));
     }

@@ -34,7 +34,7 @@
 
 use super::lower_contrib::CONTRIB_DOMAIN;
 use super::{Pass, PassError};
-use crate::ir::{infer_types, DataType, Model, Node, Patch, Tensor, TypeMap};
+use crate::ir::{infer_types, AttrValue, DataType, Model, Node, Patch, Tensor, TypeMap};
 use ndarray::ArrayD;
 
 /// The pass. See the module documentation.
@@ -60,18 +60,44 @@ impl Pass for SplitAttentionProjection {
             let attention_bias = node.inputs.get(5).map(String::as_str).unwrap_or("");
 
             let Some(columns) = model.graph.initializer(weight).and_then(|w| column_blocks(w, &sizes)) else { continue };
-            let mut patch = Patch::new("split-attention-projection");
+            let onnx_attention = writes_onnx_attention(model, node);
+            let bias_blocks = match onnx_attention {
+                true => match model.graph.initializer(bias).and_then(|b| bias_blocks(b, &sizes)) {
+                    Some(blocks) => Some(blocks),
+                    None => continue,
+                },
+                false => None,
+            };
+            let mut patch = Patch::new(if onnx_attention { "split-attention-projection-onnx" } else { "split-attention-projection" });
             patch.remove_node(id);
             // named, so that `--exclude` and `--max-error` can keep each in float
             let base = if node.name.is_empty() { out } else { &node.name };
             let parts = [name("q"), name("k"), name("v")];
-            for (part, block) in parts.iter().zip(columns) {
+            for (index, (part, block)) in parts.iter().zip(columns).enumerate() {
                 let block_weight = format!("{part}/weight");
                 patch.add_initializer(Tensor::from_f32(block_weight.clone(), &block));
                 let which = part.rsplit('/').next().unwrap_or_default();
-                patch.add_node(Node::new("MatMul", &[x, &block_weight], &[part]).with_name(format!("{base}/{which}_projection")));
+                let projection = |output: &str| Node::new("MatMul", &[x, &block_weight], &[output]).with_name(format!("{base}/{which}_projection"));
+                match &bias_blocks {
+                    // ONNX Attention takes no bias: an Add after each projection
+                    // (which quantize-dynamic folds into the int8 product)
+                    Some(blocks) => {
+                        let (unbiased, block_bias) = (format!("{part}/unbiased"), format!("{part}/bias"));
+                        patch.add_initializer(Tensor::from_f32(block_bias.clone(), &blocks[index]));
+                        patch.add_node(projection(&unbiased));
+                        patch.add_node(Node::new("Add", &[&unbiased, &block_bias], &[part]));
+                    }
+                    None => {
+                        patch.add_node(projection(part));
+                    }
+                }
             }
             let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+            if onnx_attention {
+                patch.add_node(onnx_attention_node(node, &parts, attention_bias));
+                patches.push(patch);
+                continue;
+            }
             let mut inputs = vec![parts[0], parts[1], parts[2], bias.as_str(), mask_index, attention_bias];
             while inputs.last() == Some(&"") {
                 inputs.pop();
@@ -87,6 +113,55 @@ impl Pass for SplitAttentionProjection {
         }
         Ok(patches)
     }
+}
+
+/// Whether the split-out `Attention` becomes ONNX `Attention` (opset 23)
+/// rather than `MultiHeadAttention`: the model imports opset 23 or later
+/// (`raise-opset-for-attention` raises it), and the mask, if any, is an
+/// `attention_bias` (ONNX Attention's `attn_mask` adds it the same way; a
+/// `mask_index` it does not read).
+pub fn writes_onnx_attention(model: &Model, node: &Node) -> bool {
+    let mask_index = node.inputs.get(3).is_some_and(|m| !m.is_empty());
+    model.opset("").unwrap_or(0) >= 23 && !mask_index
+}
+
+/// Whether some fused `Attention` of `model` would become ONNX `Attention`
+/// were the model at opset 23 (see [`writes_onnx_attention`]).
+pub fn has_attention_for_onnx(model: &Model) -> bool {
+    let types = infer_types(model);
+    model.graph.nodes().any(|node| splittable(model, &types, node).is_some() && !node.inputs.get(3).is_some_and(|m| !m.is_empty()))
+}
+
+/// ONNX `Attention`-23 over projected, biased `q, k, v` `[B, S, H]`: the
+/// heads as `q_num_heads = kv_num_heads`, the fused op's `scale` (0, or none,
+/// is `1/sqrt(head_size)` in both) and `unidirectional` as `is_causal`.
+fn onnx_attention_node(fused: &Node, parts: &[&str], attention_bias: &str) -> Node {
+    let mut inputs = parts.to_vec();
+    if !attention_bias.is_empty() {
+        inputs.push(attention_bias);
+    }
+    let heads = fused.attr_int("num_heads").unwrap_or(1);
+    let mut attention = Node::new("Attention", &inputs, &[&fused.outputs[0]])
+        .with_name(fused.name.clone())
+        .with_attr("q_num_heads", AttrValue::Int(heads))
+        .with_attr("kv_num_heads", AttrValue::Int(heads));
+    if let Some(scale) = fused.attr_float("scale").filter(|&s| s != 0.0) {
+        attention = attention.with_attr("scale", AttrValue::Float(scale));
+    }
+    if fused.attr_int("unidirectional").unwrap_or(0) != 0 {
+        attention = attention.with_attr("is_causal", AttrValue::Int(1));
+    }
+    attention
+}
+
+/// `bias` `[sum(widths)]` in blocks of `widths`.
+fn bias_blocks(bias: &Tensor, widths: &[i64; 3]) -> Option<[ArrayD<f32>; 3]> {
+    let values = bias.to_f32().ok()?;
+    let values = values.as_slice()?;
+    let (q, rest) = values.split_at_checked(usize::try_from(widths[0]).ok()?)?;
+    let (k, v) = rest.split_at_checked(usize::try_from(widths[1]).ok()?)?;
+    let block = |b: &[f32]| ArrayD::from_shape_vec(vec![b.len()], b.to_vec()).ok();
+    Some([block(q)?, block(k)?, block(v)?])
 }
 
 /// The columns of `weight` `[H, sum(widths)]` in blocks of `widths`, each `[H, width]`.
