@@ -27,6 +27,16 @@
 //! `Attention`'s 1-D and 2-D `mask_index` (valid lengths `[B]`, or `[B, T]`
 //! of 0/1).
 //!
+//! At opset 23 (`raise-opset-for-attention` raises a model to it for
+//! `--mode int8`) and without a `mask_index`, the attention is ONNX
+//! `Attention` instead, which ORT runs faster on CPU; it takes no bias, so
+//! each projection gets its block of `b` as an Add:
+//!
+//! ```text
+//!   ->  q = Add(MatMul(x, W[:, :Hq]), b[:Hq])         # likewise k and v
+//!       y = Attention(q, k, v, attention_bias?) {q_num_heads = kv_num_heads = num_heads, scale?, is_causal = unidirectional}
+//! ```
+//!
 //! Left alone: a weight or bias that is not a constant float32 initializer
 //! (nothing to quantize), a `mask_index` of another rank, `past`/`present`
 //! (ORT's CPU `MultiHeadAttention` takes a cache in another layout), rotary
