@@ -96,6 +96,36 @@ fn per_token_activations_for_both_targets() {
     onnxruntime_agrees(lowered_cases);
 }
 
+/// From opset 21 the rows are quantized by one blocked QuantizeLinear (one
+/// block of K per row), without Reshapes; tract (lowered) and ONNX Runtime
+/// agree, and the result is as close as the per-axis form's.
+#[test]
+fn per_token_at_opset_21_quantizes_in_blocks() {
+    let mut b = GraphBuilder::new("per_token_blocked");
+    let x = b.input("x", DataType::Float, &[2, -1, 4]);
+    let w: Vec<f32> = (0..32).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
+    let w = b.initializer_f32("w", &[4, 8], &w);
+    let y = b.node("MatMul", &[&x, &w]);
+    b.output(&y, DataType::Float, &[2, -1, 8]);
+    let model = b.into_model(21);
+    let mut lowered_cases = Vec::new();
+    for (target, case) in [(Target::Ort, "blocked_ort"), (Target::Portable, "blocked_portable")] {
+        let (quantized, _) = quantize_with(&model, target, &[], ActivationScale::PerToken);
+        let quantize = quantized.graph.nodes().find(|n| n.op_type == "QuantizeLinear").expect("a QuantizeLinear");
+        assert_eq!((quantize.attr_int("block_size"), quantize.attr_int("axis")), (Some(4), Some(-1)), "{case}");
+        assert!(!ops(&quantized).contains(&"Reshape".to_string()), "{case}: {:?}", ops(&quantized));
+        let cosine = min_cosine(&model, &quantized);
+        assert!(cosine > 0.9995, "{case}: cosine {cosine}");
+        let mut lowered = quantized.clone();
+        let driver = DriverOptions { validate: true, ..DriverOptions::default() };
+        onnxopt::passes::lower_contrib::lower_contrib_ops(&mut lowered, &driver).unwrap();
+        onnxopt::passes::lower_standard::lower_standard_ops(&mut lowered, &driver).unwrap();
+        assert!(lowered.graph.nodes().all(|n| n.op_type != "QuantizeLinear"), "{case}: lowered for tract");
+        lowered_cases.push((case, quantized, lowered));
+    }
+    onnxruntime_agrees(lowered_cases);
+}
+
 /// Every int8 weight keeps aligned row pairs within |q0| + |q1| <= 128, so that
 /// ORT's AVX2 u8 x s8 kernel (int16 pair sums, saturating) stays exact with
 /// activations up to 255; a column of equal weights gets 64s, not 127s.

@@ -21,7 +21,8 @@
 //!
 //! - `QuantizeLinear` whose scale is computed at run time (per-token
 //!   quantization): tract 0.23.9 refuses it ("y_scale must be a const").
-//!   Lowered, at any opset, to its definition
+//!   Lowered, at any opset (blocked only with one block along the axis, the
+//!   per-token form), to its definition
 //!   `y = saturate(round(x / y_scale) + y_zero_point)`: Div, Round (half to
 //!   even, as QuantizeLinear), Add, Clip to the output type's range, Cast.
 //!   Exact: the same float32 division, and everything after it is on integers.
@@ -263,11 +264,23 @@ impl<'m> Lowering<'m> {
 
     /// QuantizeLinear(x, y_scale, y_zero_point?) with a per-tensor or per-axis
     /// scale: `y = saturate(round(x / y_scale) + y_zero_point)`, the scale and
-    /// zero point broadcast along `axis` (trailing 1s unsqueezed).
+    /// zero point broadcast along `axis` (trailing 1s unsqueezed). Blocked
+    /// (`block_size`, opset 21) only where one block spans the whole axis
+    /// (scale of `x`'s rank with 1 on `axis`: per-token rows), which is
+    /// plain broadcasting.
     fn quantize_linear(&mut self) -> Result<(), Refusal> {
         let (x, scale) = (self.required(0, "x")?, self.required(1, "y_scale")?);
-        if self.node.attr_int("block_size").unwrap_or(0) != 0 {
-            return Err("blocked quantization is not lowered".into());
+        let blocked = self.node.attr_int("block_size").unwrap_or(0) != 0;
+        if blocked {
+            let rank = self.rank(x)? as i64;
+            let axis = self.node.attr_int("axis").unwrap_or(1);
+            let axis = if axis < 0 { axis + rank } else { axis };
+            let one_block = self.types.shape(scale).is_some_and(|dims| {
+                dims.len() as i64 == rank && usize::try_from(axis).ok().and_then(|a| dims.get(a)).is_some_and(|d| d.fixed() == Some(1))
+            });
+            if !one_block {
+                return Err("blocked quantization is lowered only with one block along the axis (a scale of x's rank, 1 on the axis)".into());
+            }
         }
         if self.elem_type(x)? != DataType::Float || self.elem_type(scale)? != DataType::Float {
             return Err("only float32 x and y_scale are lowered".into());
@@ -289,6 +302,7 @@ impl<'m> Lowering<'m> {
         let broadcast = |this: &mut Self, v: &str, what: &str| -> Result<String, Refusal> {
             match this.rank(v)? {
                 0 => Ok(v.to_string()),
+                r if blocked && r as i64 == rank => Ok(v.to_string()),
                 1 => {
                     let axis = this.node.attr_int("axis").unwrap_or(1);
                     let axis = if axis < 0 { axis + rank } else { axis };

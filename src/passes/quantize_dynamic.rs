@@ -30,7 +30,8 @@
 //! Per-token activations (`ActivationScale::PerToken`, the ZeroQuant scheme):
 //! one symmetric scale per row (token) of `A`, over its last axis:
 //! `a_m = max_k |A[m, k]| / 127`, `Aq[m, k] = round(A[m, k] / a_m) + 128` in uint8
-//! (`QuantizeLinear` per axis over the rows flattened to `[M, K]`), then
+//! (`QuantizeLinear` per axis over the rows flattened to `[M, K]`, or from
+//! opset 21 with one block of K per row), then
 //! `Y[m, n] = (sum_k (Aq[m, k] - 128) * Wq[k, n]) * s_n * a_m`. A row's scale
 //! follows its own range, so one large token no longer coarsens the others;
 //! the error bound above holds with `a` replaced by `a_m` per row.
@@ -93,6 +94,7 @@
 //! ```text
 //! y = MatMul(x, w)  ->  x/row_scale = Max(Mul(ReduceMax(Abs(x), axes=-1), 1/127), tiny)      # GELU input: Mul(Max(ReduceMax(x), 0.1701 (255-z)/z), 1/(255-z))
 //!                       x/quantized = Reshape(QuantizeLinear(Reshape(x, [-1, K]), Reshape(x/row_scale, [-1]), 128, axis=0), Shape(x))   # GELU input: z, not 128
+//!                                   = QuantizeLinear(x, x/row_scale, Expand(128, Shape(x/row_scale)), axis=-1, block_size=K)          # opset 21 and later
 //!                       y           = com.microsoft.MatMulIntegerToFloat(x/quantized, y/weight_int8, x/row_scale, y/weight_scale, 128)   # ort
 //!                                   = Mul(Mul(Cast<float>(MatMulInteger(x/quantized, y/weight_int8, 128)), y/weight_scale), x/row_scale) # portable
 //! ```
@@ -163,6 +165,10 @@ pub enum ActivationScale {
 const TOKEN_LEVELS: f32 = 127.0;
 /// Its zero point: the quantized values span `1..=255`.
 const TOKEN_ZERO_POINT: u8 = 128;
+/// From this opset on, QuantizeLinear quantizes per block (`block_size`): a
+/// row scale `[..., 1]` with one block of K applies as it is, without the
+/// Reshapes to `[M, K]` that per-axis quantization needs (7 nodes -> 3).
+const BLOCKED_QUANTIZE_OPSET: i64 = 21;
 
 /// One MatMul or Gemm to quantize.
 struct Candidate {
@@ -340,8 +346,6 @@ impl QuantizeDynamic {
             let raw: Vec<u8> = v.iter().flat_map(|i| i.to_le_bytes()).collect();
             Tensor::from_raw(name(what), DataType::Int64, vec![v.len() as i64], Bytes::from(raw))
         };
-        patch.add_initializer(ints("rows_shape", &[-1, k as i64]));
-        patch.add_initializer(ints("flat_shape", &[-1]));
 
         let reduce_max = |input: &str| {
             let node = if opset >= 18 {
@@ -376,16 +380,30 @@ impl QuantizeDynamic {
             }
         };
         patch.add_initializer(Tensor::from_raw(name("zero_point"), DataType::Uint8, vec![], Bytes::from(vec![zero_point])));
-        patch.add_node(Node::new("Reshape", &[x, &name("rows_shape")], &[&name("rows")]));
-        patch.add_node(Node::new("Reshape", &[&name("row_scale"), &name("flat_shape")], &[&name("row_scale_flat")]));
-        patch.add_node(Node::new("Shape", &[&name("row_scale_flat")], &[&name("row_count")]));
-        patch.add_node(Node::new("Expand", &[&name("zero_point"), &name("row_count")], &[&name("row_zero_points")]));
-        patch.add_node(
-            Node::new("QuantizeLinear", &[&name("rows"), &name("row_scale_flat"), &name("row_zero_points")], &[&name("rows_quantized")])
-                .with_attr("axis", AttrValue::Int(0)),
-        );
-        patch.add_node(Node::new("Shape", &[x], &[&name("shape")]));
-        patch.add_node(Node::new("Reshape", &[&name("rows_quantized"), &name("shape")], &[&name("quantized")]));
+        if opset >= BLOCKED_QUANTIZE_OPSET {
+            // one block of K along the last axis: the row scale [..., 1] as it is
+            patch.add_node(Node::new("Shape", &[&name("row_scale")], &[&name("scale_shape")]));
+            patch.add_node(Node::new("Expand", &[&name("zero_point"), &name("scale_shape")], &[&name("row_zero_points")]));
+            patch.add_node(
+                Node::new("QuantizeLinear", &[x, &name("row_scale"), &name("row_zero_points")], &[&name("quantized")])
+                    .with_attr("axis", AttrValue::Int(-1))
+                    .with_attr("block_size", AttrValue::Int(k as i64)),
+            );
+        } else {
+            // per axis 0 over the rows flattened to [M, K]
+            patch.add_initializer(ints("rows_shape", &[-1, k as i64]));
+            patch.add_initializer(ints("flat_shape", &[-1]));
+            patch.add_node(Node::new("Reshape", &[x, &name("rows_shape")], &[&name("rows")]));
+            patch.add_node(Node::new("Reshape", &[&name("row_scale"), &name("flat_shape")], &[&name("row_scale_flat")]));
+            patch.add_node(Node::new("Shape", &[&name("row_scale_flat")], &[&name("row_count")]));
+            patch.add_node(Node::new("Expand", &[&name("zero_point"), &name("row_count")], &[&name("row_zero_points")]));
+            patch.add_node(
+                Node::new("QuantizeLinear", &[&name("rows"), &name("row_scale_flat"), &name("row_zero_points")], &[&name("rows_quantized")])
+                    .with_attr("axis", AttrValue::Int(0)),
+            );
+            patch.add_node(Node::new("Shape", &[x], &[&name("shape")]));
+            patch.add_node(Node::new("Reshape", &[&name("rows_quantized"), &name("shape")], &[&name("quantized")]));
+        }
 
         for c in group {
             patch.remove_node(c.id);
