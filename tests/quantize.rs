@@ -59,21 +59,28 @@ fn small_mlp_gets_int8_weights_for_both_targets() {
     }
 }
 
+/// y = MatMul(x, w) (+ b) over x [2, seq, 4], at `opset`; the verifier's random
+/// rows have very different ranges, which a per-tensor scale would flatten.
+fn per_token_layer(opset: i64, with_bias: bool) -> Model {
+    let mut b = GraphBuilder::new("per_token");
+    let x = b.input("x", DataType::Float, &[2, -1, 4]);
+    let w: Vec<f32> = (0..32).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
+    let w = b.initializer_f32("w", &[4, 8], &w);
+    let bias = with_bias.then(|| b.initializer_f32("b", &[8], &[0.1; 8]));
+    let mut y = b.node("MatMul", &[&x, &w]);
+    if let Some(bias) = bias {
+        y = b.node("Add", &[&y, &bias]);
+    }
+    b.output(&y, DataType::Float, &[2, -1, 8]);
+    b.into_model(opset)
+}
+
 /// Per token: one scale per row, quantized once per activation; tract agrees
 /// closely, and ONNX Runtime runs both targets' ops (MatMulIntegerToFloat and a
 /// QuantizeLinear with a computed scale) as their tract lowerings compute them.
 #[test]
 fn per_token_activations_for_both_targets() {
-    let mut b = GraphBuilder::new("per_token");
-    // rows of very different ranges: a per-tensor scale would flatten the small one
-    let x = b.input("x", DataType::Float, &[2, -1, 4]);
-    let w: Vec<f32> = (0..32).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
-    let w = b.initializer_f32("w", &[4, 8], &w);
-    let bias = b.initializer_f32("b", &[8], &[0.1; 8]);
-    let h = b.node("MatMul", &[&x, &w]);
-    let y = b.node("Add", &[&h, &bias]);
-    b.output(&y, DataType::Float, &[2, -1, 8]);
-    let model = b.into_model(17);
+    let model = per_token_layer(17, true);
     let mut lowered_cases = Vec::new();
     for (target, case) in [(Target::Ort, "per_token_ort"), (Target::Portable, "per_token_portable")] {
         let (quantized, record) = quantize_with(&model, target, &[], ActivationScale::PerToken);
@@ -101,13 +108,7 @@ fn per_token_activations_for_both_targets() {
 /// agree, and the result is as close as the per-axis form's.
 #[test]
 fn per_token_at_opset_21_quantizes_in_blocks() {
-    let mut b = GraphBuilder::new("per_token_blocked");
-    let x = b.input("x", DataType::Float, &[2, -1, 4]);
-    let w: Vec<f32> = (0..32).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
-    let w = b.initializer_f32("w", &[4, 8], &w);
-    let y = b.node("MatMul", &[&x, &w]);
-    b.output(&y, DataType::Float, &[2, -1, 8]);
-    let model = b.into_model(21);
+    let model = per_token_layer(21, false);
     let mut lowered_cases = Vec::new();
     for (target, case) in [(Target::Ort, "blocked_ort"), (Target::Portable, "blocked_portable")] {
         let (quantized, _) = quantize_with(&model, target, &[], ActivationScale::PerToken);

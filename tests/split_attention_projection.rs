@@ -19,17 +19,30 @@ fn values(count: usize, seed: u64) -> Vec<f32> {
     (0..count).map(|_| rng.uniform() as f32 * 2.0 - 1.0).collect()
 }
 
-/// Attention over x [2, 5, 6], 2 heads of 4, a 2-D mask; `constant_weight`
-/// false makes the weight a graph input; `mask_rank` 3 a [2, 5, 5] mask.
-fn fused_attention(constant_weight: bool, mask_rank: usize) -> Model {
+/// How the fused Attention is masked: a `mask_index` of 2 or 3 dims, or an
+/// additive `attention_bias` [2, 1, 5, 5] (as the fused MiniLM has it).
+#[derive(Clone, Copy)]
+enum Mask {
+    Index2d,
+    Index3d,
+    AttentionBias,
+}
+
+/// Attention over x [2, 5, 6], 2 heads of 4, at opset 17; `constant_weight`
+/// false makes the weight a graph input.
+fn fused_attention(constant_weight: bool, mask: Mask) -> Model {
     let mut b = GraphBuilder::new("attention");
     let x = b.input("x", DataType::Float, &[2, 5, 6]);
     let w = if constant_weight { b.initializer_f32("qkv_weight", &[6, 24], &values(144, 1)) } else { b.input("qkv_weight", DataType::Float, &[6, 24]) };
     let bias = b.initializer_f32("qkv_bias", &[24], &values(24, 2));
-    let mask_shape: &[i64] = if mask_rank == 2 { &[2, 5] } else { &[2, 5, 5] };
-    let mask = b.input("mask_index", DataType::Int32, mask_shape);
+    let inputs = match mask {
+        Mask::Index2d => vec![x, w, bias, b.input("mask_index", DataType::Int32, &[2, 5])],
+        Mask::Index3d => vec![x, w, bias, b.input("mask_index", DataType::Int32, &[2, 5, 5])],
+        Mask::AttentionBias => vec![x, w, bias, String::new(), String::new(), b.input("attention_bias", DataType::Float, &[2, 1, 5, 5])],
+    };
+    let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
     b.add(
-        Node::new("Attention", &[&x, &w, &bias, &mask], &["y"])
+        Node::new("Attention", &inputs, &["y"])
             .with_domain(MS)
             .with_name("fused_attention")
             .with_attr("num_heads", AttrValue::Int(2))
@@ -50,7 +63,7 @@ fn split(model: &Model) -> (Model, usize) {
 
 #[test]
 fn attention_becomes_projection_split_and_multi_head_attention() {
-    let model = fused_attention(true, 2);
+    let model = fused_attention(true, Mask::Index2d);
     let (rewritten, patches) = split(&model);
     assert_eq!(patches, 1);
     let ops: Vec<String> = rewritten.graph.nodes().map(|n| n.qualified_op()).collect();
@@ -86,32 +99,11 @@ fn attention_becomes_projection_split_and_multi_head_attention() {
 
 #[test]
 fn left_alone_without_a_constant_weight_or_with_a_3d_mask() {
-    for (model, case) in [(fused_attention(false, 2), "weight is a graph input"), (fused_attention(true, 3), "3-D mask")] {
+    for (model, case) in [(fused_attention(false, Mask::Index2d), "weight is a graph input"), (fused_attention(true, Mask::Index3d), "3-D mask")] {
         let (rewritten, patches) = split(&model);
         assert_eq!(patches, 0, "{case}");
         assert_eq!(rewritten.graph.nodes().filter(|n| n.op_type == "Attention").count(), 1, "{case}");
     }
-}
-
-/// Attention over x [2, 5, 6], 2 heads of 4, its mask an additive
-/// attention_bias [2, 1, 5, 5] (as the fused MiniLM has it), at opset 17.
-fn fused_attention_with_bias() -> Model {
-    let mut b = GraphBuilder::new("attention_bias");
-    let x = b.input("x", DataType::Float, &[2, 5, 6]);
-    let w = b.initializer_f32("qkv_weight", &[6, 24], &values(144, 1));
-    let bias = b.initializer_f32("qkv_bias", &[24], &values(24, 2));
-    let mask = b.input("attention_bias", DataType::Float, &[2, 1, 5, 5]);
-    b.add(
-        Node::new("Attention", &[&x, &w, &bias, "", "", &mask], &["y"])
-            .with_domain(MS)
-            .with_name("fused_attention")
-            .with_attr("num_heads", AttrValue::Int(2))
-            .with_attr("scale", AttrValue::Float(0.4)),
-    );
-    b.output("y", DataType::Float, &[2, 5, 8]);
-    let mut model = b.into_model(17);
-    model.opset_imports.push(OpsetImport { domain: MS.into(), version: 1, extras: Extras::default() });
-    model
 }
 
 /// With an attention_bias (no mask_index), the model is raised to opset 23 and
@@ -121,7 +113,7 @@ fn fused_attention_with_bias() -> Model {
 /// pass fires towards ONNX Attention: the opset stays 17, MultiHeadAttention.
 #[test]
 fn with_an_attention_bias_the_model_takes_onnx_attention_at_opset_23() {
-    let model = fused_attention_with_bias();
+    let model = fused_attention(true, Mask::AttentionBias);
     let mut rewritten = model.clone();
     let passes: Vec<Box<dyn Pass>> = vec![Box::new(RaiseOpsetForAttention), Box::new(SplitAttentionProjection)];
     let records = run_pipeline(&mut rewritten, &passes, &DriverOptions { validate: true, ..DriverOptions::default() }).unwrap();
@@ -147,7 +139,7 @@ fn with_an_attention_bias_the_model_takes_onnx_attention_at_opset_23() {
         assert!(cosine > 0.999_999, "ONNX Runtime: cosine {cosine}");
     }
 
-    let with_mask_index = fused_attention(true, 2);
+    let with_mask_index = fused_attention(true, Mask::Index2d);
     let mut kept = with_mask_index.clone();
     run_pipeline(&mut kept, &passes, &DriverOptions { validate: true, ..DriverOptions::default() }).unwrap();
     assert_eq!(kept.opset(""), Some(17));
