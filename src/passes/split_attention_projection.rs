@@ -71,12 +71,11 @@ impl Pass for SplitAttentionProjection {
 
             let Some(columns) = model.graph.initializer(weight).and_then(|w| column_blocks(w, &sizes)) else { continue };
             let onnx_attention = writes_onnx_attention(model, node);
-            let bias_blocks = match onnx_attention {
-                true => match model.graph.initializer(bias).and_then(|b| bias_blocks(b, &sizes)) {
-                    Some(blocks) => Some(blocks),
-                    None => continue,
-                },
-                false => None,
+            let bias_blocks = if onnx_attention {
+                let Some(blocks) = model.graph.initializer(bias).and_then(|b| bias_blocks(b, &sizes)) else { continue };
+                Some(blocks)
+            } else {
+                None
             };
             let mut patch = Patch::new(if onnx_attention { "split-attention-projection-onnx" } else { "split-attention-projection" });
             patch.remove_node(id);
@@ -131,15 +130,18 @@ impl Pass for SplitAttentionProjection {
 /// `attention_bias` (ONNX Attention's `attn_mask` adds it the same way; a
 /// `mask_index` it does not read).
 pub fn writes_onnx_attention(model: &Model, node: &Node) -> bool {
-    let mask_index = node.inputs.get(3).is_some_and(|m| !m.is_empty());
-    model.opset("").unwrap_or(0) >= 23 && !mask_index
+    model.opset("").unwrap_or(0) >= 23 && !reads_mask_index(node)
+}
+
+fn reads_mask_index(attention: &Node) -> bool {
+    attention.inputs.get(3).is_some_and(|m| !m.is_empty())
 }
 
 /// Whether some fused `Attention` of `model` would become ONNX `Attention`
 /// were the model at opset 23 (see [`writes_onnx_attention`]).
 pub fn has_attention_for_onnx(model: &Model) -> bool {
     let types = infer_types(model);
-    model.graph.nodes().any(|node| splittable(model, &types, node).is_some() && !node.inputs.get(3).is_some_and(|m| !m.is_empty()))
+    model.graph.nodes().any(|node| splittable(model, &types, node).is_some() && !reads_mask_index(node))
 }
 
 /// ONNX `Attention`-23 over projected, biased `q, k, v` `[B, S, H]`: the
