@@ -93,10 +93,7 @@ fn per_token_activations_for_both_targets() {
         let cosine = min_cosine(&model, &quantized);
         assert!(cosine > 0.9995, "{case}: cosine {cosine}");
         insta::assert_snapshot!(format!("quantize_dynamic__{case}"), format!("before:\n{model}\nafter:\n{quantized}"));
-        let mut lowered = quantized.clone();
-        let driver = DriverOptions { validate: true, ..DriverOptions::default() };
-        onnxopt::passes::lower_contrib::lower_contrib_ops(&mut lowered, &driver).unwrap();
-        onnxopt::passes::lower_standard::lower_standard_ops(&mut lowered, &driver).unwrap();
+        let lowered = onnxopt::passes::lowered_for_tract(&quantized).unwrap();
         assert!(lowered.graph.nodes().all(|n| n.op_type != "QuantizeLinear" && n.domain.is_empty()), "{case}: lowered for tract");
         lowered_cases.push((case, quantized, lowered));
     }
@@ -117,10 +114,7 @@ fn per_token_at_opset_21_quantizes_in_blocks() {
         assert!(!ops(&quantized).contains(&"Reshape".to_string()), "{case}: {:?}", ops(&quantized));
         let cosine = min_cosine(&model, &quantized);
         assert!(cosine > 0.9995, "{case}: cosine {cosine}");
-        let mut lowered = quantized.clone();
-        let driver = DriverOptions { validate: true, ..DriverOptions::default() };
-        onnxopt::passes::lower_contrib::lower_contrib_ops(&mut lowered, &driver).unwrap();
-        onnxopt::passes::lower_standard::lower_standard_ops(&mut lowered, &driver).unwrap();
+        let lowered = onnxopt::passes::lowered_for_tract(&quantized).unwrap();
         assert!(lowered.graph.nodes().all(|n| n.op_type != "QuantizeLinear"), "{case}: lowered for tract");
         lowered_cases.push((case, quantized, lowered));
     }
@@ -180,8 +174,7 @@ fn a_shared_activation_is_quantized_once() {
         assert_eq!(ops.iter().filter(|op| *op == product).count(), 3, "{case}: {ops:?}");
         assert!(!ops.iter().any(|op| op.ends_with("DynamicQuantizeMatMul")), "{case}: {ops:?}");
         assert!(min_cosine(&model, &quantized) > 0.999, "{case}");
-        let mut lowered = quantized.clone();
-        onnxopt::passes::lower_contrib::lower_contrib_ops(&mut lowered, &DriverOptions { validate: true, ..DriverOptions::default() }).unwrap();
+        let lowered = onnxopt::passes::lowered_for_tract(&quantized).unwrap();
         lowered_cases.push((case, quantized, lowered));
     }
     onnxruntime_agrees(lowered_cases);
@@ -232,8 +225,7 @@ fn per_token_gelu_inputs_take_the_one_sided_grid() {
         let symmetric = quantize_with(&model, target, &["hidden"], ActivationScale::PerToken).0;
         let (one_sided_error, symmetric_error) = (error(&second_only), error(&symmetric));
         assert!(one_sided_error < 0.7 * symmetric_error, "{case}: 1 - cosine one-sided {one_sided_error:.3e}, symmetric {symmetric_error:.3e}");
-        let mut lowered = one_sided.clone();
-        onnxopt::passes::lower_contrib::lower_contrib_ops(&mut lowered, &DriverOptions { validate: true, ..DriverOptions::default() }).unwrap();
+        let lowered = onnxopt::passes::lowered_for_tract(&one_sided).unwrap();
         lowered_cases.push((case, one_sided, lowered));
     }
     onnxruntime_agrees(lowered_cases);

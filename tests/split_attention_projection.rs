@@ -54,6 +54,18 @@ fn fused_attention(constant_weight: bool, mask: Mask) -> Model {
     model
 }
 
+/// ONNX Runtime gives `model` and `rewritten` the same outputs (cosine above
+/// 0.999999), where python3 can import onnxruntime.
+fn assert_onnxruntime_agrees(model: &Model, rewritten: &Model) {
+    let dir = tempfile::tempdir().unwrap();
+    let (before, after) = (dir.path().join("before.onnx"), dir.path().join("after.onnx"));
+    onnxopt::onnx::save(model, &before, &Default::default()).unwrap();
+    onnxopt::onnx::save(rewritten, &after, &Default::default()).unwrap();
+    if let Some(cosine) = common::onnxruntime_cosine(&before, &after) {
+        assert!(cosine > 0.999_999, "ONNX Runtime: cosine {cosine}");
+    }
+}
+
 fn split(model: &Model) -> (Model, usize) {
     let mut rewritten = model.clone();
     let passes: Vec<Box<dyn Pass>> = vec![Box::new(SplitAttentionProjection)];
@@ -88,13 +100,7 @@ fn attention_becomes_projection_split_and_multi_head_attention() {
     insta::assert_snapshot!("split_attention_projection__mask2d", format!("before:\n{model}\nafter:\n{rewritten}"));
 
     // and in ONNX Runtime, whose kernels these are (the mask pads one sequence)
-    let dir = tempfile::tempdir().unwrap();
-    let (before, after) = (dir.path().join("before.onnx"), dir.path().join("after.onnx"));
-    onnxopt::onnx::save(&model, &before, &Default::default()).unwrap();
-    onnxopt::onnx::save(&rewritten, &after, &Default::default()).unwrap();
-    if let Some(cosine) = common::onnxruntime_cosine(&before, &after) {
-        assert!(cosine > 0.999_999, "ONNX Runtime: cosine {cosine}");
-    }
+    assert_onnxruntime_agrees(&model, &rewritten);
 }
 
 #[test]
@@ -131,13 +137,7 @@ fn with_an_attention_bias_the_model_takes_onnx_attention_at_opset_23() {
     let comparison = verify_rewrite(&model, &rewritten, &options).unwrap();
     assert!(comparison.passed() && comparison.outputs[0].cosine > 0.999_999, "{comparison:?}");
     insta::assert_snapshot!("split_attention_projection__onnx_attention", format!("before:\n{model}\nafter:\n{rewritten}"));
-    let dir = tempfile::tempdir().unwrap();
-    let (before, after) = (dir.path().join("before.onnx"), dir.path().join("after.onnx"));
-    onnxopt::onnx::save(&model, &before, &Default::default()).unwrap();
-    onnxopt::onnx::save(&rewritten, &after, &Default::default()).unwrap();
-    if let Some(cosine) = common::onnxruntime_cosine(&before, &after) {
-        assert!(cosine > 0.999_999, "ONNX Runtime: cosine {cosine}");
-    }
+    assert_onnxruntime_agrees(&model, &rewritten);
 
     let with_mask_index = fused_attention(true, Mask::Index2d);
     let mut kept = with_mask_index.clone();
