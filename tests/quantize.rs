@@ -472,6 +472,7 @@ fn int8_mode_chooses_activation_scales_per_layer() {
     assert_eq!(count(&quantized, "DynamicQuantizeLinear"), 2);
     assert_eq!((count(&quantized, "DynamicQuantizeMatMul"), count(&quantized, "MatMulIntegerToFloat")), (6, 6));
     assert_eq!(count(&quantized, "MatMul"), 0, "every projection quantized");
+    assert_eq!((count(&quantized, "FastGelu"), count(&quantized, "BiasGelu")), (2, 0), "approximate-gelu ran");
     assert!(loose["float"].is_null(), "{loose}");
     let per_tensor_error = loose["activation_scales"]["error_none_spared"].as_f64().unwrap();
 

@@ -7,6 +7,8 @@
 //! so that a broken patch is named; the CLI checks per pass to stay fast).
 //! The order of passes is written once, in `pipeline.rs`.
 
+pub mod add_into_sum;
+pub mod approximate_gelu;
 pub mod attention_opset;
 pub mod check;
 pub mod lower_contrib;
