@@ -117,13 +117,21 @@ enum Command {
         /// Keep the layers that cost the output most in float until the model's
         /// error on calibration data is at most E: the mean over tokens of
         /// 1 - cosine to the input's output (e.g. 0.002). Per-layer errors go to
-        /// the report. Needs calibration data; --mode int8 uses 0.0015 by default.
+        /// the report. Needs calibration data; --mode int8 uses 0.003 by default.
         #[arg(long, value_name = "E")]
         max_error: Option<f64>,
         /// Calibration batches the --max-error search measures on (the model runs
         /// once per layer and batch).
         #[arg(long, default_value_t = 4)]
         max_error_batches: usize,
+        /// The highest default-domain (ai.onnx) opset the output may import.
+        /// Only --mode int8 raises the opset: for ORT it raises a model to 23 to
+        /// write its attention as ONNX Attention (faster on ORT's CPU, but only
+        /// ORT 1.23 or later loads it). With N below 23 the attention stays
+        /// com.microsoft.MultiHeadAttention and the output keeps the input's
+        /// opset. Refused below the input's own opset.
+        #[arg(long, value_name = "N")]
+        max_opset: Option<i64>,
         /// SmoothQuant migration strength (0..1, typically 0.5): move outlier
         /// channels' range from activations into weights first (needs
         /// calibration data; an exact rewrite, checked in tract).
@@ -310,9 +318,11 @@ impl From<ActivationArg> for ActivationScale {
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 enum QuantizeMode {
     /// What most users want: fusion for the target, then int8 weights and
-    /// per-token activations for the MatMuls left; with calibration data, the
-    /// layers that cost the output most stay in float until --max-error
-    /// (default 0.0015) holds.
+    /// activations for the MatMuls left. With calibration data: GPTQ-rounded
+    /// weights, and per-tensor activation scales where they cost little,
+    /// per-token ones where they do not, until the error on the calibration
+    /// data is within --max-error (default 0.003); only if per token
+    /// everywhere is still over, the costliest layers stay in float.
     Int8,
     /// int8 weights, activations quantized at run time, per tensor or per token (--activations).
     Int8Dynamic,
@@ -707,6 +717,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             exclude,
             max_error,
             max_error_batches,
+            max_opset,
             smoothquant,
             calibration,
             calibration_method,
@@ -750,6 +761,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(unknown) = exclude.iter().find(|name| !named(name)) {
                 return Err(Failure::BadInput(anyhow::anyhow!("--exclude: no node named '{unknown}' (nor writing a tensor of that name)")));
             }
+            if let Some(highest) = max_opset {
+                let opset = original.opset("").unwrap_or(0);
+                if highest < opset {
+                    return Err(Failure::BadInput(anyhow::anyhow!("--max-opset {highest}: {} is already at opset {opset}", input.display())));
+                }
+            }
             let mut original_or_smoothed = original.clone();
             if let Some(alpha) = smoothquant {
                 if !(0.0..=1.0).contains(&alpha) {
@@ -762,7 +779,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             if mode == QuantizeMode::Int8 {
                 let _progress = Progress::start(quiet, format!("fusing for {target}"));
-                let records = run_pipeline(&mut original_or_smoothed, &int8_fusion_passes(target), &DriverOptions::default()).map_err(anyhow::Error::from)?;
+                let records = run_pipeline(&mut original_or_smoothed, &int8_fusion_passes(target, max_opset), &DriverOptions::default()).map_err(anyhow::Error::from)?;
                 if !quiet {
                     print_records(&records);
                 }

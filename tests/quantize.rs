@@ -502,3 +502,34 @@ fn int8_mode_chooses_activation_scales_per_layer() {
         assert!(cosine > 0.98, "ONNX Runtime: cosine {cosine}");
     }
 }
+
+/// `--max-opset` below 23: `--mode int8` leaves the opset as it is and the
+/// attention as com.microsoft.MultiHeadAttention (for ORT before 1.23), still
+/// with every projection quantized; below the input's own opset it is refused,
+/// naming the file, and nothing is written.
+#[test]
+fn int8_mode_keeps_multi_head_attention_below_max_opset_23() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = dir.path().join("calib.npz");
+    write_token_npz(&calib);
+    let model = fixture("bert.ts.onnx");
+    let input_opset = onnx::load(&model).unwrap().opset("").unwrap();
+    assert!(input_opset < 23, "the fixture must be below opset 23 for this test");
+    let max_opset = input_opset.to_string();
+    let (_, out) = quantize_with_budget(&model, &calib, &["--mode", "int8", "--target", "ort", "--max-opset", &max_opset], 1.0, dir.path(), "mha");
+    let quantized = onnx::load(&out).unwrap();
+    let count = |op: &str| quantized.graph.nodes().filter(|n| n.op_type == op).count();
+    assert_eq!(quantized.opset(""), Some(input_opset));
+    assert_eq!((count("MultiHeadAttention"), count("Attention")), (2, 0));
+    assert_eq!(count("MatMul"), 0, "every projection quantized");
+    if let Some(cosine) = onnxruntime_cosine(&model, &out) {
+        assert!(cosine > 0.98, "ONNX Runtime: cosine {cosine}");
+    }
+
+    let refused = dir.path().join("refused.onnx");
+    let below = (input_opset - 1).to_string();
+    let o = run_command("quantize", &model, &refused, &["--mode", "int8", "--max-opset", &below]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--max-opset") && stderr(&o).contains("bert.ts.onnx"), "{}", stderr(&o));
+    assert!(!refused.exists());
+}

@@ -29,7 +29,7 @@ use super::constant_folding::FoldConstants;
 use super::dead_code::EliminateDeadCode;
 use super::add_into_sum::AddIntoSum;
 use super::approximate_gelu::ApproximateGelu;
-use super::attention_opset::RaiseOpsetForAttention;
+use super::attention_opset::{RaiseOpsetForAttention, ATTENTION_OPSET};
 use super::residual_sum::ResidualAddAsSum;
 use super::split_attention_projection::SplitAttentionProjection;
 use super::fuse::Fuse;
@@ -125,7 +125,7 @@ pub const INT8_UNFUSED_RULES: [&str; 2] = ["skip-layer-norm-bias", "skip-layer-n
 /// The passes `onnxopt quantize --mode int8` runs before it quantizes, in
 /// order: [`optimization_passes`] for `target` without [`INT8_UNFUSED_RULES`],
 /// then, for ORT, `raise-opset-for-attention` (opset 23, where it can raise
-/// exactly) and `split-attention-projection` (the packed Q/K/V projection
+/// exactly, and unless `max_opset` is below 23) and `split-attention-projection` (the packed Q/K/V projection
 /// back out of each fused Attention, as three MatMuls feeding ONNX Attention
 /// at opset 23, MultiHeadAttention below), so that the `--max-error` search sees every MatMul
 /// [`quantization_passes`] will quantize, `residual-add-as-sum` (so that
@@ -133,11 +133,13 @@ pub const INT8_UNFUSED_RULES: [&str; 2] = ["skip-layer-norm-bias", "skip-layer-n
 /// `approximate-gelu` (ORT's tanh GELU kernel is faster than its erf one; the
 /// difference, under 5e-4, is far below the int8 step of the MatMul that
 /// reads it).
-pub fn int8_fusion_passes(target: Target) -> Vec<Box<dyn Pass>> {
+pub fn int8_fusion_passes(target: Target, max_opset: Option<i64>) -> Vec<Box<dyn Pass>> {
     let options = PipelineOptions { skip_rules: INT8_UNFUSED_RULES.iter().map(|r| r.to_string()).collect(), ..PipelineOptions::default() };
     let mut passes = optimization_passes(target, &options);
     if target == Target::Ort {
-        passes.push(Box::new(RaiseOpsetForAttention));
+        if max_opset.is_none_or(|highest| highest >= ATTENTION_OPSET) {
+            passes.push(Box::new(RaiseOpsetForAttention));
+        }
         passes.push(Box::new(SplitAttentionProjection));
         passes.push(Box::new(ResidualAddAsSum));
         passes.push(Box::new(ApproximateGelu));
