@@ -11,6 +11,7 @@ use onnxopt::passes::quantize_static::{activation_ranges, activations_to_calibra
 use onnxopt::passes::quantize_gather_int4::QuantizeGatherInt4;
 use onnxopt::passes::quantize_int4::{activation_hessians, QuantizeInt4, Rounding};
 use onnxopt::passes::{run_pipeline, DriverOptions, PassRecord};
+use onnxopt::sensitivity::{Int8Choice, Int8Search};
 use onnxopt::{inspect, ir::Model, onnx, verify};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -841,10 +842,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     let search = {
                         let _progress = Progress::start(quiet, format!("measuring each layer's error on {max_error_batches} calibration batches"));
                         let problem = Int8Search { original: &original, to_quantize: &original_or_smoothed, budget, batches: max_error_batches, excluded_already: &exclude };
-                        problem.run(&calibration.source()?, mode == QuantizeMode::Int8, &quantize_with)?
+                        let quantize = |in_float: &HashSet<String>, per_tensor: &HashSet<String>| quantize_with(in_float, per_tensor).map(|(model, _)| model);
+                        problem.run(&calibration.source()?, mode == QuantizeMode::Int8, &quantize).map_err(anyhow::Error::from)?
                     };
                     if !quiet {
-                        search.print();
+                        print_int8_choice(&search);
                     }
                     let quantized = quantize_with(&search.in_float, &search.per_tensor).map_err(anyhow::Error::from)?;
                     sensitivity = Some(search);
@@ -1056,111 +1058,24 @@ fn check_quantized(comparison: Option<&verify::Comparison>, min_cosine: f64, bou
 /// errors partly cancel in the mean pooling.
 const DEFAULT_INT8_MAX_ERROR: f64 = 3e-3;
 
-/// The `--max-error` search (see `onnxopt::sensitivity`) on the first
-/// `batches` calibration batches: which layers of `to_quantize` (the original,
-/// or its fused or smoothed form) get per-tensor activation scales, and which
-/// stay in float; errors are measured against `original`.
-struct Int8Search<'a> {
-    original: &'a Model,
-    to_quantize: &'a Model,
-    budget: f64,
-    batches: usize,
-    excluded_already: &'a [String],
-}
-
-/// What [`Int8Search`] chose, and what it measured on the way.
-#[derive(serde::Serialize)]
-struct Int8Choice {
-    #[serde(skip)]
-    in_float: HashSet<String>,
-    #[serde(skip)]
-    per_tensor: HashSet<String>,
-    /// Layers searched over.
-    candidates: usize,
-    /// Activations searched over for their scale (each read by one or more layers).
-    activations: usize,
-    /// Which activations need per-token scales (the rest take per-tensor); each
-    /// is named by the layers that read it, "a + b".
-    #[serde(skip_serializing_if = "Option::is_none")]
-    activation_scales: Option<onnxopt::sensitivity::SensitivityReport>,
-    /// Which layers stay in float (every other one per token).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    float: Option<onnxopt::sensitivity::SensitivityReport>,
-}
-
-impl Int8Search<'_> {
-    /// With `choose_scales` (`--mode int8`), first the cheapest activation
-    /// scales that fit the budget: per tensor (ORT's one-kernel
-    /// DynamicQuantizeMatMul) where it costs little, per token where it does
-    /// not. Only if every layer per token is still over budget, the costliest
-    /// layers stay in float.
-    fn run(
-        &self,
-        source: &onnxopt::calibrate::CalibrationSource,
-        choose_scales: bool,
-        quantize_with: &dyn Fn(&HashSet<String>, &HashSet<String>) -> Result<(Model, Vec<PassRecord>), onnxopt::passes::PassError>,
-    ) -> Result<Int8Choice> {
-        use onnxopt::sensitivity::{spare_costliest, Measurement, SensitivityError};
-        let inputs: Vec<_> = source.batches(self.original)?.take(self.batches.max(1)).collect::<Result<_, _>>()?;
-        let measurement = Measurement::new(self.original, inputs)?;
-        let layers: Vec<String> = onnxopt::passes::quantize_dynamic::quantizable_layers(self.to_quantize)
-            .into_iter()
-            .filter(|l| !self.excluded_already.contains(l))
-            .collect();
-        let failed = |e: onnxopt::passes::PassError| SensitivityError::Quantize(e.to_string());
-        let none = HashSet::new();
-        let mut choice = Int8Choice { in_float: HashSet::new(), per_tensor: HashSet::new(), candidates: layers.len(), activations: 0, activation_scales: None, float: None };
-        if choose_scales {
-            // the search's units: the layers reading one activation (Q, K and V
-            // share one quantization of it, so one scale), named "a + b + c"
-            let groups: Vec<Vec<String>> = onnxopt::passes::quantize_dynamic::layers_by_activation(self.to_quantize)
-                .into_iter()
-                .map(|group| group.into_iter().filter(|l| !self.excluded_already.contains(l)).collect::<Vec<_>>())
-                .filter(|group| !group.is_empty())
-                .collect();
-            let units: Vec<String> = groups.iter().map(|group| group.join(" + ")).collect();
-            choice.activations = units.len();
-            let per_tensor_layers = |per_token_units: &HashSet<String>| -> HashSet<String> {
-                units.iter().zip(&groups).filter(|(unit, _)| !per_token_units.contains(*unit)).flat_map(|(_, group)| group.iter().cloned()).collect()
-            };
-            let quantize = |per_token: &HashSet<String>| quantize_with(&none, &per_tensor_layers(per_token)).map(|(m, _)| m).map_err(failed);
-            let (_, scales) = spare_costliest(&measurement, &units, self.budget, quantize)?;
-            let within = scales.within_budget();
-            if within {
-                choice.per_tensor = per_tensor_layers(&scales.spared.iter().cloned().collect());
-            }
-            choice.activation_scales = Some(scales);
-            if within {
-                return Ok(choice);
-            }
-        }
-        let quantize = |in_float: &HashSet<String>| quantize_with(in_float, &none).map(|(m, _)| m).map_err(failed);
-        let (_, float) = spare_costliest(&measurement, &layers, self.budget, quantize)?;
-        choice.in_float = float.spared.iter().cloned().collect();
-        choice.float = Some(float);
-        Ok(choice)
+/// The search's choice on stderr, one line per step it took.
+fn print_int8_choice(choice: &Int8Choice) {
+    if let Some(scales) = &choice.activation_scales {
+        let chosen = if scales.within_budget() {
+            format!("per token for {} of {} activations: {:.2e}", scales.spared.len(), choice.activations, scales.error)
+        } else {
+            format!("per token everywhere: {:.2e}", scales.error)
+        };
+        eprintln!("error on calibration data: {:.2e} with per-tensor activations, {chosen} (budget {:.2e})", scales.error_none_spared, scales.budget);
     }
-}
-
-impl Int8Choice {
-    fn print(&self) {
-        if let Some(scales) = &self.activation_scales {
-            let chosen = if scales.within_budget() {
-                format!("per token for {} of {} activations: {:.2e}", scales.spared.len(), self.activations, scales.error)
-            } else {
-                format!("per token everywhere: {:.2e}", scales.error)
-            };
-            eprintln!("error on calibration data: {:.2e} with per-tensor activations, {chosen} (budget {:.2e})", scales.error_none_spared, scales.budget);
-        }
-        if let Some(float) = &self.float {
-            eprintln!(
-                "error on calibration data: {:.2e} with every layer quantized, {:.2e} with {} kept in float (budget {:.2e})",
-                float.error_none_spared,
-                float.error,
-                float.spared.len(),
-                float.budget
-            );
-        }
+    if let Some(float) = &choice.float {
+        eprintln!(
+            "error on calibration data: {:.2e} with every layer quantized, {:.2e} with {} kept in float (budget {:.2e})",
+            float.error_none_spared,
+            float.error,
+            float.spared.len(),
+            float.budget
+        );
     }
 }
 

@@ -40,6 +40,8 @@ pub enum SensitivityError {
     Quantize(String),
     #[error("the model's first output is not a float tensor tract returned: {0}")]
     Output(String),
+    #[error(transparent)]
+    Calibrate(#[from] crate::calibrate::CalibrateError),
 }
 
 /// One layer's contribution.
@@ -194,4 +196,88 @@ fn row_cosine_distance(want: &Tensor, got: &Tensor, keep: Option<&[bool]>) -> Re
         rows += 1;
     }
     Ok((sum, rows))
+}
+
+/// The `--max-error` search of `quantize --mode int8` and `int8-dynamic`, on
+/// the first `batches` calibration batches: which layers of `to_quantize`
+/// (the original, or its fused or smoothed form) get per-tensor activation
+/// scales, and which stay in float; errors are measured against `original`.
+pub struct Int8Search<'a> {
+    pub original: &'a Model,
+    pub to_quantize: &'a Model,
+    pub budget: f64,
+    pub batches: usize,
+    /// Layers the user keeps in float already (`--exclude`): not candidates.
+    pub excluded_already: &'a [String],
+}
+
+/// What [`Int8Search`] chose, and what it measured on the way.
+#[derive(Debug, Serialize)]
+pub struct Int8Choice {
+    /// Layers to keep in float beyond `--exclude`.
+    #[serde(skip)]
+    pub in_float: HashSet<String>,
+    /// Layers whose activations take one scale per tensor, whatever
+    /// `--activations` says.
+    #[serde(skip)]
+    pub per_tensor: HashSet<String>,
+    /// Layers searched over.
+    pub candidates: usize,
+    /// Activations searched over for their scale (each read by one or more layers).
+    pub activations: usize,
+    /// Which activations need per-token scales (the rest take per-tensor); each
+    /// is named by the layers that read it, "a + b".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activation_scales: Option<SensitivityReport>,
+    /// Which layers stay in float (every other one per token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub float: Option<SensitivityReport>,
+}
+
+/// `quantize(in_float, per_tensor)`: the model quantized with `in_float`
+/// layers kept in float and `per_tensor` layers' activations per tensor.
+pub type QuantizeLayers<'q> = dyn Fn(&HashSet<String>, &HashSet<String>) -> Result<Model, PassError> + 'q;
+
+impl Int8Search<'_> {
+    /// With `choose_scales` (`--mode int8`), first the cheapest activation
+    /// scales that fit the budget: per tensor (ORT's one-kernel
+    /// DynamicQuantizeMatMul) where it costs little, per token where it does
+    /// not. Only if every layer per token is still over budget, the costliest
+    /// layers stay in float.
+    pub fn run(&self, source: &crate::calibrate::CalibrationSource, choose_scales: bool, quantize: &QuantizeLayers<'_>) -> Result<Int8Choice, SensitivityError> {
+        use crate::passes::quantize_dynamic::{layers_by_activation, quantizable_layers};
+        let inputs: Vec<_> = source.batches(self.original)?.take(self.batches.max(1)).collect::<Result<_, _>>()?;
+        let measurement = Measurement::new(self.original, inputs)?;
+        let layers: Vec<String> = quantizable_layers(self.to_quantize).into_iter().filter(|l| !self.excluded_already.contains(l)).collect();
+        let failed = |e: PassError| SensitivityError::Quantize(e.to_string());
+        let none = HashSet::new();
+        let mut choice = Int8Choice { in_float: HashSet::new(), per_tensor: HashSet::new(), candidates: layers.len(), activations: 0, activation_scales: None, float: None };
+        if choose_scales {
+            // the search's units: the layers reading one activation (Q, K and V
+            // share one quantization of it, so one scale), named "a + b + c"
+            let groups: Vec<Vec<String>> = layers_by_activation(self.to_quantize)
+                .into_iter()
+                .map(|group| group.into_iter().filter(|l| !self.excluded_already.contains(l)).collect::<Vec<_>>())
+                .filter(|group| !group.is_empty())
+                .collect();
+            let units: Vec<String> = groups.iter().map(|group| group.join(" + ")).collect();
+            choice.activations = units.len();
+            let per_tensor_layers = |per_token_units: &HashSet<String>| -> HashSet<String> {
+                units.iter().zip(&groups).filter(|(unit, _)| !per_token_units.contains(*unit)).flat_map(|(_, group)| group.iter().cloned()).collect()
+            };
+            let (_, scales) = spare_costliest(&measurement, &units, self.budget, |per_token| quantize(&none, &per_tensor_layers(per_token)).map_err(failed))?;
+            let within = scales.within_budget();
+            if within {
+                choice.per_tensor = per_tensor_layers(&scales.spared.iter().cloned().collect());
+            }
+            choice.activation_scales = Some(scales);
+            if within {
+                return Ok(choice);
+            }
+        }
+        let (_, float) = spare_costliest(&measurement, &layers, self.budget, |in_float| quantize(in_float, &none).map_err(failed))?;
+        choice.in_float = float.spared.iter().cloned().collect();
+        choice.float = Some(float);
+        Ok(choice)
+    }
 }
