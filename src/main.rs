@@ -126,11 +126,12 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         max_error_batches: usize,
         /// The highest default-domain (ai.onnx) opset the output may import.
-        /// Only --mode int8 raises the opset: for ORT it raises a model to 23 to
-        /// write its attention as ONNX Attention (faster on ORT's CPU, but only
-        /// ORT 1.23 or later loads it). With N below 23 the attention stays
+        /// --mode int8 for ORT raises a model to 23 to write its attention as
+        /// ONNX Attention (faster on ORT's CPU, but only ORT 1.23 or later loads
+        /// it); with N below 23 the attention stays
         /// com.microsoft.MultiHeadAttention and the output keeps the input's
-        /// opset. Refused below the input's own opset.
+        /// opset. --mode int4-weight for portable and tensorrt needs 21
+        /// (int4 DequantizeLinear). Refused below the input's own opset.
         #[arg(long, value_name = "N")]
         max_opset: Option<i64>,
         /// SmoothQuant migration strength (0..1, typically 0.5): move outlier
@@ -625,6 +626,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             zero_point,
             quantize_embeddings,
             calibration,
+            max_opset,
             ..
         } => {
             let min_cosine = min_cosine.unwrap_or(0.9);
@@ -644,6 +646,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let opset = original.opset("").unwrap_or(0);
             let raise = (target != Target::Ort && opset < onnxopt::passes::quantize_int4::BLOCKED_DEQUANTIZE_OPSET)
                 .then_some(onnxopt::passes::quantize_int4::BLOCKED_DEQUANTIZE_OPSET);
+            check_max_opset(max_opset, &input, &original)?;
+            if let (Some(highest), Some(needed)) = (max_opset, raise) {
+                if highest < needed {
+                    return Err(Failure::BadInput(anyhow::anyhow!("--max-opset {highest}: --mode int4-weight --target {target} writes DequantizeLinear with int4 blocks, from opset {needed} (--target ort needs no raise)")));
+                }
+            }
             let cleanup = optimization_passes(target, &PipelineOptions { skip: vec!["fuse".into()], opset: raise, ..PipelineOptions::default() });
             let mut quantized = original.clone();
             let mut records = {
@@ -762,12 +770,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(unknown) = exclude.iter().find(|name| !named(name)) {
                 return Err(Failure::BadInput(anyhow::anyhow!("--exclude: no node named '{unknown}' (nor writing a tensor of that name)")));
             }
-            if let Some(highest) = max_opset {
-                let opset = original.opset("").unwrap_or(0);
-                if highest < opset {
-                    return Err(Failure::BadInput(anyhow::anyhow!("--max-opset {highest}: {} is already at opset {opset}", input.display())));
-                }
-            }
+            check_max_opset(max_opset, &input, &original)?;
             let mut original_or_smoothed = original.clone();
             if let Some(alpha) = smoothquant {
                 if !(0.0..=1.0).contains(&alpha) {
@@ -1049,6 +1052,15 @@ fn check_quantized(comparison: Option<&verify::Comparison>, min_cosine: f64, bou
         return Err(Failure::VerificationFailed);
     }
     Ok(())
+}
+
+/// `--max-opset N` below the input's own opset asks for what no pass does.
+fn check_max_opset(max_opset: Option<i64>, input: &Path, model: &Model) -> Result<(), Failure> {
+    let opset = model.opset("").unwrap_or(0);
+    match max_opset {
+        Some(highest) if highest < opset => Err(Failure::BadInput(anyhow::anyhow!("--max-opset {highest}: {} is already at opset {opset}", input.display()))),
+        _ => Ok(()),
+    }
 }
 
 /// `--mode int8`'s error budget (mean over tokens of 1 - cosine on calibration

@@ -260,6 +260,10 @@ fn cli_refuses_bad_block_sizes_and_gptq_without_data() {
     let o = quantize_cli(&fixture("bert.ts.onnx"), &out, &["--rounding", "gptq"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("calibration data"), "{}", stderr(&o));
+    // the portable form needs opset 21, which --max-opset 20 forbids
+    let o = quantize_cli(&fixture("bert.ts.onnx"), &out, &["--target", "portable", "--max-opset", "20"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--max-opset 20") && stderr(&o).contains("opset 21"), "{}", stderr(&o));
     assert!(files_in(dir.path()).is_empty());
 }
 
