@@ -21,11 +21,13 @@
 //!    whole model and spare one more layer at a time until the error is within
 //!    budget.
 //!
-//! Step 3 runs the model once per layer and batch: keep the batches few.
+//! Step 3 runs the model once per layer and batch: keep the batches few. Its
+//! layers are measured in parallel (rayon), each on its own copy of the model.
 
 use crate::ir::Model;
 use crate::passes::{lowered_for_tract, PassError};
 use crate::verify::{self, NamedInput, VerifyError};
+use rayon::prelude::*;
 use serde::Serialize;
 use std::collections::HashSet;
 use tract_onnx::prelude::Tensor;
@@ -114,7 +116,7 @@ pub fn spare_costliest(
     measurement: &Measurement,
     layers: &[String],
     budget: f64,
-    quantize: impl Fn(&HashSet<String>) -> Result<Model, SensitivityError>,
+    quantize: impl Fn(&HashSet<String>) -> Result<Model, SensitivityError> + Sync,
 ) -> Result<(Model, SensitivityReport), SensitivityError> {
     let mut model = quantize(&HashSet::new())?;
     let error_none_spared = measurement.error(&model)?;
@@ -131,11 +133,15 @@ pub fn spare_costliest(
         report.error = floor;
         return Ok((all_spared, report));
     }
-    for layer in layers {
-        let others: HashSet<String> = layers.iter().filter(|l| *l != layer).cloned().collect();
-        let error = measurement.error(&quantize(&others)?)? - floor;
-        report.layers.push(LayerError { layer: layer.clone(), error });
-    }
+    // one model per layer, measured on all batches: independent, so on every core
+    report.layers = layers
+        .par_iter()
+        .map(|layer| {
+            let others: HashSet<String> = layers.iter().filter(|l| *l != layer).cloned().collect();
+            let error = measurement.error(&quantize(&others)?)? - floor;
+            Ok(LayerError { layer: layer.clone(), error })
+        })
+        .collect::<Result<_, SensitivityError>>()?;
     report.layers.sort_by(|a, b| b.error.total_cmp(&a.error));
     let ranked: Vec<String> = report.layers.iter().map(|l| l.layer.clone()).collect();
     // the shortest prefix that fits the budget if contributions added up
@@ -236,7 +242,7 @@ pub struct Int8Choice {
 
 /// `quantize(in_float, per_tensor)`: the model quantized with `in_float`
 /// layers kept in float and `per_tensor` layers' activations per tensor.
-pub type QuantizeLayers<'q> = dyn Fn(&HashSet<String>, &HashSet<String>) -> Result<Model, PassError> + 'q;
+pub type QuantizeLayers<'q> = dyn Fn(&HashSet<String>, &HashSet<String>) -> Result<Model, PassError> + Sync + 'q;
 
 impl Int8Search<'_> {
     /// With `choose_scales` (`--mode int8`), first the cheapest activation
