@@ -579,12 +579,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 print_records(&records);
             }
             let verify_options = verify::VerifyOptions { atol, rtol, ..Default::default() };
-            let comparison = if no_verify {
-                None
-            } else {
-                let _progress = Progress::start(quiet, "checking the result in tract".into());
-                Some(onnxopt::passes::verify_rewrite(&original, &optimized, &verify_options).map_err(anyhow::Error::from)?)
-            };
+            let comparison = check_in_tract(&original, &optimized, &verify_options, no_verify, quiet)?;
             if let Some(path) = &report {
                 let json = serde_json::json!({
                     "input": input, "output": output.output, "target": target.name(),
@@ -637,10 +632,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let source = (rounding == Some(RoundingArg::Gptq)).then(|| calibration.source()).transpose()?;
             let started = std::time::Instant::now();
             let original = load(&input, quiet, true)?;
-            let named = |name: &String| original.graph.nodes().any(|n| &n.name == name || n.outputs.first() == Some(name));
-            if let Some(unknown) = exclude.iter().find(|name| !named(name)) {
-                return Err(Failure::BadInput(anyhow::anyhow!("--exclude: no node named '{unknown}' (nor writing a tensor of that name)")));
-            }
+            check_exclusions(&original, &exclude)?;
             let exclude: std::collections::HashSet<String> = exclude.into_iter().collect();
             // the portable forms need DequantizeLinear-21 (int4, block_size)
             let opset = original.opset("").unwrap_or(0);
@@ -692,12 +684,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 );
             }
             let options = verify::VerifyOptions { atol: atol.unwrap_or(f32::INFINITY), rtol, ..Default::default() };
-            let comparison = if no_verify {
-                None
-            } else {
-                let _progress = Progress::start(quiet, "checking the result in tract".into());
-                Some(onnxopt::passes::verify_rewrite(&original, &quantized, &options).map_err(anyhow::Error::from)?)
-            };
+            let comparison = check_in_tract(&original, &quantized, &options, no_verify, quiet)?;
             if let Some(path) = &report {
                 let json = serde_json::json!({
                     "input": input, "output": output.output, "target": target.name(), "mode": "int4-weight",
@@ -766,10 +753,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 _ => false,
             };
             let original = load(&input, quiet, true)?;
-            let named = |name: &String| original.graph.nodes().any(|n| &n.name == name || n.outputs.first() == Some(name));
-            if let Some(unknown) = exclude.iter().find(|name| !named(name)) {
-                return Err(Failure::BadInput(anyhow::anyhow!("--exclude: no node named '{unknown}' (nor writing a tensor of that name)")));
-            }
+            check_exclusions(&original, &exclude)?;
             check_max_opset(max_opset, &input, &original)?;
             let mut original_or_smoothed = original.clone();
             if let Some(alpha) = smoothquant {
@@ -862,13 +846,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     eprintln!("note: {note}");
                 }
             }
-            let comparison = if no_verify {
-                None
-            } else {
-                let _progress = Progress::start(quiet, "checking the result in tract".into());
-                let options = verify::VerifyOptions { atol: atol_bound, rtol, ..Default::default() };
-                Some(onnxopt::passes::verify_rewrite(&original, &quantized, &options).map_err(anyhow::Error::from)?)
-            };
+            let options = verify::VerifyOptions { atol: atol_bound, rtol, ..Default::default() };
+            let comparison = check_in_tract(&original, &quantized, &options, no_verify, quiet)?;
             if let Some(path) = &report {
                 let json = serde_json::json!({
                     "input": input, "output": output.output, "target": target.name(), "mode": mode.name(),
@@ -1052,6 +1031,24 @@ fn check_quantized(comparison: Option<&verify::Comparison>, min_cosine: f64, bou
         return Err(Failure::VerificationFailed);
     }
     Ok(())
+}
+
+/// `rewritten` against `original` in tract (`None` with `--no-verify`).
+fn check_in_tract(original: &Model, rewritten: &Model, options: &verify::VerifyOptions, no_verify: bool, quiet: bool) -> Result<Option<verify::Comparison>> {
+    if no_verify {
+        return Ok(None);
+    }
+    let _progress = Progress::start(quiet, "checking the result in tract".into());
+    Ok(Some(onnxopt::passes::verify_rewrite(original, rewritten, options)?))
+}
+
+/// Every `--exclude` name is a node of `model` (or the first output of one).
+fn check_exclusions(model: &Model, exclude: &[String]) -> Result<(), Failure> {
+    let named = |name: &String| model.graph.nodes().any(|n| &n.name == name || n.outputs.first() == Some(name));
+    match exclude.iter().find(|name| !named(name)) {
+        Some(unknown) => Err(Failure::BadInput(anyhow::anyhow!("--exclude: no node named '{unknown}' (nor writing a tensor of that name)"))),
+        None => Ok(()),
+    }
 }
 
 /// `--max-opset N` below the input's own opset asks for what no pass does.
