@@ -124,15 +124,18 @@ pub const INT8_UNFUSED_RULES: [&str; 2] = ["skip-layer-norm-bias", "skip-layer-n
 
 /// The passes `onnxopt quantize --mode int8` runs before it quantizes, in
 /// order: [`optimization_passes`] for `target` without [`INT8_UNFUSED_RULES`],
-/// then, for ORT, `raise-opset-for-attention` (opset 23, where it can raise
-/// exactly, and unless `max_opset` is below 23) and `split-attention-projection` (the packed Q/K/V projection
-/// back out of each fused Attention, as three MatMuls feeding ONNX Attention
-/// at opset 23, MultiHeadAttention below), so that the `--max-error` search sees every MatMul
-/// [`quantization_passes`] will quantize, `residual-add-as-sum` (so that
-/// ORT does not fuse what [`INT8_UNFUSED_RULES`] left apart), and
-/// `approximate-gelu` (ORT's tanh GELU kernel is faster than its erf one; the
-/// difference, under 5e-4, is far below the int8 step of the MatMul that
-/// reads it).
+/// then, for ORT:
+/// - `raise-opset-for-attention` (to opset 23, where it can raise exactly;
+///   left out when `max_opset` is below 23);
+/// - `split-attention-projection`: the packed Q/K/V projection back out of
+///   each fused Attention, as three MatMuls feeding ONNX Attention at opset
+///   23 (MultiHeadAttention below), so that the `--max-error` search sees
+///   every MatMul [`quantization_passes`] will quantize;
+/// - `residual-add-as-sum`, so that ORT does not fuse what
+///   [`INT8_UNFUSED_RULES`] left apart;
+/// - `approximate-gelu`: ORT's tanh GELU kernel is faster than its erf one,
+///   and the difference, under 5e-4, is far below the int8 step of the MatMul
+///   that reads it.
 pub fn int8_fusion_passes(target: Target, max_opset: Option<i64>) -> Vec<Box<dyn Pass>> {
     let options = PipelineOptions { skip_rules: INT8_UNFUSED_RULES.iter().map(|r| r.to_string()).collect(), ..PipelineOptions::default() };
     let mut passes = optimization_passes(target, &options);
