@@ -19,6 +19,7 @@ pub mod common_subexpression;
 pub mod constant_folding;
 pub mod dead_code;
 pub mod fuse;
+pub mod layer_norm_affine;
 pub mod no_op;
 pub mod pipeline;
 pub mod prune_weights;

@@ -33,6 +33,7 @@ use super::attention_opset::{RaiseOpsetForAttention, ATTENTION_OPSET};
 use super::residual_sum::ResidualAddAsSum;
 use super::split_attention_projection::SplitAttentionProjection;
 use super::fuse::Fuse;
+use super::layer_norm_affine::LayerNormAffineIntoWeights;
 use super::no_op::RemoveNoOps;
 use super::quantize_dynamic::QuantizeDynamic;
 use super::quantize_fp16::ConvertToFloat16;
@@ -124,7 +125,8 @@ pub const INT8_UNFUSED_RULES: [&str; 2] = ["skip-layer-norm-bias", "skip-layer-n
 
 /// The passes `onnxopt quantize --mode int8` runs before it quantizes, in
 /// order: [`optimization_passes`] for `target` without [`INT8_UNFUSED_RULES`],
-/// then, for ORT:
+/// `layer-norm-affine-into-weights` (an FFN's first MatMul reads the
+/// normalized rows, which quantize far better per tensor), then, for ORT:
 /// - `raise-opset-for-attention` (to opset 23, where it can raise exactly;
 ///   left out when `max_opset` is below 23);
 /// - `split-attention-projection`: the packed Q/K/V projection back out of
@@ -139,6 +141,7 @@ pub const INT8_UNFUSED_RULES: [&str; 2] = ["skip-layer-norm-bias", "skip-layer-n
 pub fn int8_fusion_passes(target: Target, max_opset: Option<i64>) -> Vec<Box<dyn Pass>> {
     let options = PipelineOptions { skip_rules: INT8_UNFUSED_RULES.iter().map(|r| r.to_string()).collect(), ..PipelineOptions::default() };
     let mut passes = optimization_passes(target, &options);
+    passes.push(Box::new(LayerNormAffineIntoWeights));
     if target == Target::Ort {
         if max_opset.is_none_or(|highest| highest >= ATTENTION_OPSET) {
             passes.push(Box::new(RaiseOpsetForAttention));
