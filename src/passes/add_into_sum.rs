@@ -22,7 +22,7 @@
 //! besides one `Sum` input, and models below opset 8.
 
 use super::{Pass, PassError};
-use crate::ir::{Model, Node, Patch, Slot};
+use crate::ir::{Model, Patch, Slot};
 
 /// The pass. See the module documentation.
 pub struct AddIntoSum;
@@ -45,13 +45,12 @@ impl Pass for AddIntoSum {
             let [reader] = graph.uses(&add.outputs[0]) else { continue };
             let Slot::Input(slot) = reader.slot else { continue };
             let Some(sum) = graph.node(reader.node).filter(|n| n.is_onnx("Sum")) else { continue };
-            let mut inputs: Vec<&str> = sum.inputs.iter().map(String::as_str).collect();
-            inputs.splice(slot..=slot, add.inputs.iter().map(String::as_str));
-            let outputs: Vec<&str> = sum.outputs.iter().map(String::as_str).collect();
+            let mut widened = sum.clone();
+            widened.inputs.splice(slot..=slot, add.inputs.iter().cloned());
             let mut patch = Patch::new("add-into-sum");
             patch.remove_node(id);
             patch.remove_node(reader.node);
-            patch.add_node(Node::new("Sum", &inputs, &outputs).with_name(sum.name.clone()));
+            patch.add_node(widened);
             patches.push(patch);
         }
         Ok(patches)

@@ -24,7 +24,7 @@
 
 use super::{Pass, PassError};
 use super::lower_contrib::CONTRIB_DOMAIN;
-use crate::ir::{Model, Node, Patch};
+use crate::ir::{Model, Patch};
 
 /// The pass. See the module documentation.
 pub struct ApproximateGelu;
@@ -41,11 +41,12 @@ impl Pass for ApproximateGelu {
             if !erf_gelu {
                 continue;
             }
-            let inputs: Vec<&str> = node.inputs.iter().map(String::as_str).collect();
-            let outputs: Vec<&str> = node.outputs.iter().map(String::as_str).collect();
             let mut patch = Patch::new(format!("{}-as-fast-gelu", node.op_type.to_lowercase()));
+            // the same node (name, inputs, attributes, doc string) under the tanh op
+            let mut fast = node.clone();
+            fast.op_type = "FastGelu".into();
             patch.remove_node(id);
-            patch.add_node(Node::new("FastGelu", &inputs, &outputs).with_domain(CONTRIB_DOMAIN).with_name(node.name.clone()));
+            patch.add_node(fast);
             patches.push(patch);
         }
         Ok(patches)

@@ -42,10 +42,6 @@ impl Pass for LayerNormAffineIntoWeights {
 
     fn propose(&self, model: &Model) -> Result<Vec<Patch>, PassError> {
         let graph = &model.graph;
-        let float_vector = |name: &str, k: usize| -> Option<Array1<f32>> {
-            let t = graph.initializer(name).filter(|t| t.dtype == DataType::Float && t.dims == [k as i64])?;
-            t.to_f32().ok()?.into_dimensionality::<Ix1>().ok()
-        };
         let mut patches = Vec::new();
         for (_, norm) in graph.nodes_with_ids() {
             if !norm.is_onnx("LayerNormalization") || norm.attr_int("axis").unwrap_or(-1) != -1 {
@@ -65,9 +61,9 @@ impl Pass for LayerNormAffineIntoWeights {
                 if n <= k {
                     continue;
                 }
-                let Some(scale) = norm.inputs.get(1).and_then(|s| float_vector(s, k)) else { continue };
+                let Some(scale) = norm.inputs.get(1).and_then(|s| float_vector(model, s, k)) else { continue };
                 let shift = match norm.inputs.get(2).filter(|b| !b.is_empty()) {
-                    Some(b) => match float_vector(b, k) {
+                    Some(b) => match float_vector(model, b, k) {
                         Some(shift) => shift,
                         None => continue,
                     },
@@ -105,12 +101,8 @@ impl Pass for LayerNormAffineIntoWeights {
                         patch.add_node(product(h));
                         let folded = name("shifted_bias");
                         patch.add_initializer(Tensor::from_f32(folded.clone(), &(bias + &shift_product).into_dyn()));
-                        let reader = graph.node(reader_id).expect("a reader of h");
-                        let mut inputs: Vec<&str> = reader.inputs.iter().map(String::as_str).collect();
-                        inputs[slot] = &folded;
-                        let outputs: Vec<&str> = reader.outputs.iter().map(String::as_str).collect();
-                        let mut rewritten = Node::new(reader.op_type.clone(), &inputs, &outputs).with_domain(reader.domain.clone()).with_name(reader.name.clone());
-                        rewritten.attributes = reader.attributes.clone();
+                        let mut rewritten = graph.node(reader_id).expect("a reader of h").clone();
+                        rewritten.inputs[slot] = folded;
                         patch.remove_node(reader_id);
                         patch.add_node(rewritten);
                     }
@@ -150,6 +142,11 @@ fn bias_reader(model: &Model, h: &str, n: usize) -> Option<(crate::ir::NodeId, u
     } else {
         return None;
     };
-    let bias = graph.initializer(reader.inputs.get(slot)?).filter(|t| t.dtype == DataType::Float && t.dims == [n as i64])?;
-    Some((only.node, slot, bias.to_f32().ok()?.into_dimensionality::<Ix1>().ok()?))
+    Some((only.node, slot, float_vector(model, reader.inputs.get(slot)?, n)?))
+}
+
+/// The float32 `[len]` initializer `name`, as a vector.
+fn float_vector(model: &Model, name: &str, len: usize) -> Option<Array1<f32>> {
+    let tensor = model.graph.initializer(name).filter(|t| t.dtype == DataType::Float && t.dims == [len as i64])?;
+    tensor.to_f32().ok()?.into_dimensionality::<Ix1>().ok()
 }

@@ -21,7 +21,7 @@
 //! that does not feed a LayerNormalization's input, and models below opset 8.
 
 use super::{Pass, PassError};
-use crate::ir::{Model, Node, Patch, Slot};
+use crate::ir::{Model, Patch, Slot};
 
 /// The pass. See the module documentation.
 pub struct ResidualAddAsSum;
@@ -50,10 +50,12 @@ impl Pass for ResidualAddAsSum {
             if !feeds_layer_norm {
                 continue;
             }
-            let inputs: Vec<&str> = node.inputs.iter().map(String::as_str).collect();
+            // the same node (name, inputs, doc string) as Sum
+            let mut sum = node.clone();
+            sum.op_type = "Sum".into();
             let mut patch = Patch::new("residual-add-as-sum");
             patch.remove_node(id);
-            patch.add_node(Node::new("Sum", &inputs, &[&node.outputs[0]]).with_name(node.name.clone()));
+            patch.add_node(sum);
             patches.push(patch);
         }
         Ok(patches)
