@@ -72,9 +72,15 @@ enum Command {
         /// Write what each pass did, node counts and the verification as JSON.
         #[arg(long)]
         report: Option<PathBuf>,
-        /// Skip the tract check of the result against the input.
+        /// Skip the check of the result against the input (nothing checks it).
         #[arg(long)]
         no_verify: bool,
+        /// The engine that runs the input and the result to compare them: auto
+        /// (tract; ONNX Runtime where tract cannot run them), tract, or ort
+        /// (ONNX Runtime from ORT_DYLIB_PATH or the onnxruntime Python wheel;
+        /// com.microsoft ops run in ORT's own kernels).
+        #[arg(long, default_value = "auto")]
+        engine: verify::Engine,
         /// Run only these passes (comma-separated names).
         #[arg(long, value_delimiter = ',')]
         passes: Option<Vec<String>>,
@@ -144,9 +150,15 @@ enum Command {
         /// Write what each pass did and the verification as JSON.
         #[arg(long)]
         report: Option<PathBuf>,
-        /// Skip the tract check of the result against the input.
+        /// Skip the check of the result against the input (nothing checks it).
         #[arg(long)]
         no_verify: bool,
+        /// The engine that runs the input and the result to compare them: auto
+        /// (tract; ONNX Runtime where tract cannot run them), tract, or ort
+        /// (ONNX Runtime from ORT_DYLIB_PATH or the onnxruntime Python wheel;
+        /// com.microsoft ops run in ORT's own kernels).
+        #[arg(long, default_value = "auto")]
+        engine: verify::Engine,
         /// Smallest cosine similarity allowed between each output and the input's,
         /// in tract on seeded inputs (int8 rounding moves single values, not directions).
         /// Default 0.98 for the int8 modes, 0.9999 for fp16, 0.9 for int4-weight
@@ -249,9 +261,15 @@ enum Command {
         /// Write the layers, their errors, parameter and FLOP counts and the verification as JSON.
         #[arg(long)]
         report: Option<PathBuf>,
-        /// Skip the tract check of the result against the input.
+        /// Skip the check of the result against the input (nothing checks it).
         #[arg(long)]
         no_verify: bool,
+        /// The engine that runs the input and the result to compare them: auto
+        /// (tract; ONNX Runtime where tract cannot run them), tract, or ort
+        /// (ONNX Runtime from ORT_DYLIB_PATH or the onnxruntime Python wheel;
+        /// com.microsoft ops run in ORT's own kernels).
+        #[arg(long, default_value = "auto")]
+        engine: verify::Engine,
         /// Smallest cosine similarity allowed between each output and the input's,
         /// in tract on the first calibration batch (seeded random inputs without
         /// calibration data: random token ids, a harsher test than text).
@@ -294,11 +312,17 @@ enum Command {
         /// Size given to an open batch dim.
         #[arg(long, default_value_t = 2)]
         batch: usize,
-        /// Size given to every other open dim.
+        /// Size given to every other open dim (a decoder's prefill length).
         #[arg(long, default_value_t = 16)]
         seq: usize,
         #[arg(long)]
         json: bool,
+        /// The engine that runs the input and the result to compare them: auto
+        /// (tract; ONNX Runtime where tract cannot run them), tract, or ort
+        /// (ONNX Runtime from ORT_DYLIB_PATH or the onnxruntime Python wheel;
+        /// com.microsoft ops run in ORT's own kernels).
+        #[arg(long, default_value = "auto")]
+        engine: verify::Engine,
     },
 }
 
@@ -475,6 +499,8 @@ impl OutputArgs {
 enum Failure {
     BadInput(anyhow::Error),
     VerificationFailed,
+    /// No engine could run the models to compare them: not the input's fault.
+    Unverifiable(anyhow::Error),
     /// `check` found rule violations (printed already).
     Violations,
 }
@@ -558,7 +584,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let model = load(&input, quiet, true)?;
             save(&model, &input, &output, quiet)?;
         }
-        Command::Optimize { input, output, target, opset, report, no_verify, passes, skip, stop_after, trace_rule, atol, rtol } => {
+        Command::Optimize { input, output, target, opset, report, no_verify, engine, passes, skip, stop_after, trace_rule, atol, rtol } => {
             let known = onnxopt::passes::pipeline::pass_names();
             if let Some(unknown) = passes.iter().flatten().chain(&skip).find(|n| !known.contains(&n.as_str())) {
                 return Err(Failure::BadInput(anyhow::anyhow!("unknown pass '{unknown}' (passes: {})", known.join(", "))));
@@ -578,8 +604,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if !quiet {
                 print_records(&records);
             }
-            let verify_options = verify::VerifyOptions { atol, rtol, ..Default::default() };
-            let comparison = check_in_tract(&original, &optimized, &verify_options, no_verify, quiet)?;
+            let verify_options = verify::VerifyOptions { atol, rtol, engine, ..Default::default() };
+            let comparison = check_result(&original, &optimized, &verify_options, no_verify, quiet)?;
             if let Some(path) = &report {
                 let json = serde_json::json!({
                     "input": input, "output": output.output, "target": target.name(),
@@ -591,12 +617,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             if let Some(c) = &comparison {
                 if !quiet {
-                    eprintln!("tract check: max abs {:.3e}, cosine {:.6}", c.max_abs(), c.min_cosine());
+                    print_check(c);
                 }
                 if !c.passed() {
                     let culprit = {
                         let _progress = Progress::start(quiet, "finding the pass that broke it".into());
-                        onnxopt::passes::first_failing_pass(&original, &pipeline, &driver, &verify_options).map_err(anyhow::Error::from)?
+                        // in the engine that ran the check (ORT when tract could not)
+                        let engine = if c.engine == verify::Engine::Ort.name() { verify::Engine::Ort } else { verify::Engine::Tract };
+                        let options = verify::VerifyOptions { engine, ..verify_options.clone() };
+                        onnxopt::passes::first_failing_pass(&original, &pipeline, &driver, &options).map_err(anyhow::Error::from)?
                     };
                     let culprit = culprit.unwrap_or_else(|| "none alone (the passes together)".into());
                     eprintln!("error: the result differs from the input beyond tolerance; the first pass whose result does: {culprit}; nothing written (bisect its patches with --stop-after)");
@@ -613,6 +642,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             exclude,
             report,
             no_verify,
+            engine,
             min_cosine,
             atol,
             rtol,
@@ -683,8 +713,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     initializer_bytes(&quantized)
                 );
             }
-            let options = verify::VerifyOptions { atol: atol.unwrap_or(f32::INFINITY), rtol, ..Default::default() };
-            let comparison = check_in_tract(&original, &quantized, &options, no_verify, quiet)?;
+            let options = verify::VerifyOptions { atol: atol.unwrap_or(f32::INFINITY), rtol, engine, ..Default::default() };
+            let comparison = check_result(&original, &quantized, &options, no_verify, quiet)?;
             if let Some(path) = &report {
                 let json = serde_json::json!({
                     "input": input, "output": output.output, "target": target.name(), "mode": "int4-weight",
@@ -722,6 +752,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             rounding,
             report,
             no_verify,
+            engine,
             min_cosine,
             atol,
             rtol,
@@ -846,8 +877,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     eprintln!("note: {note}");
                 }
             }
-            let options = verify::VerifyOptions { atol: atol_bound, rtol, ..Default::default() };
-            let comparison = check_in_tract(&original, &quantized, &options, no_verify, quiet)?;
+            let options = verify::VerifyOptions { atol: atol_bound, rtol, engine, ..Default::default() };
+            let comparison = check_result(&original, &quantized, &options, no_verify, quiet)?;
             if let Some(path) = &report {
                 let json = serde_json::json!({
                     "input": input, "output": output.output, "target": target.name(), "mode": mode.name(),
@@ -884,7 +915,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Prune { input, output, method: method @ (PruneMethodArg::Structured | PruneMethodArg::Layers), keep_flops, drop_layers, no_reconstruct, report, data, .. } => {
             prune_blocks(&input, &output, method, keep_flops, drop_layers, no_reconstruct, report.as_deref(), &data, quiet)?;
         }
-        Command::Prune { input, output, method, sparsity, nm, importance, reconstruct, no_reconstruct, damping, obs_rounds, data, report, no_verify, min_cosine, .. } => {
+        Command::Prune { input, output, method, sparsity, nm, importance, reconstruct, no_reconstruct, damping, obs_rounds, data, report, no_verify, engine, min_cosine, .. } => {
             use onnxopt::prune::{Importance, LayerSparsity, PruneMethod, PruneOptions};
             let bad = |e: String| Failure::BadInput(anyhow::anyhow!(e));
             let method = match method {
@@ -933,8 +964,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     Some(source) => source.batches(&original).map_err(anyhow::Error::from)?.next().transpose().map_err(anyhow::Error::from)?,
                     None => None,
                 };
-                let options = verify::VerifyOptions { atol: f32::INFINITY, rtol: 0.0, inputs, ..Default::default() };
-                pruned.report.verification = Some(onnxopt::passes::verify_rewrite(&original, &pruned.model, &options).map_err(anyhow::Error::from)?);
+                let options = verify::VerifyOptions { atol: f32::INFINITY, rtol: 0.0, inputs, engine, ..Default::default() };
+                pruned.report.verification = Some(onnxopt::passes::verify_rewrite(&original, &pruned.model, &options).map_err(unverifiable_result)?);
             }
             if let Some(path) = &report {
                 write_report(path, &serde_json::to_value(&pruned.report).context("encoding the report")?)?;
@@ -942,7 +973,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(c) = &pruned.report.verification {
                 let cosine = c.min_cosine();
                 if !quiet {
-                    eprintln!("tract check: max abs {:.3e}, cosine {cosine:.6}", c.max_abs());
+                    print_check(c);
                 }
                 if cosine < min_cosine {
                     eprintln!("error: the pruned model's outputs point elsewhere than the input's (cosine {cosine:.6}, --min-cosine {min_cosine}); nothing written (prune less, or loosen the bound)");
@@ -986,15 +1017,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
-        Command::Verify { reference, candidate, inputs, seed, atol, rtol, batch, seq, json } => {
+        Command::Verify { reference, candidate, inputs, seed, atol, rtol, batch, seq, json, engine } => {
             let a = load(&reference, quiet, true)?;
             let b = load(&candidate, quiet, true)?;
             let inputs = inputs.map(|p| verify::read_npz(&p)).transpose().map_err(anyhow::Error::from)?;
-            let options = verify::VerifyOptions { seed, sizes: verify::DimSizes { batch, sequence: seq }, atol, rtol, inputs };
+            let options = verify::VerifyOptions { seed, sizes: verify::DimSizes { batch, sequence: seq }, atol, rtol, inputs, engine };
             let comparison = {
-                let _progress = Progress::start(quiet, "running both models in tract".into());
-                onnxopt::passes::verify_rewrite(&a, &b, &options).map_err(anyhow::Error::from)?
+                let _progress = Progress::start(quiet, format!("running both models ({})", engine.name()));
+                onnxopt::passes::verify_rewrite(&a, &b, &options).map_err(|e| Failure::Unverifiable(e.into()))?
             };
+            if let Some(why) = &comparison.fallback {
+                eprintln!("note: {why}");
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&comparison).context("encoding the comparison")?);
             } else {
@@ -1024,7 +1058,7 @@ fn check_quantized(comparison: Option<&verify::Comparison>, min_cosine: f64, bou
     let Some(c) = comparison else { return Ok(()) };
     let cosine = c.min_cosine();
     if !quiet {
-        eprintln!("tract check: max abs {:.3e}, cosine {cosine:.6}", c.max_abs());
+        print_check(c);
     }
     if !c.passed() || cosine < min_cosine {
         eprintln!("error: the quantized model differs from the input beyond tolerance (cosine {cosine:.6}, --min-cosine {min_cosine}{bound}); nothing written ({advice})");
@@ -1033,13 +1067,27 @@ fn check_quantized(comparison: Option<&verify::Comparison>, min_cosine: f64, bou
     Ok(())
 }
 
-/// `rewritten` against `original` in tract (`None` with `--no-verify`).
-fn check_in_tract(original: &Model, rewritten: &Model, options: &verify::VerifyOptions, no_verify: bool, quiet: bool) -> Result<Option<verify::Comparison>> {
+/// `rewritten` against `original` in the options' engine (`None` with `--no-verify`).
+fn check_result(original: &Model, rewritten: &Model, options: &verify::VerifyOptions, no_verify: bool, quiet: bool) -> Result<Option<verify::Comparison>, Failure> {
     if no_verify {
         return Ok(None);
     }
-    let _progress = Progress::start(quiet, "checking the result in tract".into());
-    Ok(Some(onnxopt::passes::verify_rewrite(original, rewritten, options)?))
+    let _progress = Progress::start(quiet, format!("checking the result ({})", options.engine.name()));
+    let comparison = onnxopt::passes::verify_rewrite(original, rewritten, options).map_err(unverifiable_result)?;
+    if let (Some(why), false) = (&comparison.fallback, quiet) {
+        eprintln!("note: {why}");
+    }
+    Ok(Some(comparison))
+}
+
+/// A result no engine could check: not written, and not the input's fault.
+fn unverifiable_result(e: onnxopt::passes::CheckError) -> Failure {
+    Failure::Unverifiable(anyhow::anyhow!("{e}; nothing written (--no-verify writes the result unchecked)"))
+}
+
+/// How a check's outcome reads: `check in tract: max abs .., cosine ..`.
+fn print_check(c: &verify::Comparison) {
+    eprintln!("check in {}: max abs {:.3e}, cosine {:.6}", c.engine, c.max_abs(), c.min_cosine());
 }
 
 /// Every `--exclude` name is a node of `model` (or the first output of one).
@@ -1233,6 +1281,10 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
         Err(Failure::Violations) => ExitCode::from(1),
+        Err(Failure::Unverifiable(e)) => {
+            eprintln!("error: could not verify: {e:#}");
+            ExitCode::from(1)
+        }
         Err(Failure::BadInput(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

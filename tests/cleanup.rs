@@ -373,6 +373,7 @@ fn cleanup_passes() -> Vec<Box<dyn Pass>> {
         Box::new(RemoveNoOps),
         Box::new(FoldConstants::default()),
         Box::new(FoldShapes),
+        Box::new(FoldConstants::default()),
         Box::new(MergeCommonSubexpressions),
         Box::new(EliminateDeadCode),
     ]

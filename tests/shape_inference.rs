@@ -104,9 +104,11 @@ fn minilm_dynamo_export_is_fully_typed() -> Result<()> {
 /// inferred unknown dim where value_info names one counts too. Returns how many
 /// shapes were compared, and the disagreements.
 fn value_info_disagreements(model: &Model, types: &TypeMap, strict: bool) -> (usize, Vec<String>) {
+    // `unk__N` is what onnx's shape inference (run by ORT's quantization tool)
+    // names a dim it could not infer: unknown, not a claim
     let plain = |d: &Dim| match d {
         Dim::Fixed(_) => true,
-        Dim::Symbol(s) => s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+        Dim::Symbol(s) => s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !s.starts_with("unk__"),
         Dim::Unknown => false,
     };
     let agree = |declared: &Dim, inferred: &Dim| {

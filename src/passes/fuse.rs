@@ -12,8 +12,12 @@
 use super::dead_code::EliminateDeadCode;
 use super::{Pass, PassError};
 use crate::ir::{infer_types, Model, NodeId, Patch};
+use crate::ir::{Graph, TypeMap};
+use crate::rewrite::matcher::Miss;
+use crate::rewrite::rule::Template;
 use crate::rewrite::{instantiate, match_rule, standard_rules, Registry, Rule};
 use std::collections::HashSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
 pub struct Fuse {
@@ -75,15 +79,13 @@ impl Pass for Fuse {
                 if rule.pattern.op_type != node.op_type {
                     continue;
                 }
-                match match_rule(graph, &types, &self.registry, rule, id) {
-                    Ok(bindings) if bindings.removed_nodes().any(|n| claimed.contains(&n)) => {}
-                    Ok(bindings) => {
-                        let patch = instantiate(graph, &types, &self.registry, rule, template, &bindings)
-                            .map_err(|message| PassError::Failed { pass: format!("fuse/{}", rule.name), message })?;
-                        claimed.extend(bindings.removed_nodes());
+                match try_rule(graph, &types, &self.registry, rule, template, id, &claimed) {
+                    Ok(Some((patch, removed))) => {
+                        claimed.extend(removed);
                         patches.push(patch);
                         break;
                     }
+                    Ok(None) => {}
                     Err(miss) => {
                         if self.trace_rule.as_deref() == Some(rule.name.as_str()) && miss.depth >= 2 {
                             if let Ok(mut trace) = self.trace.lock() {
@@ -96,4 +98,39 @@ impl Pass for Fuse {
         }
         Ok(patches)
     }
+}
+
+/// Matches `rule` at `root` and builds its patch: `Ok(None)` when the match
+/// overlaps a node an earlier match of this round claimed. No rule aborts a
+/// run: an applier that meets something its conditions did not rule out (a
+/// weight that is not a constant in an int8 export) or a panic in a condition
+/// is a miss, with the reason `--trace-rule` prints, and the next rule is tried.
+fn try_rule(
+    graph: &Graph,
+    types: &TypeMap,
+    registry: &Registry,
+    rule: &Rule,
+    template: &Template,
+    root: NodeId,
+    claimed: &HashSet<NodeId>,
+) -> Result<Option<(Patch, Vec<NodeId>)>, Miss> {
+    let attempt = catch_unwind(AssertUnwindSafe(|| {
+        let bindings = match_rule(graph, types, registry, rule, root)?;
+        let removed: Vec<NodeId> = bindings.removed_nodes().collect();
+        if removed.iter().any(|n| claimed.contains(n)) {
+            return Ok(None);
+        }
+        let depth = removed.len();
+        let patch = instantiate(graph, types, registry, rule, template, &bindings)
+            .map_err(|reason| Miss { depth, reason: format!("matched, but its replacement could not be built: {reason}") })?;
+        Ok(Some((patch, removed)))
+    }));
+    attempt.unwrap_or_else(|payload| {
+        let reason = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(Miss { depth: usize::MAX, reason: format!("a condition panicked: {reason}") })
+    })
 }

@@ -19,6 +19,7 @@ pub mod common_subexpression;
 pub mod constant_folding;
 pub mod dead_code;
 pub mod fuse;
+pub mod inline_constant_if;
 pub mod layer_norm_affine;
 pub mod no_op;
 pub mod pipeline;
@@ -213,12 +214,44 @@ pub enum CheckError {
     Verify(#[from] crate::verify::VerifyError),
 }
 
-/// Checks a rewritten model against its original in tract. tract never sees a
-/// com.microsoft op, nor a standard op it runs unfaithfully (opset-23 Attention
-/// and RMSNormalization): both models are lowered first (`lower_contrib`, then
-/// `lower_standard`, each lowering checked against ONNX Runtime's kernels).
+/// Checks a rewritten model against its original in the engine the options
+/// name ([`Engine`]):
+/// - tract never sees a com.microsoft op, nor a standard op it runs
+///   unfaithfully (opset-23 Attention and RMSNormalization): both models are
+///   lowered first (`lower_contrib`, then `lower_standard`, each lowering
+///   checked against ONNX Runtime's kernels);
+/// - ONNX Runtime runs both as they are, fused ops with its own kernels;
+/// - `Auto` runs tract, and ONNX Runtime where tract cannot load or run either
+///   model (the comparison's `fallback` says why); when ORT is not installed
+///   either, the error names both reasons.
 pub fn verify_rewrite(original: &Model, rewritten: &Model, options: &crate::verify::VerifyOptions) -> Result<crate::verify::Comparison, CheckError> {
-    Ok(crate::verify::compare(&lowered_for_tract(original)?, &lowered_for_tract(rewritten)?, options)?)
+    use crate::verify::{compare, onnx_runtime, Engine, VerifyError, VerifyOptions};
+    let in_engine = |engine: Engine| -> Result<crate::verify::Comparison, CheckError> {
+        let options = VerifyOptions { engine, ..options.clone() };
+        Ok(compare(&prepared_for(original, engine)?, &prepared_for(rewritten, engine)?, &options)?)
+    };
+    match options.engine {
+        Engine::Auto => match in_engine(Engine::Tract) {
+            Ok(comparison) => Ok(comparison),
+            Err(tract) => match onnx_runtime::available() {
+                Ok(()) => {
+                    let mut comparison = in_engine(Engine::Ort)?;
+                    comparison.fallback = Some(format!("tract could not run the models ({tract}); ONNX Runtime ran them"));
+                    Ok(comparison)
+                }
+                Err(ort) => Err(CheckError::Verify(VerifyError::NoEngine { tract: tract.to_string(), ort })),
+            },
+        },
+        engine => in_engine(engine),
+    }
+}
+
+/// `model` as `engine` runs it: lowered for tract, unchanged for ONNX Runtime.
+pub fn prepared_for(model: &Model, engine: crate::verify::Engine) -> Result<Model, PassError> {
+    match engine {
+        crate::verify::Engine::Ort => Ok(model.clone()),
+        _ => lowered_for_tract(model),
+    }
 }
 
 /// A copy of `model` tract can run faithfully: contrib ops and the standard ops
@@ -234,6 +267,9 @@ pub fn lowered_for_tract(model: &Model) -> Result<Model, PassError> {
             import.version = 17;
         }
     }
+    // an If with a constant condition is its branch (tract runs If only
+    // when it can fold the condition itself)
+    run_pipeline(&mut m, &[Box::new(inline_constant_if::InlineConstantIf) as Box<dyn Pass>], &driver)?;
     lower_contrib::lower_contrib_ops(&mut m, &driver)?;
     lower_standard::lower_standard_ops(&mut m, &driver)?;
     // tract refuses a float16 Gemm with C or alpha (quantize --mode fp16 makes them)
@@ -242,8 +278,9 @@ pub fn lowered_for_tract(model: &Model) -> Result<Model, PassError> {
 }
 
 /// The first pass after which `original` and the rewritten model differ beyond
-/// tolerance: passes run one at a time, each checked in tract. For naming the
-/// culprit once a whole pipeline's result failed its check.
+/// tolerance: passes run one at a time, each checked in the options' engine
+/// (tract for `Auto`). For naming the culprit once a whole pipeline's result
+/// failed its check.
 pub fn first_failing_pass(
     original: &Model,
     passes: &[Box<dyn Pass>],
@@ -251,14 +288,18 @@ pub fn first_failing_pass(
     options: &crate::verify::VerifyOptions,
 ) -> Result<Option<String>, CheckError> {
     // the original runs in tract once; each pass's result is compared with it
-    let reference = crate::verify::Reference::run(&lowered_for_tract(original)?, options)?;
+    let engine = match options.engine {
+        crate::verify::Engine::Ort => crate::verify::Engine::Ort,
+        _ => crate::verify::Engine::Tract,
+    };
+    let reference = crate::verify::Reference::run(&prepared_for(original, engine)?, engine, options)?;
     let mut model = original.clone();
     for (index, pass) in passes.iter().enumerate() {
         let record = run_pipeline(&mut model, std::slice::from_ref(pass), driver)?;
         if record.iter().all(|r| r.patches == 0) {
             continue;
         }
-        if !crate::verify::compare_to(&reference, &lowered_for_tract(&model)?, options)?.passed() {
+        if !crate::verify::compare_to(&reference, &prepared_for(&model, engine)?, options)?.passed() {
             return Ok(Some(format!("{} (pass {} of {})", pass.name(), index + 1, passes.len())));
         }
     }

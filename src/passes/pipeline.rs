@@ -13,16 +13,21 @@
 //! 2. `fold-constants`: Constant nodes become initializers, constant subgraphs
 //!    values; rules then see constants where the exporter wrote computations.
 //! 3. `fold-shapes`: shape computations whose value is known become constants.
-//! 4. `merge-common-subexpressions`: shared weights and repeated shape
+//! 4. `fold-constants` again: what 3 made constant feeds float arithmetic
+//!    (Optimum's GPT-2 computes its attention scale as
+//!    `Sqrt(1 / Sqrt(Cast(head_size)))` from a shape).
+//! 5. `inline-constant-if`: an If whose condition 2-4 made constant becomes
+//!    its taken branch, so that the rules (and tract) see its nodes.
+//! 6. `merge-common-subexpressions`: shared weights and repeated shape
 //!    computations become one (after folding, so that folded copies merge).
-//! 5. `eliminate-dead-code`: drops what 1-4 disconnected, so that rules see
+//! 7. `eliminate-dead-code`: drops what 1-6 disconnected, so that rules see
 //!    single-use intermediates (a fusion refuses a value used outside its match).
-//! 6. `fuse`: the rules of `passes/*.rules` for the target (canonical forms,
+//! 8. `fuse`: the rules of `passes/*.rules` for the target (canonical forms,
 //!    Llama's norms and rotary, attention, layer norm, Gelu), to a fixpoint.
-//! 7. `merge-common-subexpressions` again: fusions compute new constants
+//! 9. `merge-common-subexpressions` again: fusions compute new constants
 //!    (packed QKV weights) that may repeat (all-zero biases of several layers).
-//! 8. `eliminate-dead-code` again: what only the fused nodes read, and the
-//!    duplicates 7 replaced.
+//! 10. `eliminate-dead-code` again: what only the fused nodes read, and the
+//!    duplicates 9 replaced.
 
 use super::common_subexpression::MergeCommonSubexpressions;
 use super::constant_folding::FoldConstants;
@@ -33,6 +38,7 @@ use super::attention_opset::{RaiseOpsetForAttention, ATTENTION_OPSET};
 use super::residual_sum::ResidualAddAsSum;
 use super::split_attention_projection::SplitAttentionProjection;
 use super::fuse::Fuse;
+use super::inline_constant_if::InlineConstantIf;
 use super::layer_norm_affine::LayerNormAffineIntoWeights;
 use super::no_op::RemoveNoOps;
 use super::quantize_dynamic::QuantizeDynamic;
@@ -102,6 +108,8 @@ pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box
         Box::new(RemoveNoOps),
         Box::new(FoldConstants::default()),
         Box::new(FoldShapes),
+        Box::new(FoldConstants::default()),
+        Box::new(InlineConstantIf),
         Box::new(MergeCommonSubexpressions),
         Box::new(EliminateDeadCode),
         Box::new(Fuse::new(target.name(), options.trace_rule.clone()).without_rules(&options.skip_rules)),

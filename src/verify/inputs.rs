@@ -85,8 +85,26 @@ fn embedding_rows(model: &Model, input: &str) -> Option<i64> {
 
 /// Seeded random inputs for every graph input that is not also an initializer.
 pub fn random_inputs(model: &Model, seed: u64, sizes: DimSizes) -> Result<Vec<NamedInput>, VerifyError> {
+    random_inputs_with(model, seed, sizes, HashMap::new())
+}
+
+/// The size of a symbolic dim: a symbol given or met before, or a sum of them
+/// and integers as exporters write it (`past_sequence_length + sequence_length`,
+/// `past_sequence_length + 1`).
+fn symbol_size(symbol: &str, symbols: &HashMap<String, usize>) -> Option<usize> {
+    if let Some(&size) = symbols.get(symbol) {
+        return Some(size);
+    }
+    if !symbol.contains('+') {
+        return None;
+    }
+    symbol.split('+').map(str::trim).map(|term| term.parse::<usize>().ok().or_else(|| symbols.get(term).copied())).sum()
+}
+
+/// [`random_inputs`] with some symbolic dims' sizes given (a decoder's past and
+/// new lengths); other open dims are `sizes.batch` first, `sizes.sequence` elsewhere.
+pub fn random_inputs_with(model: &Model, seed: u64, sizes: DimSizes, mut symbols: HashMap<String, usize>) -> Result<Vec<NamedInput>, VerifyError> {
     let mut rng = SeededRng::new(seed);
-    let mut symbols: HashMap<String, usize> = HashMap::new();
     let mut inputs = Vec::new();
     for input in model.graph.inputs.iter().filter(|i| model.graph.initializer(&i.name).is_none()) {
         let unsupported = |why: &str| VerifyError::UnsupportedInput { input: input.name.clone(), why: why.into() };
@@ -100,7 +118,10 @@ pub fn random_inputs(model: &Model, seed: u64, sizes: DimSizes) -> Result<Vec<Na
                 let open = if axis == 0 { sizes.batch } else { sizes.sequence };
                 match d {
                     Dim::Fixed(v) => usize::try_from(*v).unwrap_or(open),
-                    Dim::Symbol(s) => *symbols.entry(s.clone()).or_insert(open),
+                    Dim::Symbol(s) => match symbol_size(s, &symbols) {
+                        Some(size) => size,
+                        None => *symbols.entry(s.clone()).or_insert(open),
+                    },
                     Dim::Unknown => open,
                 }
             })

@@ -1,5 +1,11 @@
-//! Numerical verification: run two models in tract on the same inputs and
-//! compare every output. Every rewrite onnxopt makes is checked this way.
+//! Numerical verification: run two models on the same inputs and compare
+//! every output. Every rewrite onnxopt makes is checked this way, in tract (the
+//! default: nothing to install) or in ONNX Runtime ([`Engine`]).
+//!
+//! A decoder with a KV cache is checked over a short generation
+//! ([`decoder`]): a prefill step with an empty past, then decode steps that
+//! feed the reference's `present.*` back as `past_key_values.*`; logits and
+//! presents are compared at every step.
 //!
 //! tract reads the models as ONNX bytes encoded from the IR. Exporters record
 //! symbolic dims in `value_info` that tract refuses to unify with concrete input
@@ -7,9 +13,12 @@
 //! gets a concrete shape. tract can panic on a graph it misreads (tract-onnx
 //! 0.23.9 on com.microsoft Attention): panics are caught and reported as errors.
 
+pub mod decoder;
 mod inputs;
+pub mod onnx_runtime;
 
-pub use inputs::{random_inputs, read_npz, DimSizes, NamedInput, SeededRng, TokenInput};
+pub use inputs::{random_inputs, random_inputs_with, read_npz, DimSizes, NamedInput, SeededRng, TokenInput};
+pub use onnx_runtime::OrtRunner;
 
 use crate::ir::Model;
 use crate::onnx;
@@ -30,6 +39,46 @@ pub enum VerifyError {
     Inputs { path: PathBuf, why: String },
     #[error("the models differ in their outputs: {reference:?} against {candidate:?}")]
     OutputsDiffer { reference: Vec<String>, candidate: Vec<String> },
+    #[error("{model}: ONNX Runtime could not {stage} it: {message}")]
+    Ort { model: String, stage: &'static str, message: String },
+    #[error("ONNX Runtime is not available: {why}")]
+    OrtMissing { why: String },
+    #[error("no engine could run the models: tract: {tract}; ONNX Runtime: {ort}")]
+    NoEngine { tract: String, ort: String },
+}
+
+/// Which engine runs the models.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// tract; ONNX Runtime where tract cannot run either model (and ORT is
+    /// installed).
+    #[default]
+    Auto,
+    Tract,
+    /// ONNX Runtime, loaded at run time (`onnx_runtime`).
+    Ort,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Auto => "auto",
+            Engine::Tract => "tract",
+            Engine::Ort => "onnxruntime",
+        }
+    }
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Engine, String> {
+        match s {
+            "auto" => Ok(Engine::Auto),
+            "tract" => Ok(Engine::Tract),
+            "ort" | "onnxruntime" => Ok(Engine::Ort),
+            other => Err(format!("unknown engine '{other}' (auto, tract, ort)")),
+        }
+    }
 }
 
 /// Tolerances and inputs for a comparison.
@@ -42,11 +91,12 @@ pub struct VerifyOptions {
     pub rtol: f32,
     /// Inputs to use instead of random ones.
     pub inputs: Option<Vec<NamedInput>>,
+    pub engine: Engine,
 }
 
 impl Default for VerifyOptions {
     fn default() -> Self {
-        VerifyOptions { seed: 0, sizes: DimSizes::default(), atol: 1e-4, rtol: 1e-3, inputs: None }
+        VerifyOptions { seed: 0, sizes: DimSizes::default(), atol: 1e-4, rtol: 1e-3, inputs: None, engine: Engine::Auto }
     }
 }
 
@@ -63,9 +113,15 @@ pub struct OutputComparison {
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Comparison {
+    /// Per output; for a decoder, per output and step (`logits [decode 1]`).
     pub outputs: Vec<OutputComparison>,
     pub atol: f32,
     pub rtol: f32,
+    /// The engine that ran both models: `tract` or `onnxruntime`.
+    pub engine: &'static str,
+    /// Why the engine is not the one asked for (tract's error, when ORT ran instead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 impl Comparison {
@@ -84,53 +140,106 @@ impl Comparison {
     }
 }
 
-/// Runs both models on the same inputs and compares their outputs by name (by
-/// position when the names differ).
+/// Runs both models on the same inputs, in the engine the options name, and
+/// compares their outputs by name (by position when the names differ). Both
+/// models run as given: lowering fused ops for tract is the caller's
+/// (`passes::verify_rewrite`).
 pub fn compare(reference: &Model, candidate: &Model, options: &VerifyOptions) -> Result<Comparison, VerifyError> {
-    compare_to(&Reference::run(reference, options)?, candidate, options)
+    let engine = match options.engine {
+        Engine::Auto => Engine::Tract,
+        chosen => chosen,
+    };
+    compare_to(&Reference::run(reference, engine, options)?, candidate, options)
+}
+
+/// A model loaded into one of the engines.
+pub enum ModelRunner {
+    Tract(Runner),
+    Ort(OrtRunner),
+}
+
+impl ModelRunner {
+    /// `engine` is Tract or Ort (Auto reads as Tract).
+    pub fn new(model: &Model, label: &str, engine: Engine) -> Result<ModelRunner, VerifyError> {
+        Ok(match engine {
+            Engine::Ort => ModelRunner::Ort(OrtRunner::new(model, label)?),
+            Engine::Auto | Engine::Tract => ModelRunner::Tract(Runner::new(model, label)?),
+        })
+    }
+
+    pub fn run(&self, inputs: &[NamedInput]) -> Result<Vec<(String, Tensor)>, VerifyError> {
+        match self {
+            ModelRunner::Tract(r) => r.run(inputs),
+            ModelRunner::Ort(r) => r.run(inputs),
+        }
+    }
+
+    pub fn engine(&self) -> Engine {
+        match self {
+            ModelRunner::Tract(_) => Engine::Tract,
+            ModelRunner::Ort(_) => Engine::Ort,
+        }
+    }
+}
+
+/// One run of the reference: its inputs and outputs, and for a decoder which
+/// step of the generation it is.
+pub struct Step {
+    /// `None` for a model without a KV cache (one step).
+    pub label: Option<String>,
+    pub inputs: Vec<NamedInput>,
+    pub outputs: Vec<(String, Tensor)>,
 }
 
 /// A reference model's inputs and outputs, computed once for comparing several
 /// candidates against it.
 pub struct Reference {
-    inputs: Vec<NamedInput>,
-    outputs: Vec<(String, Tensor)>,
+    pub steps: Vec<Step>,
+    engine: Engine,
 }
 
 impl Reference {
-    /// Runs `reference` on the options' inputs (seeded random ones by default).
-    pub fn run(reference: &Model, options: &VerifyOptions) -> Result<Reference, VerifyError> {
-        let inputs = match &options.inputs {
-            Some(given) => given.clone(),
-            None => random_inputs(reference, options.seed, options.sizes)?,
+    /// Runs `reference` in `engine` on the options' inputs (seeded random ones
+    /// by default; for a decoder with a KV cache, a prefill and decode steps).
+    pub fn run(reference: &Model, engine: Engine, options: &VerifyOptions) -> Result<Reference, VerifyError> {
+        let runner = ModelRunner::new(reference, "reference", engine)?;
+        let steps = match (&options.inputs, decoder::CacheLayout::detect(reference)) {
+            (Some(given), _) => vec![Step { label: None, outputs: runner.run(given)?, inputs: given.clone() }],
+            (None, Some(layout)) => layout.generate(reference, &runner, options.seed, options.sizes)?,
+            (None, None) => {
+                let inputs = random_inputs(reference, options.seed, options.sizes)?;
+                vec![Step { label: None, outputs: runner.run(&inputs)?, inputs }]
+            }
         };
-        let outputs = run(reference, "reference", &inputs)?;
-        Ok(Reference { inputs, outputs })
+        Ok(Reference { steps, engine: runner.engine() })
     }
 }
 
-/// Runs `candidate` on the reference's inputs and compares its outputs.
+/// Runs `candidate` on the reference's inputs, in the engine the reference ran
+/// in, and compares its outputs.
 pub fn compare_to(reference: &Reference, candidate: &Model, options: &VerifyOptions) -> Result<Comparison, VerifyError> {
-    let candidate_inputs: Vec<NamedInput> = reference
-        .inputs
-        .iter()
-        .filter(|i| candidate.graph.inputs.iter().any(|c| c.name == i.name))
-        .cloned()
-        .collect();
-    let actual = run(candidate, "candidate", &candidate_inputs)?;
-    let expected = &reference.outputs;
-    if expected.len() != actual.len() {
-        return Err(VerifyError::OutputsDiffer {
-            reference: expected.iter().map(|(n, _)| n.clone()).collect(),
-            candidate: actual.into_iter().map(|(n, _)| n).collect(),
-        });
+    let runner = ModelRunner::new(candidate, "candidate", reference.engine)?;
+    let mut outputs = Vec::new();
+    for step in &reference.steps {
+        let candidate_inputs: Vec<NamedInput> =
+            step.inputs.iter().filter(|i| candidate.graph.inputs.iter().any(|c| c.name == i.name)).cloned().collect();
+        let actual = runner.run(&candidate_inputs)?;
+        let expected = &step.outputs;
+        if expected.len() != actual.len() {
+            return Err(VerifyError::OutputsDiffer {
+                reference: expected.iter().map(|(n, _)| n.clone()).collect(),
+                candidate: actual.into_iter().map(|(n, _)| n).collect(),
+            });
+        }
+        for ((name, want), (_, got)) in expected.iter().zip(&actual) {
+            let name = match &step.label {
+                Some(label) => format!("{name} [{label}]"),
+                None => name.clone(),
+            };
+            outputs.push(compare_tensors(&name, want, got, options.atol, options.rtol));
+        }
     }
-    let outputs = expected
-        .iter()
-        .zip(&actual)
-        .map(|((name, want), (_, got))| compare_tensors(name, want, got, options.atol, options.rtol))
-        .collect();
-    Ok(Comparison { outputs, atol: options.atol, rtol: options.rtol })
+    Ok(Comparison { outputs, atol: options.atol, rtol: options.rtol, engine: reference.engine.name(), fallback: None })
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {

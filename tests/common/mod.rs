@@ -68,11 +68,11 @@ pub fn files_in(dir: &Path) -> Vec<String> {
 
 /// Checks in ONNX Runtime that each lowered model computes what its original
 /// does (`tests/scripts/check_lowerings.py`, max abs per case printed). Skips
-/// with a message where python3 cannot import onnxruntime (CI installs onnx only).
+/// with a message where python3 cannot import onnxruntime (.ci/run installs it).
 pub fn onnxruntime_agrees(cases: impl IntoIterator<Item = (&'static str, Model, Model)>) {
     let probe = Command::new("python3").args(["-c", "import onnxruntime"]).output();
     if !probe.is_ok_and(|o| o.status.success()) {
-        eprintln!("skipping: python3 cannot import onnxruntime (CI installs onnx only, not onnxruntime)");
+        eprintln!("skipping: python3 cannot import onnxruntime (pip install onnxruntime; .ci/run does)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
