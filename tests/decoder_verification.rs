@@ -109,3 +109,24 @@ fn a_wrong_cache_path_is_caught_at_decode() {
     assert!(!failed.is_empty());
     assert!(failed.iter().all(|n| n.contains("decode")), "{failed:?}");
 }
+
+/// A dynamo-style export gives the mask a symbol of its own (`s2`, not
+/// `past + sequence`): it is bound to past + new at each step.
+#[test]
+fn a_mask_with_a_symbol_of_its_own_covers_the_past() {
+    use onnxopt::ir::{DataType, Dim, GraphBuilder};
+    let sym = |s: &str| Dim::Symbol(s.into());
+    let mut b = GraphBuilder::new("decoder");
+    b.input_symbolic("input_ids", DataType::Int64, vec![sym("s0"), sym("s1")]);
+    let mask = b.input_symbolic("attention_mask", DataType::Int64, vec![sym("s0"), sym("s2")]);
+    let past = b.input_symbolic("past_key_values.0.key", DataType::Float, vec![sym("s0"), Dim::Fixed(2), sym("s3"), Dim::Fixed(4)]);
+    let logits = b.node_with("Cast", &[&mask], vec![("to", onnxopt::ir::AttrValue::Int(1))]);
+    b.output(&logits, DataType::Float, &[-1, -1]);
+    b.add(onnxopt::ir::Node::new("Identity", &[&past], &["present.0.key"]));
+    b.output("present.0.key", DataType::Float, &[-1, 2, -1, 4]);
+    let model = b.into_model(17);
+    let reference = verify::Reference::run(&model, Engine::Tract, &VerifyOptions { sizes: verify::DimSizes { batch: 2, sequence: 6 }, ..Default::default() }).unwrap();
+    let masks: Vec<usize> = reference.steps.iter().map(|s| shape(s, "attention_mask")[1]).collect();
+    assert_eq!(masks, vec![6, 7, 8]);
+    assert_eq!(shape(&reference.steps[0], "past_key_values.0.key"), vec![2, 2, 0, 4]);
+}
