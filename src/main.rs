@@ -1273,6 +1273,20 @@ fn print_records(records: &[PassRecord]) {
     }
 }
 
+/// An error and its causes in one line, each cause once: the library's
+/// messages already quote their source (`cannot read: No such file or
+/// directory`), which `{:#}` would print a second time.
+fn sentence(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -1283,11 +1297,11 @@ fn main() -> ExitCode {
         }
         Err(Failure::Violations) => ExitCode::from(1),
         Err(Failure::Unverifiable(e)) => {
-            eprintln!("error: could not verify: {e:#}");
+            eprintln!("error: could not verify: {}", sentence(&e));
             ExitCode::from(1)
         }
         Err(Failure::BadInput(e)) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", sentence(&e));
             ExitCode::from(2)
         }
     }

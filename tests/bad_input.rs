@@ -214,3 +214,16 @@ fn bad_usage_exits_2() {
     let o = run(&["frobnicate"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// Each cause is said once: the library's message already quotes its source.
+#[test]
+fn a_missing_file_is_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.onnx");
+    let o = run(&["--quiet", "convert", missing.to_str().unwrap(), "-o", dir.path().join("out.onnx").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("missing.onnx: cannot read"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
