@@ -1,10 +1,11 @@
 //! onnxopt: makes trained transformer ONNX models smaller and faster, and checks
-//! every rewrite numerically by running the original and the rewritten model in tract.
+//! every rewrite numerically by running the original and the rewritten model in
+//! tract or ONNX Runtime.
 //!
 //! Layers, each using only those below it:
 //! - [`ir`]: the graph every pass works on (no files, no protobuf);
 //! - [`onnx`]: ONNX files <-> IR, zero-copy weights, external data, atomic writes;
-//! - [`verify`]: runs two models in tract on the same inputs and compares outputs;
+//! - [`verify`]: runs two models on the same inputs (tract, or ONNX Runtime loaded at run time) and compares outputs;
 //! - [`calibrate`]: runs a model on text or `.npz` batches and gathers statistics of chosen tensors;
 //! - [`prune`]: sparsity (unstructured, N:M), heads, neurons and layers, with teacher-guided re-fitting;
 //! - [`inspect`]: what a model holds, for humans and JSON;

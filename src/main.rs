@@ -624,8 +624,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     let culprit = {
                         let _progress = Progress::start(quiet, "finding the pass that broke it".into());
                         // in the engine that ran the check (ORT when tract could not)
-                        let engine = if c.engine == verify::Engine::Ort.name() { verify::Engine::Ort } else { verify::Engine::Tract };
-                        let options = verify::VerifyOptions { engine, ..verify_options.clone() };
+                        let options = verify::VerifyOptions { engine: c.engine, ..verify_options.clone() };
                         onnxopt::passes::first_failing_pass(&original, &pipeline, &driver, &options).map_err(anyhow::Error::from)?
                     };
                     let culprit = culprit.unwrap_or_else(|| "none alone (the passes together)".into());
@@ -1088,7 +1087,7 @@ fn unverifiable_result(e: onnxopt::passes::CheckError) -> Failure {
 
 /// How a check's outcome reads: `check in tract: max abs .., cosine ..`.
 fn print_check(c: &verify::Comparison) {
-    eprintln!("check in {}: max abs {:.3e}, cosine {:.6}", c.engine, c.max_abs(), c.min_cosine());
+    eprintln!("check in {}: max abs {:.3e}, cosine {:.6}", c.engine.name(), c.max_abs(), c.min_cosine());
 }
 
 /// Every `--exclude` name is a node of `model` (or the first output of one).

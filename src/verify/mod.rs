@@ -48,14 +48,17 @@ pub enum VerifyError {
 }
 
 /// Which engine runs the models.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub enum Engine {
     /// tract; ONNX Runtime where tract cannot run either model (and ORT is
     /// installed).
     #[default]
+    #[serde(rename = "auto")]
     Auto,
+    #[serde(rename = "tract")]
     Tract,
     /// ONNX Runtime, loaded at run time (`onnx_runtime`).
+    #[serde(rename = "onnxruntime")]
     Ort,
 }
 
@@ -117,8 +120,8 @@ pub struct Comparison {
     pub outputs: Vec<OutputComparison>,
     pub atol: f32,
     pub rtol: f32,
-    /// The engine that ran both models: `tract` or `onnxruntime`.
-    pub engine: &'static str,
+    /// The engine that ran both models: Tract or Ort, never Auto.
+    pub engine: Engine,
     /// Why the engine is not the one asked for (tract's error, when ORT ran instead).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
@@ -239,7 +242,7 @@ pub fn compare_to(reference: &Reference, candidate: &Model, options: &VerifyOpti
             outputs.push(compare_tensors(&name, want, got, options.atol, options.rtol));
         }
     }
-    Ok(Comparison { outputs, atol: options.atol, rtol: options.rtol, engine: reference.engine.name(), fallback: None })
+    Ok(Comparison { outputs, atol: options.atol, rtol: options.rtol, engine: reference.engine, fallback: None })
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
