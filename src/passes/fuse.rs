@@ -125,12 +125,5 @@ fn try_rule(
             .map_err(|reason| Miss { depth, reason: format!("matched, but its replacement could not be built: {reason}") })?;
         Ok(Some((patch, removed)))
     }));
-    attempt.unwrap_or_else(|payload| {
-        let reason = payload
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".into());
-        Err(Miss { depth: usize::MAX, reason: format!("a condition panicked: {reason}") })
-    })
+    attempt.unwrap_or_else(|payload| Err(Miss { depth: usize::MAX, reason: format!("a condition panicked: {}", crate::verify::panic_message(payload)) }))
 }

@@ -245,7 +245,8 @@ pub fn compare_to(reference: &Reference, candidate: &Model, options: &VerifyOpti
     Ok(Comparison { outputs, atol: options.atol, rtol: options.rtol, engine: reference.engine, fallback: None })
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+/// What a caught panic said (its payload as text).
+pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     payload
         .downcast_ref::<String>()
         .cloned()
