@@ -258,6 +258,45 @@ fn group_query_attention(packed: bool) -> Model {
     with_contrib_import(b, 17)
 }
 
+/// GroupQueryAttention over a KV cache (a decode step): past (B, 2, 5, 8), one
+/// new token, an additive attention_bias (B, 1, 1, 6). With the test's seqlens_k
+/// [5, 3], row 1 writes its token at 3 and zeros after (ORT's present layout).
+fn group_query_attention_past() -> Model {
+    let mut b = GraphBuilder::new("gqa_past");
+    let seqlens = b.input("seqlens_k", DataType::Int32, &[B]);
+    let total = b.input("total_sequence_length", DataType::Int32, &[]);
+    let q = b.input("query", DataType::Float, &[B, 1, 32]);
+    let k = b.input("key", DataType::Float, &[B, 1, 16]);
+    let v = b.input("value", DataType::Float, &[B, 1, 16]);
+    let past_k = b.input("past_key", DataType::Float, &[B, 2, 5, 8]);
+    let past_v = b.input("past_value", DataType::Float, &[B, 2, 5, 8]);
+    let bias = b.input("attention_bias", DataType::Float, &[B, 1, 1, 6]);
+    let attrs = vec![("num_heads", int(4)), ("kv_num_heads", int(2))];
+    let inputs = [q.as_str(), &k, &v, &past_k, &past_v, &seqlens, &total, "", "", "", &bias];
+    b.add(contrib("GroupQueryAttention", &inputs, &["y", "present_key", "present_value"], attrs));
+    b.output("y", DataType::Float, &[B, 1, 32]);
+    b.output("present_key", DataType::Float, &[B, 2, 6, 8]);
+    b.output("present_value", DataType::Float, &[B, 2, 6, 8]);
+    with_contrib_import(b, 17)
+}
+
+/// MatMulNBits with accuracy_level 4 (int8 compute): A [2, 3, 64] against int4
+/// B (K 64, N 8, blocks of 32) with per-block scales and zero points.
+fn matmul_n_bits_int8_compute() -> Model {
+    let mut b = GraphBuilder::new("matmul_n_bits_int8_compute");
+    let a = b.input("a", DataType::Float, &[B, 3, 64]);
+    let packed: Vec<u8> = (0..8 * 2 * 16).map(|i| ((i * 37 + 11) % 256) as u8).collect();
+    let weights = b.initializer(Tensor::from_raw("b_int4", DataType::Uint8, vec![8, 2, 16], packed.into()));
+    let scales: Vec<f32> = values(16, 3).iter().map(|v| 0.01 + v.abs() * 0.05).collect();
+    let scale = b.initializer_f32("scales", &[16], &scales);
+    let zero_points: Vec<u8> = (0..8).map(|i| (i * 0x35 % 256) as u8).collect();
+    let zero_point = b.initializer(Tensor::from_raw("zero_points", DataType::Uint8, vec![8], zero_points.into()));
+    let attrs = vec![("K", int(64)), ("N", int(8)), ("bits", int(4)), ("block_size", int(32)), ("accuracy_level", int(4))];
+    b.add(contrib("MatMulNBits", &[&a, &weights, &scale, &zero_point], &["y"], attrs));
+    b.output("y", DataType::Float, &[B, 3, 8]);
+    with_contrib_import(b, 17)
+}
+
 /// DynamicQuantizeMatMul over A [2, 3, 8]: int8 B [8, 6] with per-column scales
 /// and (nonzero, to exercise the subtraction) zero points, and a bias.
 fn dynamic_quantize_matmul() -> Model {
@@ -320,6 +359,8 @@ fn cases() -> Vec<Case> {
         case("rotary_embedding_4d_interleaved_partial", rotary(true)),
         case("group_query_attention", group_query_attention(false)),
         case("group_query_attention_packed_window", group_query_attention(true)),
+        case("group_query_attention_past", group_query_attention_past()),
+        case("matmul_n_bits_int8_compute", matmul_n_bits_int8_compute()),
         case("dynamic_quantize_matmul", dynamic_quantize_matmul()),
         case("matmul_integer_to_float_row_scale", matmul_integer_to_float_row_scale()),
     ]

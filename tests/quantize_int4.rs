@@ -22,7 +22,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 fn int4(target: Target, block_size: usize, zero_point: bool, rounding: Rounding) -> Vec<Box<dyn Pass>> {
-    let pass = QuantizeInt4 { target, block_size, zero_point, rounding, exclude: HashSet::new() };
+    let pass = QuantizeInt4 { target, block_size, zero_point, rounding, exclude: HashSet::new(), accuracy_level: 0 };
     vec![Box::new(pass), Box::new(EliminateDeadCode)]
 }
 

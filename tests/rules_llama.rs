@@ -295,3 +295,139 @@ fn llama_torchscript_pipeline() {
 fn llama_dynamo_pipeline() {
     assert_llama_fuses("llama.dynamo.onnx", 2);
 }
+
+const PAST: i64 = 4;
+
+/// One attention step of a Llama decoder with a KV cache, as Optimum exports it:
+/// the new K/V heads appended to the past ones (the present outputs), repeated
+/// for GQA, softmax(q k^T * scale + mask) v. q [B, N, S, H] and k [B, KV, S, H]
+/// are rotated heads, v the projection [B, S, KV*H]; the mask [B, 1, S, P+S] is
+/// additive. With `past_first` false the cache is joined the wrong way round
+/// (new rows before the past): not a cache GroupQueryAttention writes.
+fn cached_attention_graph(new: i64, past_first: bool) -> Model {
+    let (group, total) = (HEADS / KV_HEADS, PAST + new);
+    let mut b = GraphBuilder::new("cached_attention");
+    let q = b.input("q", DataType::Float, &[BATCH, HEADS, new, HEAD]);
+    let k = b.input("k", DataType::Float, &[BATCH, KV_HEADS, new, HEAD]);
+    let v = b.input("v", DataType::Float, &[BATCH, new, KV_HEADS * HEAD]);
+    let past_k = b.input("past_key", DataType::Float, &[BATCH, KV_HEADS, PAST, HEAD]);
+    let past_v = b.input("past_value", DataType::Float, &[BATCH, KV_HEADS, PAST, HEAD]);
+    let mask = b.input("mask", DataType::Float, &[BATCH, 1, new, total]);
+    let kv_split = ints(&mut b, "kv_split", &[BATCH, new, KV_HEADS, HEAD]);
+    let axis = ints(&mut b, "group_axis", &[2]);
+    let expanded = ints(&mut b, "expanded", &[BATCH, KV_HEADS, group, total, HEAD]);
+    let repeated = ints(&mut b, "repeated", &[BATCH, HEADS, total, HEAD]);
+    let merged = ints(&mut b, "merged", &[BATCH, new, HIDDEN]);
+    let scale = b.initializer_f32("scale", &[], &[(HEAD as f32).powf(-0.25)]);
+    let v = b.node("Reshape", &[&v, &kv_split]);
+    let v = b.node_with("Transpose", &[&v], perm(&[0, 2, 1, 3]));
+    let join = |b: &mut GraphBuilder, past: &str, new: &str| {
+        let parts = if past_first { [past, new] } else { [new, past] };
+        b.node_with("Concat", &parts, vec![("axis", AttrValue::Int(-2))])
+    };
+    let present_k = join(&mut b, &past_k, &k);
+    let present_v = join(&mut b, &past_v, &v);
+    let repeat = |b: &mut GraphBuilder, x: &str| {
+        let u = b.node("Unsqueeze", &[x, &axis]);
+        let e = b.node("Expand", &[&u, &expanded]);
+        b.node("Reshape", &[&e, &repeated])
+    };
+    let k_all = repeat(&mut b, &present_k);
+    let v_all = repeat(&mut b, &present_v);
+    let k_t = b.node_with("Transpose", &[&k_all], perm(&[0, 1, 3, 2]));
+    let qs = b.node("Mul", &[&q, &scale]);
+    let ks = b.node("Mul", &[&k_t, &scale]);
+    let scores = b.node("MatMul", &[&qs, &ks]);
+    let masked = b.node("Add", &[&scores, &mask]);
+    let p = b.node_with("Softmax", &[&masked], vec![("axis", AttrValue::Int(-1))]);
+    let context = b.node("MatMul", &[&p, &v_all]);
+    let context = b.node_with("Transpose", &[&context], perm(&[0, 2, 1, 3]));
+    let y = b.node("Reshape", &[&context, &merged]);
+    b.output(&y, DataType::Float, &[BATCH, new, HIDDEN]);
+    b.output(&present_k, DataType::Float, &[BATCH, KV_HEADS, total, HEAD]);
+    b.output(&present_v, DataType::Float, &[BATCH, KV_HEADS, total, HEAD]);
+    b.into_model(17)
+}
+
+/// Inputs of one decoder step of `new` tokens after PAST: the mask is causal
+/// (query i at position PAST + i sees keys up to it) and left-pads the second
+/// row by 2, whose query rows all see a key (`new` = 1: the decode step).
+fn cached_attention_inputs(new: i64) -> Vec<onnxopt::verify::NamedInput> {
+    use onnxopt::verify::NamedInput;
+    let total = PAST + new;
+    let random = |name: &str, shape: &[i64], seed: usize| {
+        let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let n = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|i| (((i + seed) * 7919 % 1009) as f32 / 1009.0 - 0.5) * 2.0).collect();
+        NamedInput { name: name.into(), value: ndarray::ArrayD::from_shape_vec(shape, values).unwrap().into() }
+    };
+    let mut mask = Vec::new();
+    for row in 0..BATCH {
+        let pad = if row == 1 { 2 } else { 0 };
+        for i in 0..new {
+            mask.extend((0..total).map(|j| if j <= PAST + i && j >= pad { 0.0 } else { f32::MIN }));
+        }
+    }
+    let mask = ndarray::ArrayD::from_shape_vec(vec![BATCH as usize, 1, new as usize, total as usize], mask).unwrap();
+    vec![
+        random("q", &[BATCH, HEADS, new, HEAD], 1),
+        random("k", &[BATCH, KV_HEADS, new, HEAD], 2),
+        random("v", &[BATCH, new, KV_HEADS * HEAD], 3),
+        random("past_key", &[BATCH, KV_HEADS, PAST, HEAD], 4),
+        random("past_value", &[BATCH, KV_HEADS, PAST, HEAD], 5),
+        NamedInput { name: "mask".into(), value: mask.into() },
+    ]
+}
+
+/// A decode step over a KV cache becomes GroupQueryAttention, checked in tract
+/// (lowered) and, where ONNX Runtime is installed, by ORT's own kernel; the cache
+/// joined the wrong way round is left alone.
+#[test]
+fn grouped_query_attention_with_past() {
+    use onnxopt::verify::Engine;
+    let model = cached_attention_graph(1, true);
+    let passes: Vec<Box<dyn onnxopt::passes::Pass>> = vec![Box::new(onnxopt::passes::fuse::Fuse::new("ort", None))];
+    let options = VerifyOptions { atol: 1e-5, rtol: 1e-4, inputs: Some(cached_attention_inputs(1)), ..Default::default() };
+    let r = rewrite_and_compare(&model, &passes, &options);
+    assert_eq!(fired(&r, "grouped-query-attention-with-past"), 1, "{}", r.snapshot);
+    assert!(r.comparison.passed(), "{:?}", r.comparison);
+    let gqa = r.model.graph.nodes().find(|n| n.op_type == "GroupQueryAttention").expect("fused");
+    assert_eq!((gqa.attr_int("num_heads"), gqa.attr_int("kv_num_heads")), (Some(HEADS), Some(KV_HEADS)));
+    assert_eq!(count(&r.model, "Softmax"), 0);
+    insta::assert_snapshot!("fuse__grouped-query-attention-with-past", r.snapshot);
+    match onnxopt::verify::onnx_runtime::available() {
+        Ok(()) => {
+            let ort = VerifyOptions { engine: Engine::Ort, ..options };
+            let c = onnxopt::passes::verify_rewrite(&model, &r.model, &ort).unwrap();
+            assert_eq!(c.engine, Engine::Ort);
+            assert!(c.passed(), "ORT's GroupQueryAttention: {c:?}");
+        }
+        Err(why) => eprintln!("skipping the ONNX Runtime check: {why}"),
+    }
+    assert_silent(&cached_attention_graph(1, false), "ort");
+}
+
+/// The whole ORT pipeline on Optimum's KV-cache Llama export: attention over
+/// the cache becomes GroupQueryAttention in both layers, rotary (tables per
+/// token, from position_ids) RotaryEmbedding, and the result agrees with the
+/// export over a prefill and two decode steps (left padding included) in tract.
+#[test]
+fn llama_kv_cache_pipeline() {
+    let model = onnxopt::onnx::load(&common::fixture("llama-kv.optimum.onnx")).unwrap();
+    let passes = optimization_passes(Target::Ort, &Default::default());
+    let r = rewrite_and_compare(&model, &passes, &VerifyOptions::default());
+    assert!(r.comparison.passed(), "{:?}", r.comparison);
+    assert!(r.comparison.outputs.iter().any(|o| o.name.contains("decode 2")), "{:?}", r.comparison);
+    let counts: Vec<(&str, usize)> = ["GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization", "Softmax"]
+        .into_iter()
+        .map(|op| (op, count(&r.model, op)))
+        .collect();
+    assert_eq!(counts, [("GroupQueryAttention", 2), ("RotaryEmbedding", 4), ("SkipSimplifiedLayerNormalization", 4), ("Softmax", 0)], "{}", r.model);
+    // the K/V head repeat is gone: nothing reads the presents but the outputs
+    for present in ["present.0.key", "present.0.value", "present.1.key", "present.1.value"] {
+        assert!(r.model.graph.uses(present).is_empty(), "{present} is still read");
+    }
+    // a drop-in file: the export's inputs and outputs, names and order
+    let names = |m: &Model| (m.graph.inputs.iter().map(|i| i.name.clone()).collect::<Vec<_>>(), m.graph.outputs.iter().map(|o| o.name.clone()).collect::<Vec<_>>());
+    assert_eq!(names(&r.model), names(&model));
+}

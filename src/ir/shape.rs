@@ -498,10 +498,34 @@ fn product_dim(dims: &[Dim]) -> Dim {
 // Arithmetic on value elements: exact on numbers, and on symbols only where the
 // answer does not depend on them (x+0, x*1, x-x, ...); anything else is unknown.
 
+/// The terms of a symbolic sum (`past + sequence` -> [past, sequence]); `None`
+/// for a symbol that stands for nothing known (`unk__N`).
+fn sum_terms(symbol: &str) -> Option<Vec<&str>> {
+    let terms: Vec<&str> = symbol.split(" + ").map(str::trim).collect();
+    (!terms.iter().any(|t| t.is_empty() || t.starts_with("unk__"))).then_some(terms)
+}
+
+/// A sum of symbolic terms, written in one order (sorted) so that equal sums are
+/// equal symbols: `past + sequence`, as exporters name a KV cache's total length.
+fn sum_symbol(mut terms: Vec<&str>) -> Dim {
+    terms.sort_unstable();
+    match terms.as_slice() {
+        [] => Dim::Fixed(0),
+        _ => Dim::Symbol(terms.join(" + ")),
+    }
+}
+
 fn add(a: &Dim, b: &Dim) -> Dim {
     match (a, b) {
         (Dim::Fixed(x), Dim::Fixed(y)) => x.checked_add(*y).map_or(Dim::Unknown, Dim::Fixed),
         (Dim::Fixed(0), other) | (other, Dim::Fixed(0)) => other.clone(),
+        (Dim::Symbol(x), Dim::Symbol(y)) => match (sum_terms(x), sum_terms(y)) {
+            (Some(mut x), Some(y)) => {
+                x.extend(y);
+                sum_symbol(x)
+            }
+            _ => Dim::Unknown,
+        },
         _ => Dim::Unknown,
     }
 }
@@ -511,6 +535,21 @@ fn sub(a: &Dim, b: &Dim) -> Dim {
         (Dim::Fixed(x), Dim::Fixed(y)) => x.checked_sub(*y).map_or(Dim::Unknown, Dim::Fixed),
         (other, Dim::Fixed(0)) => other.clone(),
         _ if same(a, b) => Dim::Fixed(0),
+        // (past + sequence) - sequence = past
+        (Dim::Symbol(x), Dim::Symbol(y)) => match (sum_terms(x), sum_terms(y)) {
+            (Some(mut x), Some(y)) => {
+                for term in y {
+                    match x.iter().position(|t| *t == term) {
+                        Some(i) => {
+                            x.remove(i);
+                        }
+                        None => return Dim::Unknown,
+                    }
+                }
+                sum_symbol(x)
+            }
+            _ => Dim::Unknown,
+        },
         _ => Dim::Unknown,
     }
 }
@@ -1136,6 +1175,12 @@ fn range(x: &Inputs) -> Inferred {
         (Some(Dim::Fixed(s)), Some(Dim::Fixed(l)), Some(Dim::Fixed(d))) => range_len(*s, *l, *d),
         // range(0, n, 1) has n elements, whatever n is.
         (Some(Dim::Fixed(0)), Some(n), Some(Dim::Fixed(1))) => n.clone(),
+        // range(past, past + new, 1) has new elements (a symbolic difference
+        // is a sum of dims left over, never negative)
+        (Some(start), Some(limit), Some(Dim::Fixed(1))) => match sub(limit, start) {
+            d @ Dim::Symbol(_) => d,
+            _ => Dim::Unknown,
+        },
         _ => Dim::Unknown,
     };
     let value = match (start, delta, &len) {

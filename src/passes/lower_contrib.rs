@@ -637,15 +637,80 @@ impl<'m> Lowering<'m> {
         Ok(())
     }
 
+    /// GroupQueryAttention's present cache (B, KV, P+S, H) from `past` (B, KV, P,
+    /// H) and the new heads (B, KV, S, H), as ORT 1.32 writes it (measured): row
+    /// b keeps its first `offset[b]` past rows, then its S new ones, then zeros;
+    /// `offset` = P for every row makes it Concat(past, new).
+    fn cache_rows(&mut self, past: &str, new_heads: &str, offset: &str, new: &str, output: Option<&str>, what: &str) -> String {
+        let joined = self.op_with("Concat", &[past, new_heads], vec![("axis", AttrValue::Int(2))], &format!("{what}_joined"));
+        let positions = self.positions(&joined, 2, &format!("{what}_positions"));
+        let j = self.unsqueeze(&positions, &[0], &format!("{what}_position_row"));
+        let past_len = self.op_with("Shape", &[past], vec![("start", AttrValue::Int(2)), ("end", AttrValue::Int(3))], &format!("{what}_past_len"));
+        let past_len = self.squeeze(&past_len, &[0], &format!("{what}_past_count"));
+        let relative = self.op("Sub", &[&j, offset], &format!("{what}_relative"));
+        let from_past = self.op("Less", &[&j, offset], &format!("{what}_from_past"));
+        let zero = self.int_scalar(DataType::Int64, 0).expect("int64 is supported");
+        let after = self.op("GreaterOrEqual", &[&relative, &zero], &format!("{what}_after_past"));
+        let before_end = self.op("Less", &[&relative, new], &format!("{what}_before_end"));
+        let from_new = self.op("And", &[&after, &before_end], &format!("{what}_from_new"));
+        let new_index = self.op("Add", &[&relative, &past_len], &format!("{what}_new_index"));
+        let index = self.op("Where", &[&from_new, &new_index, &zero], &format!("{what}_new_or_zero"));
+        let index = self.op("Where", &[&from_past, &j, &index], &format!("{what}_index"));
+        let written = self.op("Or", &[&from_past, &from_new], &format!("{what}_written"));
+        let index = self.unsqueeze(&index, &[1, 3], &format!("{what}_index_4d"));
+        let shape = self.op("Shape", &[&joined], &format!("{what}_shape"));
+        let index = self.op("Expand", &[&index, &shape], &format!("{what}_index_full"));
+        let gathered = self.op_with("GatherElements", &[&joined, &index], vec![("axis", AttrValue::Int(2))], &format!("{what}_gathered"));
+        let written = self.unsqueeze(&written, &[1, 3], &format!("{what}_written_4d"));
+        let dtype = self.types.elem_type(past).unwrap_or(DataType::Float);
+        let zero = self.float_scalar(&format!("{what}_zero"), dtype, 0.0);
+        self.op_into("Where", &[&written, &gathered, &zero], Vec::new(), output, what)
+    }
+
+    /// `a` (float32, last axis K) as MatMulNBits' int8 compute sees it: per block
+    /// of `block` along K, `s = max|a| / 127` and `round(a * (1/s)) * s`, 0 for
+    /// a block of zeros (ORT's QuantizeARow for accuracy_level 4).
+    fn int8_blocks(&mut self, a: &str, block: usize) -> Result<String, Refusal> {
+        if self.types.elem_type(a) != Some(DataType::Float) {
+            return Err(format!("accuracy_level 4 with '{a}' not float32 is not lowered"));
+        }
+        let blocks = self.reshape(a, &[0, -1, block as i64], None, "a_blocks");
+        let magnitude = self.op("Abs", &[&blocks], "a_abs");
+        let keep = ("keepdims", AttrValue::Int(1));
+        let amax = if self.opset >= 18 {
+            let axes = self.ints(&[-1]);
+            self.op_with("ReduceMax", &[&magnitude, &axes], vec![keep], "a_amax")
+        } else {
+            self.op_with("ReduceMax", &[&magnitude], vec![keep, ("axes", AttrValue::Ints(vec![-1]))], "a_amax")
+        };
+        let levels = self.float_scalar("int8_levels", DataType::Float, 127.0);
+        let scale = self.op("Div", &[&amax, &levels], "a_scale");
+        let zero = self.float_scalar("zero", DataType::Float, 0.0);
+        let one = self.float_scalar("one", DataType::Float, 1.0);
+        let is_zero = self.op("Equal", &[&scale, &zero], "a_block_zero");
+        let safe = self.op("Where", &[&is_zero, &one, &scale], "a_scale_nonzero");
+        let inverse = self.op("Reciprocal", &[&safe], "a_inverse_scale");
+        let inverse = self.op("Where", &[&is_zero, &zero, &inverse], "a_inverse_scale_or_zero");
+        let scaled = self.op("Mul", &[&blocks, &inverse], "a_scaled");
+        let rounded = self.op("Round", &[&scaled], "a_int8");
+        let dequantized = self.op("Mul", &[&rounded, &scale], "a_dequantized");
+        let shape = self.op("Shape", &[a], "a_shape");
+        Ok(self.op("Reshape", &[&dequantized, &shape], "a_int8_compute"))
+    }
+
     /// MatMulNBits(A, B, scales, zero_points?) with `bits = 4`: `Y = A @ W` with
     /// `W[k, n] = (q[n, k] - z[n, g]) * scales[n * blocks + g]`, `g = k / block_size`,
     /// `q` unpacked from `B` `[N, blocks, block_size / 2]` low nibble first, `z`
     /// from the packed uint8 zero points (8 when absent). `W` becomes a float32
     /// constant: `q - z` is a small integer, so its product with the scale is the
     /// one rounding ORT's dequantization makes too (`quantize_int4.rs`). ORT
-    /// computes in float32 with `accuracy_level` 0 or 1; a higher level quantizes
-    /// `A` to int8 as well, which this does not, so it is refused, as are `g_idx`
-    /// and float zero points.
+    /// computes in float32 with `accuracy_level` 0 or 1. With 4 (int8 compute)
+    /// it first quantizes `A` per block of `block_size` along K, symmetric:
+    /// `s = max|a| / 127`, `a' = round(a * (1/s)) * s` (0 where the block is 0),
+    /// and the int32 products of the blocks scaled by `s * scale` sum to
+    /// `a' @ W`: lowered so (measured against ORT 1.32's MLAS kernel: 6e-5 max abs
+    /// on outputs of 270, where the float product differs by 1.9). Levels 2 and 3
+    /// (fp16, bf16 compute) are refused, as are `g_idx` and float zero points.
     fn matmul_n_bits(&mut self) -> Result<(), Refusal> {
         let a = self.required(0, "A")?;
         let (b, scales) = (self.required(1, "B")?, self.required(2, "scales")?);
@@ -653,10 +718,14 @@ impl<'m> Lowering<'m> {
         if self.int_attr("bits", 4) != 4 {
             return Err("only bits = 4 is lowered".into());
         }
-        if self.int_attr("accuracy_level", 0) > 1 {
-            return Err("accuracy_level above 1 quantizes A as well; only float32 computation is lowered".into());
+        let accuracy_level = self.int_attr("accuracy_level", 0);
+        if !matches!(accuracy_level, 0 | 1 | 4) {
+            return Err(format!("accuracy_level {accuracy_level} (half-precision compute) is not lowered; 0, 1 and 4 are"));
         }
         let (k, n, block) = (self.positive_attr("K")? as usize, self.positive_attr("N")? as usize, self.positive_attr("block_size")? as usize);
+        if accuracy_level == 4 && k % block != 0 {
+            return Err(format!("accuracy_level 4 with K = {k} not a multiple of block_size {block} is not lowered"));
+        }
         let blocks = k.div_ceil(block);
         let raw = |name: &str, dtype: DataType| -> Result<Vec<u8>, Refusal> {
             let tensor = self.graph.initializer(name).ok_or_else(|| format!("'{name}' is not a constant"))?;
@@ -696,11 +765,12 @@ impl<'m> Lowering<'m> {
             }
         }
         let weight = self.constant("weight", DataType::Float, vec![k as i64, n as i64], weight);
+        let a = if accuracy_level == 4 { self.int8_blocks(a, block)? } else { a.to_string() };
         let product = match self.input(5) {
-            Some(_) => self.op("MatMul", &[a, &weight], "product"),
+            Some(_) => self.op("MatMul", &[&a, &weight], "product"),
             None => {
                 let output = self.used_output(0);
-                self.op_into("MatMul", &[a, &weight], Vec::new(), output, "y")
+                self.op_into("MatMul", &[&a, &weight], Vec::new(), output, "y")
             }
         };
         if let Some(bias) = self.input(5) {
@@ -1098,13 +1168,18 @@ impl<'m> Lowering<'m> {
         Ok(())
     }
 
-    /// GroupQueryAttention without a KV cache (the first prompt):
-    /// q (B,S,N*H), k and v (B,S,KV*H) (or packed in query); query head i reads KV
-    /// head i / (N/KV); key j is visible to query i iff `j <= seqlens_k[b]` and, when
-    /// causal (default), `j <= i`, and with local_window_size W > 0 also `i - j < W`;
-    /// `output = merge_heads(softmax(scale * q @ k^T over visible keys) @ v)`;
-    /// present_key/value = k, v in (B, KV, S, H). Measured on ORT 1.32: padded query
-    /// rows see only the valid keys as well, and a row that sees no key is zero.
+    /// GroupQueryAttention: q (B,S,N*H), k and v (B,S,KV*H) (or packed in query);
+    /// with a cache, past_key/value (B,KV,P,H) come first: present_key/value =
+    /// Concat(past, new heads) along the length axis (B,KV,P+S,H), else the new
+    /// heads alone. Query head i reads KV head i / (N/KV). Query s of row b sits at
+    /// position `q_b + s`, `q_b = 0` for the first prompt (S equal to
+    /// total_sequence_length), else `seqlens_k[b] + 1 - S`; key j is visible to it
+    /// iff `j <= seqlens_k[b]` and, when causal (default), `j <= q_b + s`, and with
+    /// local_window_size W > 0 also `q_b + s - j < W`; attention_bias (B or 1, 1,
+    /// S, P+S) is added to the scaled scores;
+    /// `output = merge_heads(softmax(scale * q @ k^T + bias over visible keys) @ v)`.
+    /// Measured on ORT 1.32: padded query rows see only the valid keys as well,
+    /// and a row that sees no key is zero.
     fn group_query_attention(&mut self) -> Result<(), Refusal> {
         let num_heads = self.positive_attr("num_heads")?;
         let kv_heads = self.positive_attr("kv_num_heads")?;
@@ -1119,12 +1194,9 @@ impl<'m> Lowering<'m> {
             return Err("query must be 3-D".into());
         }
         self.refuse_inputs(&[
-            (3, "past_key"),
-            (4, "past_value"),
             (7, "cos_cache"),
             (8, "sin_cache"),
             (9, "position_ids"),
-            (10, "attention_bias"),
             (11, "head_sink"),
             (12, "k_scale"),
             (13, "v_scale"),
@@ -1162,21 +1234,60 @@ impl<'m> Lowering<'m> {
         let v = self.reshape(&v, &[0, 0, kv_heads, -1], None, "v_split");
         let present_key = self.used_output(1);
         let present_value = self.used_output(2);
-        let k_heads = self.transpose(&k, &[0, 2, 1, 3], present_key, "k_heads");
-        let v_heads = self.transpose(&v, &[0, 2, 1, 3], present_value, "v_heads");
+        let (past_key, past_value) = (self.input(3), self.input(4));
+        if past_key.is_some() != past_value.is_some() {
+            return Err("past_key and past_value must be given together".into());
+        }
+        let cached = past_key.zip(past_value);
+        let (k_target, v_target) = if cached.is_some() { (None, None) } else { (present_key, present_value) };
+        let mut k_heads = self.transpose(&k, &[0, 2, 1, 3], k_target, "k_heads");
+        let mut v_heads = self.transpose(&v, &[0, 2, 1, 3], v_target, "v_heads");
+        let lengths = self.cast(seqlens, DataType::Int64, "last_valid_key");
+        let lengths = self.unsqueeze(&lengths, &[1], "last_valid_key_column");
+        let query_positions = self.positions(query, 1, "query_positions");
+        // where row b's new tokens sit [B, 1]: after its past of seqlens_k + 1 - S
+        // rows, or at 0 for the first prompt (S = total_sequence_length)
+        let offset = match cached {
+            None => None,
+            Some((past_key, past_value)) => {
+                if self.int_attr("past_present_share_buffer", 0) != 0 {
+                    return Err("a past buffer shared with present is not supported".into());
+                }
+                let total = self.required(6, "total_sequence_length")?;
+                let total = self.cast(total, DataType::Int64, "total_length");
+                let new = self.op_with("Shape", &[query], vec![("start", AttrValue::Int(1)), ("end", AttrValue::Int(2))], "new_len");
+                let new = self.squeeze(&new, &[0], "new_count");
+                let first_prompt = self.op("Equal", &[&new, &total], "first_prompt");
+                let one = self.int_scalar(DataType::Int64, 1)?;
+                let zero = self.int_scalar(DataType::Int64, 0)?;
+                let after_last = self.op("Add", &[&lengths, &one], "key_count");
+                let offset = self.op("Sub", &[&after_last, &new], "past_count");
+                let offset = self.op("Where", &[&first_prompt, &zero, &offset], "query_offset");
+                k_heads = self.cache_rows(past_key, &k_heads, &offset, &new, present_key, "present_key");
+                v_heads = self.cache_rows(past_value, &v_heads, &offset, &new, present_value, "present_value");
+                Some(offset)
+            }
+        };
         let k_t = self.transpose(&k_heads, &[0, 1, 3, 2], None, "k_heads_t");
         let k_t = self.unsqueeze(&k_t, &[2], "k_groups_t");
         let v5 = self.unsqueeze(&v_heads, &[2], "v_groups");
         // visibility [B, 1, 1, S, T]
-        let positions = self.positions(query, 1, "positions");
-        let q_pos = self.unsqueeze(&positions, &[1], "query_column");
-        let k_pos = self.unsqueeze(&positions, &[0], "key_row");
-        let lengths = self.cast(seqlens, DataType::Int64, "last_valid_key");
-        let lengths = self.unsqueeze(&lengths, &[1], "last_valid_key_column");
+        let key_positions = self.positions(&k_heads, 2, "key_positions");
+        let k_pos = self.unsqueeze(&key_positions, &[0], "key_row");
         let valid = self.op("LessOrEqual", &[&k_pos, &lengths], "key_valid");
         let mut keep = self.unsqueeze(&valid, &[1, 2, 3], "key_valid_5d");
+        // query positions [B or 1, S, 1]: offset + s
+        let q_pos = match offset {
+            None => self.unsqueeze(&query_positions, &[0, 2], "query_column"),
+            Some(offset) => {
+                let row = self.unsqueeze(&query_positions, &[0], "query_row");
+                let q_pos = self.op("Add", &[&offset, &row], "query_position");
+                self.unsqueeze(&q_pos, &[2], "query_column")
+            }
+        };
         if self.int_attr("causal", 1) != 0 {
             let past = self.op("LessOrEqual", &[&k_pos, &q_pos], "causal");
+            let past = self.unsqueeze(&past, &[1, 2], "causal_5d");
             keep = self.op("And", &[&keep, &past], "causal_valid");
             let window = self.int_attr("local_window_size", -1);
             if window == 0 {
@@ -1187,12 +1298,20 @@ impl<'m> Lowering<'m> {
                 let distance = self.op("Sub", &[&q_pos, &k_pos], "distance");
                 let limit = self.int_scalar(DataType::Int64, window)?;
                 let near = self.op("Less", &[&distance, &limit], "in_window");
+                let near = self.unsqueeze(&near, &[1, 2], "in_window_5d");
                 keep = self.op("And", &[&keep, &near], "windowed_valid");
             }
         } else if self.int_attr("local_window_size", -1) != -1 {
             return Err("local_window_size needs causal=1".into());
         }
-        let rule = ScoreRule { scale, additive: None, visible: Some(&keep), dtype };
+        let bias = match self.input(10) {
+            None => None,
+            Some(bias) => match self.shape(bias) {
+                Some([_, heads, _, _]) if heads.fixed() == Some(1) => Some(self.unsqueeze(bias, &[2], "bias_5d")),
+                _ => return Err("attention_bias must be (B or 1, 1, S, T): per-head biases are not supported".into()),
+            },
+        };
+        let rule = ScoreRule { scale, additive: bias.as_deref(), visible: Some(&keep), dtype };
         let context = self.attend(&q, &k_t, &v5, &rule);
         let merged = self.transpose(&context, &[0, 3, 1, 2, 4], None, "context_bsgh");
         let output = self.used_output(0);

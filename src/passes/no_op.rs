@@ -179,7 +179,14 @@ fn slice_takes_everything(node: &Node, facts: &Facts) -> Option<bool> {
             let axes = node.attr_ints("axes").map(<[i64]>::to_vec);
             (starts.to_vec(), node.attr_ints("ends")?.to_vec(), axes, None)
         }
-        None => (value(1)?, value(2)?, optional(3)?, optional(4)?),
+        None => {
+            // an end that is the sliced dim itself, as a symbol (Slice(x, 0,
+            // Shape(y)[i]) with y's dim i known equal to x's): the whole axis
+            if let Some(whole) = slice_to_symbolic_dim(node, facts, dims) {
+                return Some(whole);
+            }
+            (value(1)?, value(2)?, optional(3)?, optional(4)?)
+        }
     };
     let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
     let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
@@ -195,6 +202,32 @@ fn slice_takes_everything(node: &Node, facts: &Facts) -> Option<bool> {
         }
     }
     Some(true)
+}
+
+/// Slice-10+ of one axis from 0 with step 1 whose end is a symbolic value equal
+/// to the sliced dim (the same symbol or expression: `past + sequence`); `None`
+/// when that is not the form.
+fn slice_to_symbolic_dim(node: &Node, facts: &Facts, dims: &[Dim]) -> Option<bool> {
+    let value = |i: usize| facts.types.value(input(node, i)?);
+    let (starts, ends) = (facts.types.int_value(input(node, 1)?)?, value(2)?);
+    let [Dim::Symbol(end)] = ends else { return None };
+    let axes = match input(node, 3) {
+        Some(a) => facts.types.int_value(a)?,
+        None => vec![0],
+    };
+    let steps = match input(node, 4) {
+        Some(s) => facts.types.int_value(s)?,
+        None => vec![1],
+    };
+    let rank = i64::try_from(dims.len()).ok()?;
+    match (starts.as_slice(), axes.as_slice(), steps.as_slice()) {
+        ([0], [axis], [1]) => {
+            let axis = if *axis < 0 { axis + rank } else { *axis };
+            let dim = dims.get(usize::try_from(axis).ok()?)?;
+            Some(matches!(dim, Dim::Symbol(d) if d == end))
+        }
+        _ => None,
+    }
 }
 
 /// `[start:end:step]` takes every element of an axis of size `dim`, in order

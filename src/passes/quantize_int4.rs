@@ -31,8 +31,10 @@
 //!   the last block padded with its zero point; `scales` float32 `[N * ceil(K/B)]`;
 //!   `zero_points` uint8, each column's `ceil(K/B)` zero points packed the same
 //!   way, absent when symmetric (ORT's default zero point is 8, and the pass
-//!   stores `q + 8`). No `accuracy_level`: ORT then computes in float32 (with
-//!   `accuracy_level = 4` it would quantize `A` to int8 as well).
+//!   stores `q + 8`). `accuracy_level` as asked: 0 (unset) computes in
+//!   float32; 4 quantizes `A` to int8 per block as well and multiplies in
+//!   int8 (`lower_contrib` writes out what that computes, so the check sees its
+//!   error too).
 //! - `portable` and `tensorrt`: `DequantizeLinear(int4 [K, N], scale [ceil(K/B), N],
 //!   zero_point int4?) {axis=0, block_size=B}` (opset 21's blocked quantization)
 //!   and a MatMul of the dequantized weight; the model must import opset 21 or
@@ -100,6 +102,9 @@ pub struct QuantizeInt4 {
     pub rounding: Rounding,
     /// Node names (or first outputs) to keep in float.
     pub exclude: HashSet<String>,
+    /// MatMulNBits' `accuracy_level` (`ort` only): 0 leaves it unset (float32
+    /// compute), 4 is int8 compute.
+    pub accuracy_level: i64,
 }
 
 /// One MatMul or Gemm to quantize.
@@ -194,6 +199,7 @@ impl QuantizeInt4 {
                     .with_attr("N", AttrValue::Int(c.n as i64))
                     .with_attr("bits", AttrValue::Int(4))
                     .with_attr("block_size", AttrValue::Int(self.block_size as i64));
+                let node = if self.accuracy_level > 0 { node.with_attr("accuracy_level", AttrValue::Int(self.accuracy_level)) } else { node };
                 patch.add_node(node);
             }
             _ => {

@@ -15,10 +15,14 @@
 //!   is random, of that length.
 //!
 //! Every candidate runs on the reference's inputs of each step, so each step is
-//! compared on its own, not on a cache the candidate computed.
+//! compared on its own, not on a cache the candidate computed. The outputs at
+//! padding positions (a padding token's logits and cache rows) are not
+//! compared: every later step masks them out, and a padding token's query,
+//! which sees no key, is whatever the masked softmax makes of it (exporters
+//! and fused kernels differ there).
 
 use super::inputs::random_inputs_with;
-use super::{DimSizes, ModelRunner, NamedInput, Step, TokenInput, VerifyError};
+use super::{DimSizes, ModelRunner, NamedInput, PaddedPositions, Step, TokenInput, VerifyError};
 use crate::ir::{DataType, Dim, Model};
 use std::collections::HashMap;
 use tract_onnx::prelude::*;
@@ -122,11 +126,39 @@ impl CacheLayout {
             let inputs = self.step_inputs(model, seed, index, sizes, past, new, previous)?;
             let outputs = runner.run(&inputs)?;
             let label = if index == 0 { format!("prefill, {new} tokens") } else { format!("decode {index}, past {past}") };
-            steps.push(Step { label: Some(label), inputs, outputs });
+            let padded = self.padded_positions(&outputs, padding_of(sizes, past + new, seed), past + new, new);
+            steps.push(Step { label: Some(label), inputs, outputs, padded });
             past += new;
             new = 1;
         }
         Ok(steps)
+    }
+
+    /// Where the padding tokens sit in a step's outputs: along the length axis
+    /// of each self-attention cache, and along axis 1 of outputs with one row
+    /// per new token (logits, hidden states).
+    fn padded_positions(&self, outputs: &[(String, Tensor)], padding: Vec<usize>, total: usize, new: usize) -> Vec<PaddedPositions> {
+        if padding.iter().all(|&p| p == 0) {
+            return Vec::new();
+        }
+        let mut padded = Vec::new();
+        for (name, value) in outputs {
+            let shape = value.shape();
+            if shape.len() < 2 || shape[0] != padding.len() {
+                continue;
+            }
+            let cache = self.caches.iter().find(|c| c.present.as_ref() == Some(name));
+            let (axis, offset) = match cache {
+                Some(c) if c.cross => continue,
+                Some(c) => (c.length_axis, 0),
+                None => (1, total - new),
+            };
+            let covered = if cache.is_some() { total } else { new };
+            if shape.get(axis) == Some(&covered) {
+                padded.push(PaddedPositions { output: name.clone(), axis, offset, padding: padding.clone() });
+            }
+        }
+        padded
     }
 
     /// The inputs of step `index` (new tokens drawn from `seed + index`; the

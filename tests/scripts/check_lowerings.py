@@ -75,6 +75,14 @@ def sequence_of_consumer(model, input_name, shapes):
     return SEQUENCE
 
 
+def cache_length(model, shapes):
+    """P + S of a GroupQueryAttention reading a past_key (P: its dim 2), else None."""
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention" and len(node.input) > 3 and node.input[3] in shapes:
+            return shapes[node.input[3]][2] + shapes[node.input[0]][1]
+    return None
+
+
 def make_inputs(model, rng):
     initializers = {t.name for t in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -87,7 +95,14 @@ def make_inputs(model, rng):
         if np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(shape).astype(dtype)
             continue
-        if lower == "seqlens_k":
+        if lower == "seqlens_k" and cache_length(model, shapes):
+            # a decode step: one row with the whole cache, one with a shorter one
+            # (its new token written inside the past, ORT's layout)
+            length = cache_length(model, shapes)
+            values = rng.integers(1, length - 1, shape)
+            values[0] = length - 1
+            feeds[name] = values.astype(dtype)
+        elif lower == "seqlens_k":
             length = sequence_of_consumer(model, name, shapes)
             # one unpadded entry; the others padded to under half, so that with a
             # local window some padded query rows see no key at all
@@ -95,7 +110,8 @@ def make_inputs(model, rng):
             values[0] = length - 1
             feeds[name] = values.astype(dtype)
         elif lower == "total_sequence_length":
-            feeds[name] = np.array(sequence_of_consumer(model, "seqlens_k", shapes), dtype=dtype).reshape(shape)
+            total = cache_length(model, shapes) or sequence_of_consumer(model, "seqlens_k", shapes)
+            feeds[name] = np.array(total, dtype=dtype).reshape(shape)
         elif "mask" in lower and len(shape) == 1:
             keys = sequence_of_consumer(model, name, shapes)
             lengths = rng.integers(1, keys + 1, shape)

@@ -17,8 +17,17 @@ pub(super) const FUNCTIONS: &[(&str, Function)] = &[
     ("equal-halves", Function::Condition(equal_halves)),
     ("rotary-table", Function::Condition(rotary_table)),
     ("repeats-kv-heads", Function::Condition(repeats_kv_heads)),
+    ("repeats-cache-heads", Function::Condition(repeats_cache_heads)),
+    ("appends-to-cache", Function::Condition(appends_to_cache)),
+    ("head-count", Function::Attribute(head_count)),
+    ("scores-over-cache", Function::Condition(scores_over_cache)),
+    ("infinite-fill", Function::Condition(infinite_fill)),
+    ("float32-lowest", Function::Input(float32_lowest)),
     ("scalar-value", Function::Attribute(scalar_value)),
+    ("rotary-rows", Function::Condition(rotary_rows)),
     ("int64s", Function::Input(int64s)),
+    ("int64", Function::Input(int64)),
+    ("half-rows", Function::Input(half_rows)),
     ("half-last-dim", Function::Input(half_last_dim)),
     ("kv-group-shape", Function::Input(kv_group_shape)),
     ("group-repeats", Function::Input(group_repeats)),
@@ -214,18 +223,52 @@ fn rotary_table(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     }
 }
 
+/// `(rotary-rows ?cos @heads)`: ?cos [B, 1, S, H] holds one row per token of
+/// each sequence (the table HF computes from the position_ids input, left
+/// padding and all), broadcast over the heads of @heads [B, N, S, H] (same B and
+/// S, fixed H). Flattened to [B*S, H], it is a rotary cache that token (b, s)
+/// reads at row b*S + s.
+fn rotary_rows(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let (table, heads) = (var(ctx, args, 0)?, var(ctx, args, 1)?);
+    let (dt, dh) = (known(ctx, table)?, known(ctx, heads)?);
+    match (dt, dh) {
+        ([b, n, s, h], [b2, _, s2, h2]) if n.fixed() == Some(1) && b == b2 && s == s2 && h == h2 && h.fixed().is_some() => Ok(()),
+        _ => Err(format!("'{table}' {dt:?} is not [B, 1, S, H] for '{heads}' {dh:?}")),
+    }
+}
+
 /// `(repeats-kv-heads @group @expand @heads @q)`: @group [B, KV, 1, S, H] (the
 /// K or V heads with an axis inserted at 2) expanded to [B, KV, G, S, H] and
 /// reshaped to @heads [B, KV*G, S, H]: head n reads KV head n / G, torch's
 /// `repeat_kv`. KV*G and H are those of the query split @q [B, S', N, H].
 fn repeats_kv_heads(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
-    let (group, expand, heads, q) = (var(ctx, args, 0)?, var(ctx, args, 1)?, var(ctx, args, 2)?, var(ctx, args, 3)?);
-    let dims = (known(ctx, group)?, known(ctx, expand)?, known(ctx, heads)?, known(ctx, q)?);
+    let q = var(ctx, args, 3)?;
+    match known(ctx, q)? {
+        [_, _, n, h] => repeats_heads(ctx, args, n, h),
+        d => Err(format!("'{q}' {d:?} is not a query split [B, S, N, H]")),
+    }
+}
+
+/// `(repeats-cache-heads @group @expand @heads ?q)`: as `repeats-kv-heads`,
+/// for the query heads ?q [B, N, S, H] (already transposed, the cache's layout).
+fn repeats_cache_heads(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let q = var(ctx, args, 3)?;
+    match known(ctx, q)? {
+        [_, n, _, h] => repeats_heads(ctx, args, n, h),
+        d => Err(format!("'{q}' {d:?} is not query heads [B, N, S, H]")),
+    }
+}
+
+/// @group [B, KV, 1, S, H] -> @expand [B, KV, G, S, H] -> @heads [B, KV*G, S, H]
+/// with KV*G = `qn` query heads of size `qh`.
+fn repeats_heads(ctx: &MatchContext, args: &[Arg], qn: &Dim, qh: &Dim) -> Result<(), String> {
+    let (group, expand, heads) = (var(ctx, args, 0)?, var(ctx, args, 1)?, var(ctx, args, 2)?);
+    let dims = (known(ctx, group)?, known(ctx, expand)?, known(ctx, heads)?);
     let not_a_repeat = || {
-        let (dg, de, dh, dq) = dims;
-        format!("'{group}' {dg:?} -> '{expand}' {de:?} -> '{heads}' {dh:?} is not a repeat of KV heads for '{q}' {dq:?}")
+        let (dg, de, dh) = dims;
+        format!("'{group}' {dg:?} -> '{expand}' {de:?} -> '{heads}' {dh:?} is not a repeat of KV heads for {qn:?} query heads")
     };
-    let ([b, kv, one, s, h], [b2, kv2, g, s2, h2], [b3, n, s3, h3], [_, _, qn, qh]) = dims else {
+    let ([b, kv, one, s, h], [b2, kv2, g, s2, h2], [b3, n, s3, h3]) = dims else {
         return Err(not_a_repeat());
     };
     let aligned = one.fixed() == Some(1) && b == b2 && b == b3 && kv == kv2 && s == s2 && s == s3 && [h2, h3, qh].iter().all(|x| *x == h);
@@ -235,6 +278,86 @@ fn repeats_kv_heads(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     let (kv, g) = (fixed(kv, "the KV head count")?, fixed(g, "the group size")?);
     let (n, qn) = (fixed(n, "the head count")?, fixed(qn, "the query head count")?);
     if kv * g == n && n == qn { Ok(()) } else { Err(format!("{kv} KV heads x {g} are not the {qn} query heads")) }
+}
+
+/// `(appends-to-cache @present ?past ?new ?q)`: @present = Concat(?past, ?new)
+/// along axis 2 of [B, KV, len, H] tensors: the past P rows of each KV head,
+/// then the S new ones, for the query heads ?q [B, N, S, H] (N a multiple of
+/// KV, the same B, S and H): the present cache GroupQueryAttention writes.
+/// H must be a multiple of 8 (ORT 1.32's CPU kernel refuses other head sizes).
+fn appends_to_cache(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let present = labelled(ctx, args, 0)?;
+    let (past, new, q) = (var(ctx, args, 1)?, var(ctx, args, 2)?, var(ctx, args, 3)?);
+    let axis = present.attr_int("axis").unwrap_or(0);
+    if present.inputs.len() != 2 || resolve_axis(axis, 4) != Some(2) {
+        return Err(format!("'{}' does not join two caches along their length axis", present.name));
+    }
+    match (known(ctx, past)?, known(ctx, new)?, known(ctx, q)?) {
+        ([b, kv, _, h], [b2, kv2, s, h2], [b3, n, s2, h3]) if b == b2 && b == b3 && kv == kv2 && s == s2 && h == h2 && h == h3 => {
+            let (kv, n) = (fixed(kv, "the KV head count")?, fixed(n, "the query head count")?);
+            let h = fixed(h, "the head size")?;
+            if h % 8 != 0 {
+                return Err(format!("head size {h} is not a multiple of 8, which GroupQueryAttention needs"));
+            }
+            if kv > 0 && n % kv == 0 { Ok(()) } else { Err(format!("{n} query heads do not group over {kv} KV heads")) }
+        }
+        (dp, dn, dq) => Err(format!("past '{past}' {dp:?}, new '{new}' {dn:?} and query '{q}' {dq:?} are not one cache's [B, KV, len, H] and [B, N, S, H]")),
+    }
+}
+
+/// `(scores-over-cache ?scores)`: ?scores = MatMul(q, k^T) where k comes, through
+/// scalings, transposes, reshapes and the K/V head repeat, from a Concat that
+/// joins a graph input (the past cache) with the new keys: self-attention of a
+/// decoder step over its KV cache. A query row there that sees no key is a
+/// padding token's, whose output no later step reads (every later mask hides
+/// its position).
+fn scores_over_cache(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let scores = var(ctx, args, 0)?;
+    let node_of = |t: &str| ctx.graph.producer(t).and_then(|(id, _)| ctx.graph.node(id));
+    let product = node_of(scores).filter(|n| n.is_onnx("MatMul") && n.inputs.len() == 2).ok_or_else(|| format!("'{scores}' is not a MatMul"))?;
+    let graph_inputs: Vec<&str> = ctx.graph.inputs.iter().filter(|i| ctx.graph.initializer(&i.name).is_none()).map(|i| i.name.as_str()).collect();
+    let mut key = product.inputs[1].clone();
+    for _ in 0..8 {
+        let node = node_of(&key).ok_or_else(|| format!("the keys of '{scores}' do not come from a cache"))?;
+        match node.op_type.as_str() {
+            "Concat" if node.inputs.iter().any(|i| graph_inputs.contains(&i.as_str())) => return Ok(()),
+            "Mul" | "Div" | "Transpose" | "Reshape" | "Expand" | "Unsqueeze" => {
+                // the tensor operand (a scale's other input is a constant)
+                key = node.inputs.iter().find(|i| ctx.constant(i).is_none()).cloned().unwrap_or_default();
+            }
+            other => return Err(format!("the keys of '{scores}' come through {other} '{}', not from a cache", node.name)),
+        }
+    }
+    Err(format!("no cache Concat within 8 nodes of the keys of '{scores}'"))
+}
+
+/// `(infinite-fill ?mask)`: ?mask is `Where(keep, 0, -inf)` (the -inf fill a
+/// constant): an additive mask that makes a row with no visible key NaN.
+fn infinite_fill(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let mask = var(ctx, args, 0)?;
+    let node = ctx.graph.producer(mask).and_then(|(id, _)| ctx.graph.node(id)).filter(|n| n.is_onnx("Where") && n.inputs.len() == 3);
+    let node = node.ok_or_else(|| format!("'{mask}' is not Where(keep, 0, fill)"))?;
+    let fill = ctx.constant(&node.inputs[2]).and_then(|t| t.to_f32().ok()).ok_or("the mask's fill is not a constant")?;
+    if fill.iter().all(|v| *v == f32::NEG_INFINITY) {
+        Ok(())
+    } else {
+        Err(format!("'{mask}' is not filled with -inf"))
+    }
+}
+
+/// `(float32-lowest)`: the scalar float32 constant f32::MIN, the most negative
+/// finite value (a mask fill whose softmax stays finite).
+fn float32_lowest(_: &MatchContext, _: &[Arg]) -> Result<Tensor, String> {
+    Ok(Tensor::from_f32("", &ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), f32::MIN)))
+}
+
+/// `(head-count ?t)`: N of heads ?t [B, N, S, H] (fixed), as an attribute.
+fn head_count(ctx: &MatchContext, args: &[Arg]) -> Result<AttrValue, String> {
+    let t = var(ctx, args, 0)?;
+    match dims(ctx, t)? {
+        [_, n, _, _] => Ok(AttrValue::Int(fixed(n, "the head count")?)),
+        d => Err(format!("'{t}' {d:?} is not heads [B, N, S, H]")),
+    }
 }
 
 /// `(int64s 0 1 ...)`: the 1-D int64 constant of these values (Slice bounds,
@@ -248,6 +371,22 @@ fn int64s(_: &MatchContext, args: &[Arg]) -> Result<Tensor, String> {
         })
         .collect::<Result<Vec<i64>, String>>()?;
     Ok(Tensor::from_i64("", vec![values.len() as i64], &values))
+}
+
+/// `(int64 v)`: the int64 scalar constant v (Gather indices, Range bounds).
+fn int64(_: &MatchContext, args: &[Arg]) -> Result<Tensor, String> {
+    match args {
+        [Arg::Literal(Literal::Int(v))] => Ok(Tensor::from_i64("", vec![], &[*v])),
+        _ => Err("int64 takes one integer".to_string()),
+    }
+}
+
+/// `(half-rows ?t)`: [-1, H / 2] for ?t's fixed last dim H: the Reshape target
+/// that makes every row of a table's first half a row of a rotary cache.
+fn half_rows(ctx: &MatchContext, args: &[Arg]) -> Result<Tensor, String> {
+    let t = var(ctx, args, 0)?;
+    let h = fixed(dims(ctx, t)?.last().ok_or_else(|| format!("'{t}' is a scalar"))?, "the last dim")?;
+    Ok(Tensor::from_i64("", vec![2], &[-1, h / 2]))
 }
 
 /// `(half-last-dim ?t)`: [H / 2] for ?t's fixed last dim H.
