@@ -154,11 +154,12 @@ fn output_of_a_match_needs_a_label_in_the_pattern() {
 /// Llama's rotary embedding of q = heads(x), as both exporters write it:
 /// cos, sin = Cos, Sin(Concat(f, f)) of f = positions * inv_freq, then q * cos +
 /// rotate_half(q) * sin. With `equal_halves` false the table's second half is
-/// Concat(f, 2f)'s: not a rotary table.
-fn rotary_graph(equal_halves: bool) -> Model {
+/// Concat(f, 2f)'s: not a rotary table. `rows` of position ids: 1 (the tables
+/// broadcast over the batch) or BATCH (a decoder's per-sequence positions).
+fn rotary_graph(equal_halves: bool, rows: i64) -> Model {
     let mut b = GraphBuilder::new("rotary");
     let x = b.input("x", DataType::Float, &[BATCH, SEQ, HIDDEN]);
-    let positions = b.input("position_ids", DataType::Int64, &[1, SEQ]);
+    let positions = b.input("position_ids", DataType::Int64, &[rows, SEQ]);
     let half = HEAD / 2;
     let inv_freq: Vec<f32> = (0..half).map(|i| 10000f32.powf(-2.0 * i as f32 / HEAD as f32)).collect();
     let inv_freq = b.initializer_f32("inv_freq", &[half as usize], &inv_freq);
@@ -199,10 +200,20 @@ fn rotary_graph(equal_halves: bool) -> Model {
 
 #[test]
 fn rotary_embedding() {
-    let r = assert_fires(&rotary_graph(true), "ort", "rotary-embedding");
+    let r = assert_fires(&rotary_graph(true, 1), "ort", "rotary-embedding");
     let rotary = r.model.graph.nodes().find(|n| n.op_type == "RotaryEmbedding").unwrap();
     assert_eq!((rotary.domain.as_str(), rotary.attr_int("num_heads")), ("com.microsoft", Some(HEADS)));
-    assert_silent(&rotary_graph(false), "ort");
+    assert_silent(&rotary_graph(false, 1), "ort");
+}
+
+/// Tables of one row per sequence (position_ids [B, S]) become a cache of B*S
+/// rows that each token reads at its own index.
+#[test]
+fn rotary_embedding_per_row() {
+    let r = assert_fires(&rotary_graph(true, BATCH), "ort", "rotary-embedding-per-row");
+    assert_eq!(fired(&r, "rotary-embedding"), 0);
+    assert_eq!(count(&r.model, "RotaryEmbedding"), 1);
+    assert_silent(&rotary_graph(false, BATCH), "ort");
 }
 
 /// Llama SDPA attention with K/V heads repeated for GQA (TorchScript form,
@@ -305,6 +316,12 @@ const PAST: i64 = 4;
 /// additive. With `past_first` false the cache is joined the wrong way round
 /// (new rows before the past): not a cache GroupQueryAttention writes.
 fn cached_attention_graph(new: i64, past_first: bool) -> Model {
+    cached_attention_graph_with(new, past_first, false)
+}
+
+/// With `guarded`, the mask is Where(keep, 0, -inf) of a bool input `keep`
+/// and softmax sits in a NaN guard (how SDPA exports write it).
+fn cached_attention_graph_with(new: i64, past_first: bool, guarded: bool) -> Model {
     let (group, total) = (HEADS / KV_HEADS, PAST + new);
     let mut b = GraphBuilder::new("cached_attention");
     let q = b.input("q", DataType::Float, &[BATCH, HEADS, new, HEAD]);
@@ -312,7 +329,14 @@ fn cached_attention_graph(new: i64, past_first: bool) -> Model {
     let v = b.input("v", DataType::Float, &[BATCH, new, KV_HEADS * HEAD]);
     let past_k = b.input("past_key", DataType::Float, &[BATCH, KV_HEADS, PAST, HEAD]);
     let past_v = b.input("past_value", DataType::Float, &[BATCH, KV_HEADS, PAST, HEAD]);
-    let mask = b.input("mask", DataType::Float, &[BATCH, 1, new, total]);
+    let mask = if guarded {
+        let keep = b.input("keep", DataType::Bool, &[BATCH, 1, new, total]);
+        let zero = b.initializer_f32("zero", &[], &[0.0]);
+        let minus_inf = b.initializer_f32("minus_inf", &[], &[f32::NEG_INFINITY]);
+        b.node("Where", &[&keep, &zero, &minus_inf])
+    } else {
+        b.input("mask", DataType::Float, &[BATCH, 1, new, total])
+    };
     let kv_split = ints(&mut b, "kv_split", &[BATCH, new, KV_HEADS, HEAD]);
     let axis = ints(&mut b, "group_axis", &[2]);
     let expanded = ints(&mut b, "expanded", &[BATCH, KV_HEADS, group, total, HEAD]);
@@ -339,7 +363,12 @@ fn cached_attention_graph(new: i64, past_first: bool) -> Model {
     let ks = b.node("Mul", &[&k_t, &scale]);
     let scores = b.node("MatMul", &[&qs, &ks]);
     let masked = b.node("Add", &[&scores, &mask]);
-    let p = b.node_with("Softmax", &[&masked], vec![("axis", AttrValue::Int(-1))]);
+    let mut p = b.node_with("Softmax", &[&masked], vec![("axis", AttrValue::Int(-1))]);
+    if guarded {
+        let nan = b.node("IsNaN", &[&p]);
+        let zero = b.initializer_f32("prob_zero", &[], &[0.0]);
+        p = b.node("Where", &[&nan, &zero, &p]);
+    }
     let context = b.node("MatMul", &[&p, &v_all]);
     let context = b.node_with("Transpose", &[&context], perm(&[0, 2, 1, 3]));
     let y = b.node("Reshape", &[&context, &merged]);
@@ -430,4 +459,39 @@ fn llama_kv_cache_pipeline() {
     // a drop-in file: the export's inputs and outputs, names and order
     let names = |m: &Model| (m.graph.inputs.iter().map(|i| i.name.clone()).collect::<Vec<_>>(), m.graph.outputs.iter().map(|o| o.name.clone()).collect::<Vec<_>>());
     assert_eq!(names(&r.model), names(&model));
+}
+
+/// SDPA's form: a -inf mask and a NaN guard around softmax. Over a cache the
+/// fill becomes the lowest finite float (rows that see a key are unchanged)
+/// and the guard goes, so that GroupQueryAttention fuses; the padded row's
+/// queries all see a key here, so the outputs agree everywhere.
+#[test]
+fn finite_mask_over_cache() {
+    use onnxopt::verify::NamedInput;
+    let model = cached_attention_graph_with(1, true, true);
+    let mut inputs: Vec<NamedInput> = cached_attention_inputs(1).into_iter().filter(|i| i.name != "mask").collect();
+    let keep: Vec<bool> = (0..BATCH).flat_map(|row| (0..PAST + 1).map(move |j| row == 0 || j >= 2)).collect();
+    let keep = ndarray::ArrayD::from_shape_vec(vec![BATCH as usize, 1, 1, (PAST + 1) as usize], keep).unwrap();
+    inputs.push(NamedInput { name: "keep".into(), value: keep.into() });
+    let passes: Vec<Box<dyn onnxopt::passes::Pass>> = vec![Box::new(onnxopt::passes::fuse::Fuse::new("ort", None))];
+    let options = VerifyOptions { atol: 1e-5, rtol: 1e-4, inputs: Some(inputs), ..Default::default() };
+    let r = rewrite_and_compare(&model, &passes, &options);
+    assert_eq!((fired(&r, "finite-mask-over-cache"), fired(&r, "grouped-query-attention-with-past")), (1, 1), "{}", r.snapshot);
+    assert!(r.comparison.passed(), "{:?}", r.comparison);
+    assert_eq!(count(&r.model, "IsNaN"), 0);
+    insta::assert_snapshot!("fuse__finite-mask-over-cache", r.snapshot);
+    // not over a cache (the keys are the new ones only): the guard stays
+    let mut b = GraphBuilder::new("guarded_softmax");
+    let scores = b.input("scores", DataType::Float, &[BATCH, HEADS, SEQ, SEQ]);
+    let keep = b.input("keep", DataType::Bool, &[BATCH, 1, SEQ, SEQ]);
+    let zero = b.initializer_f32("zero", &[], &[0.0]);
+    let minus_inf = b.initializer_f32("minus_inf", &[], &[f32::NEG_INFINITY]);
+    let mask = b.node("Where", &[&keep, &zero, &minus_inf]);
+    let masked = b.node("Add", &[&scores, &mask]);
+    let p = b.node_with("Softmax", &[&masked], vec![("axis", AttrValue::Int(-1))]);
+    let nan = b.node("IsNaN", &[&p]);
+    let y = b.node("Where", &[&nan, &zero, &p]);
+    b.output(&y, DataType::Float, &[BATCH, HEADS, SEQ, SEQ]);
+    let r = fuse(&b.into_model(17), "ort");
+    assert_eq!(fired(&r, "finite-mask-over-cache"), 0, "{}", r.snapshot);
 }

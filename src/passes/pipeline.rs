@@ -113,6 +113,8 @@ pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box
         Box::new(MergeCommonSubexpressions),
         Box::new(EliminateDeadCode),
         Box::new(Fuse::new(target.name(), options.trace_rule.clone()).without_rules(&options.skip_rules)),
+        // what the fusions leave: identity Transposes, Reshapes to the same shape
+        Box::new(RemoveNoOps),
         Box::new(MergeCommonSubexpressions),
         Box::new(EliminateDeadCode),
     ];

@@ -11,6 +11,8 @@ pub(super) const FUNCTIONS: &[(&str, Function)] = &[
     ("one-d-constant", Function::Condition(one_d_constant)),
     ("last-dims-equal", Function::Condition(last_dims_equal)),
     ("swaps-last-two", Function::Condition(swaps_last_two)),
+    ("zeros-copy-shared-dims", Function::Condition(zeros_copy_shared_dims)),
+    ("identity-perm", Function::Condition(identity_perm)),
     ("copy-attr", Function::Attribute(copy_attr)),
     ("product", Function::Attribute(product)),
     ("composed-perm", Function::Attribute(composed_perm)),
@@ -72,6 +74,48 @@ fn product(ctx: &MatchContext, args: &[Arg]) -> Result<AttrValue, String> {
         p *= values.iter().next().copied().unwrap_or(1.0);
     }
     Ok(AttrValue::Float(p))
+}
+
+/// `(zeros-copy-shared-dims @inner @outer ?x)`: @outer = Reshape(@inner =
+/// Reshape(?x, a), b) with b a known value, `allowzero` 0 on both, and every 0
+/// of b at an index where @inner's output and ?x have the same known dim: the
+/// outer Reshape reads the same target off ?x as off the intermediate.
+fn zeros_copy_shared_dims(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let label = |i: usize| match args.get(i) {
+        Some(Arg::Label(l)) => ctx.labelled(l).ok_or_else(|| format!("@{l} is not bound")),
+        _ => Err("usage: (zeros-copy-shared-dims @inner @outer ?x)".to_string()),
+    };
+    let (inner, outer) = (label(0)?, label(1)?);
+    let x = var(ctx, args, 2)?;
+    if [inner, outer].iter().any(|n| n.attr_int("allowzero").unwrap_or(0) != 0) {
+        return Err("allowzero Reshape".into());
+    }
+    let target = outer.inputs.get(1).ok_or("Reshape without a shape")?;
+    let shape = ctx
+        .constant(target)
+        .and_then(|c| c.to_i64().ok())
+        .map(|a| a.iter().copied().collect::<Vec<i64>>())
+        .or_else(|| ctx.types.int_value(target))
+        .ok_or_else(|| format!("the target of '{}' is not known", outer.name))?;
+    let middle = inner.outputs.first().ok_or("Reshape without output")?;
+    let (dm, dx) = (dims(ctx, middle)?, dims(ctx, x)?);
+    for (i, _) in shape.iter().enumerate().filter(|(_, &v)| v == 0) {
+        match (dm.get(i), dx.get(i)) {
+            (Some(a), Some(b)) if a == b && !matches!(a, Dim::Unknown) => {}
+            (a, b) => return Err(format!("dim {i} copied from '{middle}' is {a:?}, '{x}' has {b:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// `(identity-perm @t)`: the Transpose @t has perm [0, 1, .., n-1].
+fn identity_perm(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let Some(Arg::Label(l)) = args.first() else { return Err("usage: (identity-perm @t)".into()) };
+    let node = ctx.labelled(l).ok_or_else(|| format!("@{l} is not bound"))?;
+    match node.attr_ints("perm") {
+        Some(perm) if perm.iter().enumerate().all(|(i, &p)| p == i as i64) => Ok(()),
+        other => Err(format!("perm {other:?} is not the identity")),
+    }
 }
 
 /// `(composed-perm @inner @outer)`: the perm of Transpose[outer](Transpose[inner](x)).
