@@ -686,7 +686,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     return Err(Failure::BadInput(anyhow::anyhow!("--max-opset {highest}: --mode int4-weight --target {target} writes DequantizeLinear with int4 blocks, from opset {needed} (--target ort needs no raise)")));
                 }
             }
-            let cleanup = optimization_passes(target, &PipelineOptions { skip: vec!["fuse".into()], opset: raise, ..PipelineOptions::default() });
+            let cleanup = optimization_passes(target, &PipelineOptions { opset: raise, ..PipelineOptions::cleanup_only() });
             let mut quantized = original.clone();
             let mut records = {
                 let _progress = Progress::start(quiet, "cleaning up".into());

@@ -22,6 +22,7 @@ pub mod fuse;
 pub mod inline_constant_if;
 pub mod layer_norm_affine;
 pub mod no_op;
+pub mod pack_sibling_matmuls;
 pub mod pipeline;
 pub mod prune_weights;
 pub mod quantize_dynamic;

@@ -24,10 +24,15 @@
 //!    single-use intermediates (a fusion refuses a value used outside its match).
 //! 8. `fuse`: the rules of `passes/*.rules` for the target (canonical forms,
 //!    Llama's norms and rotary, attention, layer norm, Gelu), to a fixpoint.
-//! 9. `merge-common-subexpressions` again: fusions compute new constants
+//! 9. `pack-sibling-matmuls` (ORT only): MatMuls of one activation by
+//!    different weights (a decoder's Q, K and V; its MLP's gate and up) become
+//!    one MatMul and a Split: one kernel per decode step instead of three.
+//! 10. `remove-no-ops` again: the identity Transposes and same-shape Reshapes
+//!    fusions leave between fused ops.
+//! 11. `merge-common-subexpressions` again: fusions compute new constants
 //!    (packed QKV weights) that may repeat (all-zero biases of several layers).
-//! 10. `eliminate-dead-code` again: what only the fused nodes read, and the
-//!    duplicates 9 replaced.
+//! 12. `eliminate-dead-code` again: what only the fused nodes read, and the
+//!    duplicates 11 replaced.
 
 use super::common_subexpression::MergeCommonSubexpressions;
 use super::constant_folding::FoldConstants;
@@ -41,6 +46,7 @@ use super::fuse::Fuse;
 use super::inline_constant_if::InlineConstantIf;
 use super::layer_norm_affine::LayerNormAffineIntoWeights;
 use super::no_op::RemoveNoOps;
+use super::pack_sibling_matmuls::PackSiblingMatMuls;
 use super::quantize_dynamic::QuantizeDynamic;
 use super::quantize_fp16::ConvertToFloat16;
 use super::quantize_static::QuantizeStatic;
@@ -102,6 +108,14 @@ pub struct PipelineOptions {
     pub opset: Option<i64>,
 }
 
+impl PipelineOptions {
+    /// The cleanup passes only: no fusion and no packing of projections (what
+    /// `quantize` runs first; fusing is `optimize`'s job).
+    pub fn cleanup_only() -> PipelineOptions {
+        PipelineOptions { skip: vec!["fuse".into(), "pack-sibling-matmuls".into()], ..PipelineOptions::default() }
+    }
+}
+
 /// The passes for `target`, in order.
 pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box<dyn Pass>> {
     let all: Vec<Box<dyn Pass>> = vec![
@@ -113,6 +127,7 @@ pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box
         Box::new(MergeCommonSubexpressions),
         Box::new(EliminateDeadCode),
         Box::new(Fuse::new(target.name(), options.trace_rule.clone()).without_rules(&options.skip_rules)),
+        Box::new(PackSiblingMatMuls),
         // what the fusions leave: identity Transposes, Reshapes to the same shape
         Box::new(RemoveNoOps),
         Box::new(MergeCommonSubexpressions),
@@ -121,6 +136,8 @@ pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box
     let raise = options.opset.map(|to| Box::new(RaiseOpset { to }) as Box<dyn Pass>);
     let selected = all
         .into_iter()
+        // one kernel for Q, K and V pays in ONNX Runtime; elsewhere it is left to the engine
+        .filter(|p| p.name() != "pack-sibling-matmuls" || target == Target::Ort)
         .filter(|p| options.only.as_ref().is_none_or(|only| only.iter().any(|n| n == p.name())))
         .filter(|p| !options.skip.iter().any(|n| n == p.name()));
     raise.into_iter().chain(selected).collect()
@@ -149,7 +166,12 @@ pub const INT8_UNFUSED_RULES: [&str; 2] = ["skip-layer-norm-bias", "skip-layer-n
 ///   and the difference, under 5e-4, is far below the int8 step of the MatMul
 ///   that reads it.
 pub fn int8_fusion_passes(target: Target, max_opset: Option<i64>) -> Vec<Box<dyn Pass>> {
-    let options = PipelineOptions { skip_rules: INT8_UNFUSED_RULES.iter().map(|r| r.to_string()).collect(), ..PipelineOptions::default() };
+    // packed projections would share one int8 scale per tensor: int8 keeps them apart
+    let options = PipelineOptions {
+        skip_rules: INT8_UNFUSED_RULES.iter().map(|r| r.to_string()).collect(),
+        skip: vec!["pack-sibling-matmuls".into()],
+        ..PipelineOptions::default()
+    };
     let mut passes = optimization_passes(target, &options);
     passes.push(Box::new(LayerNormAffineIntoWeights));
     if target == Target::Ort {
@@ -177,7 +199,7 @@ pub fn int8_fusion_passes(target: Target, max_opset: Option<i64>) -> Vec<Box<dyn
 ///    residual Sum it feeds;
 /// 5. `eliminate-dead-code`: the float weights the int8 ones replaced.
 pub fn quantization_passes(quantize: QuantizeDynamic) -> Vec<Box<dyn Pass>> {
-    let cleanup = PipelineOptions { skip: vec!["fuse".into()], ..PipelineOptions::default() };
+    let cleanup = PipelineOptions::cleanup_only();
     let mut passes = optimization_passes(quantize.target, &cleanup);
     if quantize.target == Target::Ort {
         passes.push(Box::new(SplitAttentionProjection));
@@ -194,7 +216,7 @@ pub fn quantization_passes(quantize: QuantizeDynamic) -> Vec<Box<dyn Pass>> {
 /// fused ops convert as they are), then `convert-to-float16`, then
 /// `eliminate-dead-code`.
 pub fn float16_passes(target: Target, convert: ConvertToFloat16) -> Vec<Box<dyn Pass>> {
-    let cleanup = PipelineOptions { skip: vec!["fuse".into()], ..PipelineOptions::default() };
+    let cleanup = PipelineOptions::cleanup_only();
     let mut passes = optimization_passes(target, &cleanup);
     passes.push(Box::new(convert));
     passes.push(Box::new(EliminateDeadCode));
@@ -213,7 +235,7 @@ pub fn static_quantization_passes(quantize: QuantizeStatic) -> Vec<Box<dyn Pass>
 /// The cleanup passes of [`optimization_passes`] without `fuse` (a fused op
 /// hides the MatMuls quantization looks for).
 pub fn cleanup_passes(target: Target) -> Vec<Box<dyn Pass>> {
-    optimization_passes(target, &PipelineOptions { skip: vec!["fuse".into()], ..PipelineOptions::default() })
+    optimization_passes(target, &PipelineOptions::cleanup_only())
 }
 
 /// Every pass name, for `--passes` / `--skip` validation.

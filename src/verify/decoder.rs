@@ -127,7 +127,8 @@ impl CacheLayout {
             let outputs = runner.run(&inputs)?;
             let label = if index == 0 { format!("prefill, {new} tokens") } else { format!("decode {index}, past {past}") };
             let padded = self.padded_positions(&outputs, padding_of(sizes, past + new, seed), past + new, new);
-            steps.push(Step { label: Some(label), inputs, outputs, padded });
+            let cache_outputs = self.caches.iter().filter_map(|c| c.present.clone()).collect();
+            steps.push(Step { label: Some(label), inputs, outputs, padded, cache_outputs });
             past += new;
             new = 1;
         }
