@@ -280,6 +280,24 @@ fn group_query_attention_past() -> Model {
     with_contrib_import(b, 17)
 }
 
+/// MultiHeadAttention over a KV cache: past (B, 2, 3, 4), two new tokens, an
+/// additive attention_bias (B, 1, 2, 5); the presents are outputs.
+fn multi_head_attention_past() -> Model {
+    let mut b = GraphBuilder::new("mha_past");
+    let q = b.input("query", DataType::Float, &[B, 2, 8]);
+    let k = b.input("key", DataType::Float, &[B, 2, 8]);
+    let v = b.input("value", DataType::Float, &[B, 2, 8]);
+    let past_k = b.input("past_key", DataType::Float, &[B, 2, 3, 4]);
+    let past_v = b.input("past_value", DataType::Float, &[B, 2, 3, 4]);
+    let bias = b.input("attention_bias", DataType::Float, &[B, 1, 2, 5]);
+    let inputs = [q.as_str(), &k, &v, "", "", &bias, &past_k, &past_v];
+    b.add(contrib("MultiHeadAttention", &inputs, &["y", "present_key", "present_value"], vec![("num_heads", int(2))]));
+    b.output("y", DataType::Float, &[B, 2, 8]);
+    b.output("present_key", DataType::Float, &[B, 2, 5, 4]);
+    b.output("present_value", DataType::Float, &[B, 2, 5, 4]);
+    with_contrib_import(b, 17)
+}
+
 /// MatMulNBits with accuracy_level 4 (int8 compute): A [2, 3, 64] against int4
 /// B (K 64, N 8, blocks of 32) with per-block scales and zero points.
 fn matmul_n_bits_int8_compute() -> Model {
@@ -352,6 +370,7 @@ fn cases() -> Vec<Case> {
         case("embed_layer_norm_position_ids", embed_layer_norm(false)),
         case("multi_head_attention_cross", multi_head_attention_cross()),
         case("multi_head_attention_causal", multi_head_attention_causal()),
+        case("multi_head_attention_past", multi_head_attention_past()),
         case("attention_mask2d", attention("mask2d")),
         case("attention_mask3d", attention("mask3d")),
         case("attention_causal", attention("causal")),
@@ -454,13 +473,14 @@ fn refuses_what_it_cannot_lower_exactly() {
     let message = refusal(&with_contrib_import(b, 17));
     assert!(message.contains("fused_attention") && message.contains("4-D mask"), "{message}");
 
-    // a KV cache
-    let mut b = GraphBuilder::new("mha_past");
+    // a KV cache with a key padding mask (ORT's lengths then count the past)
+    let mut b = GraphBuilder::new("mha_past_padding");
     let q = b.input("query", DataType::Float, &[B, 1, 8]);
     let past = b.input("past_key", DataType::Float, &[B, 2, 3, 4]);
-    b.add(contrib("MultiHeadAttention", &[&q, &q, &q, "", "", "", &past, &past], &["y"], vec![("num_heads", int(2))]));
+    let lengths = b.input("key_padding_mask", DataType::Int32, &[B]);
+    b.add(contrib("MultiHeadAttention", &[&q, &q, &q, "", &lengths, "", &past, &past], &["y"], vec![("num_heads", int(2))]));
     b.output("y", DataType::Float, &[B, 1, 8]);
-    assert!(refusal(&with_contrib_import(b, 17)).contains("past_key"));
+    assert!(refusal(&with_contrib_import(b, 17)).contains("key_padding_mask"));
 
     // causal cross attention: ORT's mask is not a triangle there
     let mut b = GraphBuilder::new("mha_causal_cross");

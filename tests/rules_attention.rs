@@ -335,3 +335,72 @@ fn gpt2_torchscript_keeps_its_guarded_attention() {
     assert_eq!(count(&r.model, "Softmax"), 2);
     assert!(r.comparison.passed(), "{:?}", r.comparison);
 }
+
+const PAST: i64 = 3;
+
+/// One GPT-2 attention step over a KV cache, as Optimum exports it: q, k, v
+/// projections [B, 1, N*H] split into heads, k and v appended to the past
+/// [B, N, P, H] (the presents), softmax(q k^T * s + mask) v, heads merged.
+/// With `new_first`, the new rows come before the past: not a cache.
+fn cached_attention_graph(new_first: bool) -> Model {
+    let (new, total) = (1, PAST + 1);
+    let mut b = GraphBuilder::new("cached_mha");
+    let q = b.input("q", DataType::Float, &[BATCH, new, HIDDEN]);
+    let k = b.input("k", DataType::Float, &[BATCH, new, HIDDEN]);
+    let v = b.input("v", DataType::Float, &[BATCH, new, HIDDEN]);
+    let past_k = b.input("past_key", DataType::Float, &[BATCH, HEADS, PAST, HEAD]);
+    let past_v = b.input("past_value", DataType::Float, &[BATCH, HEADS, PAST, HEAD]);
+    let mask = b.input("mask", DataType::Float, &[BATCH, 1, new, total]);
+    let split = ints(&mut b, "split", &[BATCH, new, HEADS, HEAD]);
+    let merged = ints(&mut b, "merged", &[BATCH, new, HIDDEN]);
+    let scale = b.initializer_f32("scale", &[], &[0.5]);
+    let heads = |b: &mut GraphBuilder, x: &str| {
+        let r = b.node("Reshape", &[x, &split]);
+        transpose(b, &r, &[0, 2, 1, 3])
+    };
+    let (q, k, v) = (heads(&mut b, &q), heads(&mut b, &k), heads(&mut b, &v));
+    let join = |b: &mut GraphBuilder, past: &str, new: &str| {
+        let parts = if new_first { [new, past] } else { [past, new] };
+        b.node_with("Concat", &parts, vec![("axis", AttrValue::Int(-2))])
+    };
+    let present_k = join(&mut b, &past_k, &k);
+    let present_v = join(&mut b, &past_v, &v);
+    let k_t = transpose(&mut b, &present_k, &[0, 1, 3, 2]);
+    let qs = b.node("Mul", &[&q, &scale]);
+    let ks = b.node("Mul", &[&k_t, &scale]);
+    let scores = b.node("MatMul", &[&qs, &ks]);
+    let masked = b.node("Add", &[&scores, &mask]);
+    let p = b.node_with("Softmax", &[&masked], vec![("axis", AttrValue::Int(-1))]);
+    let context = b.node("MatMul", &[&p, &present_v]);
+    let context = transpose(&mut b, &context, &[0, 2, 1, 3]);
+    let y = b.node("Reshape", &[&context, &merged]);
+    b.output(&y, DataType::Float, &[BATCH, new, HIDDEN]);
+    b.output(&present_k, DataType::Float, &[BATCH, HEADS, total, HEAD]);
+    b.output(&present_v, DataType::Float, &[BATCH, HEADS, total, HEAD]);
+    b.into_model(17)
+}
+
+/// A decode step over a KV cache becomes MultiHeadAttention with past_key and
+/// past_value (its presents the outputs), checked in tract (lowered); the
+/// cache joined the wrong way round is left alone.
+#[test]
+fn multi_head_attention_with_past() {
+    let r = assert_fires(&cached_attention_graph(false), "multi-head-attention-with-past", "multi-head-attention-with-past");
+    let mha = r.model.graph.nodes().find(|n| n.op_type == "MultiHeadAttention").expect("fused");
+    assert_eq!((mha.attr_int("num_heads"), mha.outputs.len()), (Some(HEADS), 3));
+    assert_eq!(count(&r.model, "Softmax"), 0);
+    let r = fuse(&cached_attention_graph(true), "ort");
+    assert_eq!(fired(&r, "multi-head-attention-with-past"), 0, "{}", r.snapshot);
+}
+
+/// Optimum's KV-cache GPT-2 through the ORT pipeline: both layers' attention
+/// over the cache fused, verified over a prefill and two decode steps.
+#[test]
+fn gpt2_kv_cache_pipeline() {
+    let model = onnx::load(&fixture("gpt2-kv.optimum.onnx")).unwrap();
+    let passes = optimization_passes(Target::Ort, &Default::default());
+    let r = rewrite_and_compare(&model, &passes, &VerifyOptions::default());
+    assert!(r.comparison.passed(), "{:?}", r.comparison);
+    assert!(r.comparison.outputs.iter().any(|o| o.name.contains("decode 2")), "{:?}", r.comparison);
+    assert_eq!((count(&r.model, "MultiHeadAttention"), count(&r.model, "Softmax")), (2, 0), "{}", r.model);
+}

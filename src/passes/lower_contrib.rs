@@ -970,9 +970,20 @@ impl<'m> Lowering<'m> {
         if self.rank(key)? != 3 || self.rank(value)? != 3 {
             return Err("key and value must be 3-D (batch, kv_sequence, hidden); BNSH or packed forms are not supported".into());
         }
-        self.refuse_inputs(&[(6, "past_key"), (7, "past_value"), (8, "past_sequence_length"), (9, "cache_indirection")])?;
-        self.refuse_outputs(&[(1, "present_key"), (2, "present_value"), (3, "qk")])?;
+        self.refuse_inputs(&[(8, "past_sequence_length"), (9, "cache_indirection")])?;
+        self.refuse_outputs(&[(3, "qk")])?;
+        let past = match (self.input(6), self.input(7)) {
+            (Some(k), Some(v)) => Some((k, v)),
+            (None, None) => None,
+            _ => return Err("past_key and past_value must be given together".into()),
+        };
+        if past.is_none() {
+            self.refuse_outputs(&[(1, "present_key"), (2, "present_value")])?;
+        }
         let unidirectional = self.int_attr("unidirectional", 0) != 0;
+        if past.is_some() && (unidirectional || self.input(4).is_some()) {
+            return Err("a past cache with unidirectional or key_padding_mask is not supported (attention_bias is)".into());
+        }
         if unidirectional {
             let same = matches!((self.shape(query), self.shape(key)), (Some(q), Some(k)) if q[1] == k[1] && q[1] != Dim::Unknown);
             if !same {
@@ -1005,7 +1016,10 @@ impl<'m> Lowering<'m> {
         };
         let bias = self.attention_bias(padding, unidirectional.then_some(query.as_str()), self.input(5), dtype);
         let rule = ScoreRule { scale, additive: bias.as_deref(), visible: None, dtype };
-        self.heads_attention(&query, &key, &value, num_heads, &rule);
+        match past {
+            None => self.heads_attention(&query, &key, &value, num_heads, &rule),
+            Some(past) => self.cached_heads_attention(&query, &key, &value, past, num_heads, &rule),
+        }
         Ok(())
     }
 
@@ -1018,7 +1032,33 @@ impl<'m> Lowering<'m> {
         let k_t = self.transpose(&k, &[0, 2, 3, 1], None, "k_heads_t");
         let v = self.reshape(value, &[0, 0, num_heads, -1], None, "v_split");
         let v = self.transpose(&v, &[0, 2, 1, 3], None, "v_heads");
-        let context = self.attend(&q, &k_t, &v, rule);
+        self.attend_and_merge(&q, &k_t, &v, rule);
+    }
+
+    /// MultiHeadAttention over a KV cache: the new K/V heads appended to
+    /// past_key/value (B, N, P, H) along the length axis are the present outputs
+    /// (B, N, P+S, H), and the queries attend over all of them; masking is the
+    /// attention_bias's alone (ORT 1.32 measured: a decode step and a batched
+    /// 2-token step with left padding, 2e-7).
+    fn cached_heads_attention(&mut self, query: &str, key: &str, value: &str, past: (&str, &str), num_heads: i64, rule: &ScoreRule) {
+        let q = self.reshape(query, &[0, 0, num_heads, -1], None, "q_split");
+        let q = self.transpose(&q, &[0, 2, 1, 3], None, "q_heads");
+        let k = self.reshape(key, &[0, 0, num_heads, -1], None, "k_split");
+        let k = self.transpose(&k, &[0, 2, 1, 3], None, "k_heads");
+        let v = self.reshape(value, &[0, 0, num_heads, -1], None, "v_split");
+        let v = self.transpose(&v, &[0, 2, 1, 3], None, "v_heads");
+        let axis = vec![("axis", AttrValue::Int(2))];
+        let (present_key, present_value) = (self.used_output(1), self.used_output(2));
+        let k = self.op_into("Concat", &[past.0, &k], axis.clone(), present_key, "present_key");
+        let v = self.op_into("Concat", &[past.1, &v], axis, present_value, "present_value");
+        let k_t = self.transpose(&k, &[0, 1, 3, 2], None, "k_heads_t");
+        self.attend_and_merge(&q, &k_t, &v, rule);
+    }
+
+    /// softmax(q k^T) v over heads q [B,N,S,H], k^T [B,N,H,T], v [B,N,T,Hv],
+    /// merged into output 0 [B,S,N*Hv].
+    fn attend_and_merge(&mut self, q: &str, k_t: &str, v: &str, rule: &ScoreRule) {
+        let context = self.attend(q, k_t, v, rule);
         let merged = self.transpose(&context, &[0, 2, 1, 3], None, "context_bsnh");
         let output = self.used_output(0);
         self.reshape(&merged, &[0, 0, -1], output, "out");

@@ -20,6 +20,8 @@ pub(super) const FUNCTIONS: &[(&str, Function)] = &[
     ("repeats-cache-heads", Function::Condition(repeats_cache_heads)),
     ("appends-to-cache", Function::Condition(appends_to_cache)),
     ("head-count", Function::Attribute(head_count)),
+    ("same-head-count", Function::Condition(same_head_count)),
+    ("head-size-multiple", Function::Condition(head_size_multiple)),
     ("scores-over-cache", Function::Condition(scores_over_cache)),
     ("infinite-fill", Function::Condition(infinite_fill)),
     ("float32-lowest", Function::Input(float32_lowest)),
@@ -284,7 +286,6 @@ fn repeats_heads(ctx: &MatchContext, args: &[Arg], qn: &Dim, qh: &Dim) -> Result
 /// along axis 2 of [B, KV, len, H] tensors: the past P rows of each KV head,
 /// then the S new ones, for the query heads ?q [B, N, S, H] (N a multiple of
 /// KV, the same B, S and H): the present cache GroupQueryAttention writes.
-/// H must be a multiple of 8 (ORT 1.32's CPU kernel refuses other head sizes).
 fn appends_to_cache(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     let present = labelled(ctx, args, 0)?;
     let (past, new, q) = (var(ctx, args, 1)?, var(ctx, args, 2)?, var(ctx, args, 3)?);
@@ -295,10 +296,7 @@ fn appends_to_cache(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     match (known(ctx, past)?, known(ctx, new)?, known(ctx, q)?) {
         ([b, kv, _, h], [b2, kv2, s, h2], [b3, n, s2, h3]) if b == b2 && b == b3 && kv == kv2 && s == s2 && h == h2 && h == h3 => {
             let (kv, n) = (fixed(kv, "the KV head count")?, fixed(n, "the query head count")?);
-            let h = fixed(h, "the head size")?;
-            if h % 8 != 0 {
-                return Err(format!("head size {h} is not a multiple of 8, which GroupQueryAttention needs"));
-            }
+            fixed(h, "the head size")?;
             if kv > 0 && n % kv == 0 { Ok(()) } else { Err(format!("{n} query heads do not group over {kv} KV heads")) }
         }
         (dp, dn, dq) => Err(format!("past '{past}' {dp:?}, new '{new}' {dn:?} and query '{q}' {dq:?} are not one cache's [B, KV, len, H] and [B, N, S, H]")),
@@ -349,6 +347,25 @@ fn infinite_fill(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
 /// finite value (a mask fill whose softmax stays finite).
 fn float32_lowest(_: &MatchContext, _: &[Arg]) -> Result<Tensor, String> {
     Ok(Tensor::from_f32("", &ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), f32::MIN)))
+}
+
+/// `(same-head-count ?a ?b)`: heads ?a and ?b [B, N, len, H] have the same
+/// fixed N (K/V heads not grouped: multi-head attention).
+fn same_head_count(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let (a, b) = (var(ctx, args, 0)?, var(ctx, args, 1)?);
+    match (known(ctx, a)?, known(ctx, b)?) {
+        ([_, n, _, _], [_, m, _, _]) if n == m && n.fixed().is_some() => Ok(()),
+        (da, db) => Err(format!("'{a}' {da:?} and '{b}' {db:?} do not have the same fixed head count")),
+    }
+}
+
+/// `(head-size-multiple ?t M)`: the fixed head size H of ?t [B, N, len, H] is a
+/// multiple of M (ORT 1.32's GroupQueryAttention CPU kernel refuses H % 8 != 0).
+fn head_size_multiple(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let t = var(ctx, args, 0)?;
+    let m = super::int_arg(args, 1)?;
+    let h = fixed(dims(ctx, t)?.last().ok_or_else(|| format!("'{t}' is a scalar"))?, "the head size")?;
+    if m > 0 && h % m == 0 { Ok(()) } else { Err(format!("head size {h} is not a multiple of {m}")) }
 }
 
 /// `(head-count ?t)`: N of heads ?t [B, N, S, H] (fixed), as an attribute.
