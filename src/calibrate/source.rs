@@ -54,19 +54,47 @@ fn source_error(path: &Path, why: impl ToString) -> CalibrateError {
 }
 
 
-/// The field a model input takes, from its name, and its integer type.
-fn text_field(input: &ValueInfo) -> Result<(TokenInput, DataType), CalibrateError> {
+/// What a text batch gives a model input.
+enum TextField {
+    /// Token ids, mask, types or positions, in this integer type.
+    Token(TokenInput, DatumType),
+    /// A decoder's KV cache (`past*`, float, rank 3 or more), empty: its fixed
+    /// dims kept (`Some`), the batch first, the open ones (the past length) 0.
+    EmptyCache { dims: Vec<Option<usize>>, dtype: DatumType },
+    /// Optimum's merged decoders: `use_cache_branch` false (no past yet).
+    CacheBranch,
+}
+
+/// The field a model input takes, from its name, and its type.
+fn text_field(input: &ValueInfo) -> Result<TextField, CalibrateError> {
     let unfillable = |why: &str| CalibrateError::UnfillableInput {
         input: input.name.clone(),
         source_kind: "text",
         why: why.into(),
     };
+    let ty = input.tensor_type();
+    let elem = ty.and_then(|t| t.elem_type);
+    let lower = input.name.to_lowercase();
+    if lower.contains("use_cache_branch") && elem == Some(DataType::Bool) {
+        return Ok(TextField::CacheBranch);
+    }
+    let dims = ty.and_then(|t| t.shape.as_ref());
+    if lower.contains("past") && dims.is_some_and(|d| d.len() >= 3) {
+        let dtype = match elem {
+            Some(DataType::Float) => f32::datum_type(),
+            Some(DataType::Float16) => half::f16::datum_type(),
+            other => return Err(unfillable(&format!("a KV cache of {other:?} is not supported (float32 or float16)"))),
+        };
+        let dims = dims.into_iter().flatten().map(|d| d.fixed().and_then(|v| usize::try_from(v).ok())).collect();
+        return Ok(TextField::EmptyCache { dims, dtype });
+    }
     let field = match TokenInput::of(&input.name) {
         Some(field) => field,
-        None => return Err(unfillable("a text source fills only input_ids, attention_mask, token_type_ids and position_ids")),
+        None => return Err(unfillable("a text source fills only input_ids, attention_mask, token_type_ids, position_ids and a decoder's KV cache (empty)")),
     };
-    match input.tensor_type().and_then(|t| t.elem_type) {
-        Some(dtype @ (DataType::Int64 | DataType::Int32)) => Ok((field, dtype)),
+    match elem {
+        Some(DataType::Int64) => Ok(TextField::Token(field, i64::datum_type())),
+        Some(DataType::Int32) => Ok(TextField::Token(field, i32::datum_type())),
         other => Err(unfillable(&format!("expected int64 or int32, the model declares {other:?}"))),
     }
 }
@@ -81,10 +109,7 @@ fn text_batches(
     if batch == 0 || max_len == 0 {
         return Err(source_error(file, "batch and max_len must be at least 1"));
     }
-    let fields: Vec<(String, TokenInput, DataType)> = inputs
-        .iter()
-        .map(|i| text_field(i).map(|(field, dtype)| (i.name.clone(), field, dtype)))
-        .collect::<Result<_, _>>()?;
+    let fields: Vec<(String, TextField)> = inputs.iter().map(|i| text_field(i).map(|field| (i.name.clone(), field))).collect::<Result<_, _>>()?;
     let mut tokenizer = Tokenizer::from_file(tokenizer_file).map_err(|e| source_error(tokenizer_file, e))?;
     // tokenizer.json files often pad every sentence to a fixed length; batches
     // here pad to their longest sentence instead, with the same pad id.
@@ -108,15 +133,27 @@ fn text_batches(
     Ok(Batches(Box::new(batches)))
 }
 
-/// The named inputs for token ids of one batch, right-padded to the longest.
-fn padded_batch(ids: &[Vec<u32>], pad_id: u32, fields: &[(String, TokenInput, DataType)]) -> TractResult<Vec<NamedInput>> {
+/// The named inputs for token ids of one batch, right-padded to the longest
+/// (a decoder's KV cache empty: the batch is its prompt).
+fn padded_batch(ids: &[Vec<u32>], pad_id: u32, fields: &[(String, TextField)]) -> TractResult<Vec<NamedInput>> {
     let len = ids.iter().map(Vec::len).max().unwrap_or(0);
     let table = |value: &dyn Fn(&[u32], usize) -> i64| -> Vec<i64> {
         ids.iter().flat_map(|row| (0..len).map(move |c| value(row, c))).collect()
     };
     fields
         .iter()
-        .map(|(name, field, dtype)| {
+        .map(|(name, field)| {
+            let (field, dtype) = match field {
+                TextField::Token(field, dtype) => (field, dtype),
+                TextField::EmptyCache { dims, dtype } => {
+                    let shape: Vec<usize> = std::iter::once(ids.len()).chain(dims.iter().skip(1).map(|d| d.unwrap_or(0))).collect();
+                    let zeros = tract_onnx::tract_core::ndarray::ArrayD::<f32>::zeros(shape).into_tensor();
+                    return Ok(NamedInput { name: name.clone(), value: zeros.cast_to_dt(*dtype)?.into_owned() });
+                }
+                TextField::CacheBranch => {
+                    return Ok(NamedInput { name: name.clone(), value: tract_onnx::prelude::Tensor::from(false) });
+                }
+            };
             let values = match field {
                 TokenInput::Ids => table(&|row, c| row.get(c).copied().unwrap_or(pad_id) as i64),
                 TokenInput::AttentionMask => table(&|row, c| (c < row.len()) as i64),
@@ -124,7 +161,7 @@ fn padded_batch(ids: &[Vec<u32>], pad_id: u32, fields: &[(String, TokenInput, Da
                 TokenInput::Positions => table(&|_, c| c as i64),
             };
             let tensor = Array2::from_shape_vec((ids.len(), len), values)?.into_tensor();
-            let value = if *dtype == DataType::Int32 { tensor.cast_to::<i32>()?.into_owned() } else { tensor };
+            let value = tensor.cast_to_dt(*dtype)?.into_owned();
             Ok(NamedInput { name: name.clone(), value })
         })
         .collect()

@@ -2,7 +2,8 @@
 //! MatMul (and Gemm) whose weight is a constant float32 matrix.
 //!
 //! What it rewrites: `MatMul(A, W)` with `W` a float32 initializer `[K, N]` (not
-//! a graph input: those a caller may override), and `Gemm(A, W, C?)` with
+//! a graph input: those a caller may override) or the Transpose of one `[N, K]`
+//! (a tied lm_head reading the embedding table), and `Gemm(A, W, C?)` with
 //! constant `W`, `alpha = beta = 1`, `transA = 0` (`transB = 1` reads `W` as
 //! `[N, K]`). `A` must be float32. Nodes named in `exclude` (or, unnamed, whose
 //! first output is) stay in float.
@@ -594,8 +595,17 @@ pub(super) fn quantizable_weight<'g>(graph: &'g Graph, graph_inputs: &HashSet<&s
             return None;
         }
     }
-    let weight = constant(graph, graph_inputs, node.inputs.get(1)?)?;
-    (weight.dims.len() == 2).then_some((weight, gemm && node.attr_int("transB").unwrap_or(0) != 0))
+    let name = node.inputs.get(1)?;
+    let transposed = gemm && node.attr_int("transB").unwrap_or(0) != 0;
+    if let Some(weight) = constant(graph, graph_inputs, name) {
+        return (weight.dims.len() == 2).then_some((weight, transposed));
+    }
+    // a tied lm_head: MatMul(x, Transpose(E)) with E the [V, D] embedding table,
+    // read as the [N, K] weight it is (the Transpose is left for dead-code)
+    let producer = graph.producer(name).and_then(|(id, _)| graph.node(id)).filter(|n| n.is_onnx("Transpose") && n.inputs.len() == 1)?;
+    let swaps = producer.attr_ints("perm").is_none_or(|p| p == [1, 0]);
+    let table = constant(graph, graph_inputs, &producer.inputs[0])?;
+    (swaps && !gemm && table.dims.len() == 2).then_some((table, true))
 }
 
 /// The node as a [`Candidate`], when it is a MatMul or Gemm of a constant weight.

@@ -2,7 +2,8 @@
 //! weight is a constant float32 matrix; activations stay float (weight-only).
 //!
 //! What it rewrites: `MatMul(A, W)` with `W` a float32 initializer `[K, N]` (not
-//! a graph input: those a caller may override), and `Gemm(A, W, C?)` with
+//! a graph input: those a caller may override) or the Transpose of one `[N, K]`
+//! (a tied lm_head reading the embedding table), and `Gemm(A, W, C?)` with
 //! constant `W`, `alpha = beta = 1`, `transA = 0` (`transB = 1` reads `W` as
 //! `[N, K]`; `C` is added after the product). `A` must be float32. It does not
 //! fire where `K` is smaller than one block (nothing to share a scale over: such

@@ -21,6 +21,7 @@ pub(super) const FUNCTIONS: &[(&str, Function)] = &[
     ("appends-to-cache", Function::Condition(appends_to_cache)),
     ("head-count", Function::Attribute(head_count)),
     ("same-head-count", Function::Condition(same_head_count)),
+    ("same-batch", Function::Condition(same_batch)),
     ("head-size-multiple", Function::Condition(head_size_multiple)),
     ("scores-over-cache", Function::Condition(scores_over_cache)),
     ("infinite-fill", Function::Condition(infinite_fill)),
@@ -366,6 +367,16 @@ fn head_size_multiple(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     let m = super::int_arg(args, 1)?;
     let h = fixed(dims(ctx, t)?.last().ok_or_else(|| format!("'{t}' is a scalar"))?, "the head size")?;
     if m > 0 && h % m == 0 { Ok(()) } else { Err(format!("head size {h} is not a multiple of {m}")) }
+}
+
+/// `(same-batch ?a ?b)`: dim 0 of ?a and ?b is the same known dim (a mask of
+/// the whole batch, not one broadcast over it).
+fn same_batch(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
+    let (a, b) = (var(ctx, args, 0)?, var(ctx, args, 1)?);
+    match (dims(ctx, a)?.first(), dims(ctx, b)?.first()) {
+        (Some(x), Some(y)) if x == y && !matches!(x, Dim::Unknown) => Ok(()),
+        (x, y) => Err(format!("'{a}' starts with {x:?}, '{b}' with {y:?}")),
+    }
 }
 
 /// `(head-count ?t)`: N of heads ?t [B, N, S, H] (fixed), as an attribute.
