@@ -159,6 +159,29 @@ fn no_ops_that_are_not() {
     assert_eq!(proposed(&RemoveNoOps, &model), 0);
 }
 
+/// Concat(x, Slice(x, [4:])) along x's last axis of 4: the slice is empty, the
+/// Concat is x (how Phi-3 writes a rotary covering the whole head); a slice that
+/// is not provably empty keeps it.
+#[test]
+fn concat_of_an_empty_slice() {
+    let graph = |start: i64| {
+        let mut b = GraphBuilder::new("g");
+        let x = b.input("x", DataType::Float, &[2, 3, 4]);
+        let (starts, ends, axes) = (b.initializer_i64("starts", &[1], &[start]), b.initializer_i64("ends", &[1], &[i64::MAX]), b.initializer_i64("axes", &[1], &[-1]));
+        let rest = b.node("Slice", &[&x, &starts, &ends, &axes]);
+        let relu = b.node("Relu", &[&x]);
+        let joined = b.node_with("Concat", &[&relu, &rest], vec![("axis", AttrValue::Int(-1))]);
+        let y = b.node("Neg", &[&joined]);
+        b.output(&y, DataType::Float, &[2, 3, 4 + 4 - start]);
+        b.into_model(17)
+    };
+    let r = rewrite(&graph(4), vec![Box::new(RemoveNoOps)]);
+    assert!(r.comparison.passed(), "{:?}", r.comparison);
+    assert_eq!(r.records[0].by_origin.get("concat-of-empty"), Some(&1), "{}", r.snapshot);
+    insta::assert_snapshot!("no_op__concat_of_empty", r.snapshot);
+    assert_eq!(proposed(&RemoveNoOps, &graph(3)), 0);
+}
+
 /// Reshape(s, Shape(s)) with s: [batch, 4] keeps the shape symbolically: a no-op.
 #[test]
 fn reshape_to_its_own_symbolic_shape() {

@@ -495,3 +495,20 @@ fn finite_mask_over_cache() {
     let r = fuse(&b.into_model(17), "ort");
     assert_eq!(fired(&r, "finite-mask-over-cache"), 0, "{}", r.snapshot);
 }
+
+/// Qwen2 (biases on Q, K, V) and Phi-3 (one packed QKV projection) exports
+/// with a KV cache: attention over the cache fuses in both layers, verified over
+/// a prefill and decode steps.
+#[test]
+fn qwen2_and_phi3_kv_cache_pipelines() {
+    for file in ["qwen2-kv.optimum.onnx", "phi3-kv.optimum.onnx"] {
+        let model = onnxopt::onnx::load(&common::fixture(file)).unwrap();
+        let passes = optimization_passes(Target::Ort, &Default::default());
+        let r = rewrite_and_compare(&model, &passes, &VerifyOptions::default());
+        assert!(r.comparison.passed(), "{file}: {:?}", r.comparison);
+        assert_eq!((count(&r.model, "GroupQueryAttention"), count(&r.model, "Softmax")), (2, 0), "{file}");
+        assert_eq!(count(&r.model, "SkipSimplifiedLayerNormalization"), 4, "{file}");
+        // Phi-3 writes its full rotary as a partial one with an empty pass-through half
+        assert_eq!(count(&r.model, "RotaryEmbedding"), 4, "{file}");
+    }
+}

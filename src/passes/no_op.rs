@@ -67,6 +67,9 @@ const RULES: &[NoOpRule] = &[
     NoOpRule { op: "Slice", origin: "slice-everything", holds: slices_everything },
     // Concat(x) -> x
     NoOpRule { op: "Concat", origin: "concat-of-one", holds: one_input },
+    // Concat(x, e: [.., 0]) -> x: the rest empty along the axis (a partial
+    // rotary's pass-through part when the rotary covers the whole head)
+    NoOpRule { op: "Concat", origin: "concat-of-empty", holds: rest_empty },
 ];
 
 impl Pass for RemoveNoOps {
@@ -84,14 +87,14 @@ impl Pass for RemoveNoOps {
         let mut patches = Vec::new();
         for id in order {
             let Some(node) = graph.node(id) else { continue };
-            let Some(rule) = RULES.iter().find(|r| node.is_onnx(r.op)) else { continue };
+            let Some(rule) = RULES.iter().find(|r| node.is_onnx(r.op) && (r.holds)(node, &facts)) else { continue };
             let (Some(input), Some(output)) = (given(node.inputs.first()), given(node.outputs.first())) else {
                 continue;
             };
             // Graph outputs keep their names (`replace_uses` leaves them alone): a
             // no-op producing one could only go by renaming its input, which may be
             // a graph input or read elsewhere under its own name. Left in place.
-            if graph.is_graph_output(output) || !(rule.holds)(node, &facts) {
+            if graph.is_graph_output(output) {
                 continue;
             }
             // A chain of no-ops goes in one round: readers of each one read the
@@ -245,6 +248,16 @@ fn takes_whole_axis(dim: &Dim, start: i64, end: i64, step: i64) -> bool {
         // bet as shape inference makes: no real dim is that big.
         _ => start == 0 && end >= i64::from(i32::MAX),
     }
+}
+
+/// Every input after the first has a fixed 0 on the concatenation axis, so
+/// the output is the first input (same shape: Concat adds the axis lengths).
+fn rest_empty(node: &Node, facts: &Facts) -> bool {
+    let Some(rank) = input(node, 0).and_then(|x| facts.types.rank(x)) else { return false };
+    let axis = node.attr_int("axis").unwrap_or(0);
+    let Some(axis) = usize::try_from(if axis < 0 { axis + rank as i64 } else { axis }).ok().filter(|&a| a < rank) else { return false };
+    let rest: Vec<&String> = node.inputs.iter().skip(1).filter(|n| !n.is_empty()).collect();
+    !rest.is_empty() && rest.iter().all(|t| facts.types.shape(t).and_then(|d| d.get(axis)) == Some(&Dim::Fixed(0)))
 }
 
 fn one_input(node: &Node, _: &Facts) -> bool {
