@@ -6,8 +6,6 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/onnx.proto");
     let file_descriptors = protox::compile(["onnx.proto"], ["proto"])?;
-    prost_build::Config::new()
-        .bytes(["."])
-        .compile_fds(file_descriptors)?;
+    prost_build::Config::new().bytes(["."]).compile_fds(file_descriptors)?;
     Ok(())
 }

@@ -42,7 +42,11 @@ pub struct ModelSummary {
 }
 
 fn domain_name(domain: &str) -> String {
-    if domain.is_empty() { "ai.onnx".into() } else { domain.into() }
+    if domain.is_empty() {
+        "ai.onnx".into()
+    } else {
+        domain.into()
+    }
 }
 
 fn visit_nodes<'g>(g: &'g Graph, visit: &mut impl FnMut(&'g Node)) {
@@ -73,12 +77,7 @@ pub fn summarize(model: &Model) -> ModelSummary {
         }
     }
     let values = |v: &[crate::ir::ValueInfo]| {
-        v.iter()
-            .map(|i| ValueSummary {
-                name: i.name.clone(),
-                r#type: i.ty.as_ref().map(|t| t.to_string()).unwrap_or_else(|| "?".into()),
-            })
-            .collect()
+        v.iter().map(|i| ValueSummary { name: i.name.clone(), r#type: i.ty.as_ref().map(|t| t.to_string()).unwrap_or_else(|| "?".into()) }).collect()
     };
     ModelSummary {
         ir_version: model.ir_version,
@@ -129,8 +128,11 @@ fn architecture(model: &Model) -> Architecture {
         })
     });
     let softmax = count("Softmax");
-    let normalizations = count("LayerNormalization") + count("SkipLayerNormalization") + count("SimplifiedLayerNormalization")
-        + count("SkipSimplifiedLayerNormalization") + count("RMSNormalization");
+    let normalizations = count("LayerNormalization")
+        + count("SkipLayerNormalization")
+        + count("SimplifiedLayerNormalization")
+        + count("SkipSimplifiedLayerNormalization")
+        + count("RMSNormalization");
     // A causal mask compares two position ranges (i <= j), or is a Trilu.
     let causal = count("Trilu") > 0 || g.nodes().any(|n| g.is_causal_comparison(n));
     let kind = if has_input("decoder_input_ids") {

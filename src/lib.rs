@@ -14,8 +14,8 @@
 
 pub mod calibrate;
 pub mod inspect;
-pub mod lint;
 pub mod ir;
+pub mod lint;
 pub mod onnx;
 pub mod passes;
 pub mod prune;

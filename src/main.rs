@@ -4,12 +4,14 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use onnxopt::passes::pipeline::{cleanup_passes, float16_passes, int8_fusion_passes, optimization_passes, quantization_passes, static_quantization_passes, PipelineOptions, Target};
+use onnxopt::passes::pipeline::{
+    cleanup_passes, float16_passes, int8_fusion_passes, optimization_passes, quantization_passes, static_quantization_passes, PipelineOptions, Target,
+};
 use onnxopt::passes::quantize_dynamic::{calibrate_int8, ActivationScale, Int8Calibration, QuantizeDynamic};
 use onnxopt::passes::quantize_fp16::{ConvertToFloat16, Float16Scope};
-use onnxopt::passes::quantize_static::{activation_ranges, activations_to_calibrate, CalibrationMethod, QuantizeStatic, WeightType};
 use onnxopt::passes::quantize_gather_int4::QuantizeGatherInt4;
 use onnxopt::passes::quantize_int4::{activation_hessians, QuantizeInt4, Rounding};
+use onnxopt::passes::quantize_static::{activation_ranges, activations_to_calibrate, CalibrationMethod, QuantizeStatic, WeightType};
 use onnxopt::passes::{run_pipeline, DriverOptions, PassRecord};
 use onnxopt::sensitivity::{Int8Choice, Int8Search};
 use onnxopt::{inspect, ir::Model, onnx, verify};
@@ -49,14 +51,18 @@ enum Command {
     },
     /// Read a model and write it back unchanged (a lossless round trip), moving
     /// tensor data to or from an external file.
-    #[command(after_help = "Examples:\n  onnxopt convert model.onnx -o copy.onnx\n  onnxopt convert big.onnx -o big-external.onnx --external-data\n  onnxopt convert external.onnx -o inline.onnx --inline")]
+    #[command(
+        after_help = "Examples:\n  onnxopt convert model.onnx -o copy.onnx\n  onnxopt convert big.onnx -o big-external.onnx --external-data\n  onnxopt convert external.onnx -o inline.onnx --inline"
+    )]
     Convert {
         input: PathBuf,
         #[command(flatten)]
         output: OutputArgs,
     },
     /// Fuse and clean up a model for a target, check the result against the input, write it.
-    #[command(after_help = "Examples:\n  onnxopt optimize model.onnx -o model.ort.onnx --target ort --report report.json\n  onnxopt optimize model.onnx -o model.trt.onnx --target tensorrt\n  onnxopt optimize model.onnx -o model.std.onnx --target portable --opset 20   # standard Gelu\n  onnxopt optimize model.onnx -o out.onnx --stop-after 3     # bisect a bad rewrite\n  onnxopt optimize model.onnx -o out.onnx --trace-rule attention-sdpa --no-verify")]
+    #[command(
+        after_help = "Examples:\n  onnxopt optimize model.onnx -o model.ort.onnx --target ort --report report.json\n  onnxopt optimize model.onnx -o model.trt.onnx --target tensorrt\n  onnxopt optimize model.onnx -o model.std.onnx --target portable --opset 20   # standard Gelu\n  onnxopt optimize model.onnx -o out.onnx --stop-after 3     # bisect a bad rewrite\n  onnxopt optimize model.onnx -o out.onnx --trace-rule attention-sdpa --no-verify"
+    )]
     Optimize {
         input: PathBuf,
         #[command(flatten)]
@@ -99,7 +105,9 @@ enum Command {
         rtol: f32,
     },
     /// Quantize a model's constant-weight MatMuls to int8 or int4 (or its weights and compute to float16), check it against the input, write it.
-    #[command(after_help = "Examples:\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --activations per-token\n  onnxopt quantize model.onnx -o model.qdq.onnx --mode int8-static --target tensorrt --calib data.npz\n  onnxopt quantize model.onnx -o model.fp16.onnx --mode fp16   # float16 weights, float32 compute (ORT CPU)\n  onnxopt quantize model.onnx -o model.int4.onnx --mode int4-weight --block-size 32 --rounding gptq --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --target portable --exclude /pooler/dense/MatMul")]
+    #[command(
+        after_help = "Examples:\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --activations per-token\n  onnxopt quantize model.onnx -o model.qdq.onnx --mode int8-static --target tensorrt --calib data.npz\n  onnxopt quantize model.onnx -o model.fp16.onnx --mode fp16   # float16 weights, float32 compute (ORT CPU)\n  onnxopt quantize model.onnx -o model.int4.onnx --mode int4-weight --block-size 32 --rounding gptq --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --target portable --exclude /pooler/dense/MatMul"
+    )]
     Quantize {
         input: PathBuf,
         #[command(flatten)]
@@ -222,7 +230,9 @@ enum Command {
     /// Prune: zero weights of linear layers (unstructured or N:M), or remove
     /// attention heads and FFN neurons (structured) or whole layers; re-fit what
     /// is kept against the original on calibration data, check the result, write it.
-    #[command(after_help = "Examples:\n  onnxopt prune model.onnx -o small.onnx --method structured --keep-flops 0.7 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt prune model.onnx -o small.onnx --method layers --drop-layers 2 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt prune model.onnx -o sparse.onnx --method unstructured --sparsity 0.5 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt prune model.onnx -o 24.onnx --method nm --nm 2:4 --calib-text calib.txt --tokenizer tokenizer.json --report r.json\n  onnxopt prune model.onnx -o mag.onnx --method unstructured --sparsity 0.3,/encoder/layer.0/attention/self/query/MatMul=0.1")]
+    #[command(
+        after_help = "Examples:\n  onnxopt prune model.onnx -o small.onnx --method structured --keep-flops 0.7 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt prune model.onnx -o small.onnx --method layers --drop-layers 2 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt prune model.onnx -o sparse.onnx --method unstructured --sparsity 0.5 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt prune model.onnx -o 24.onnx --method nm --nm 2:4 --calib-text calib.txt --tokenizer tokenizer.json --report r.json\n  onnxopt prune model.onnx -o mag.onnx --method unstructured --sparsity 0.3,/encoder/layer.0/attention/self/query/MatMul=0.1"
+    )]
     Prune {
         input: PathBuf,
         #[command(flatten)]
@@ -285,7 +295,9 @@ enum Command {
     },
     /// Run a model on calibration data and print statistics of the tensors that
     /// quantization and pruning read (every MatMul/Gemm activation, or --tensors).
-    #[command(after_help = "Examples:\n  onnxopt calibrate model.onnx --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt calibrate model.onnx --calib batch.npz --tensors x,h --json")]
+    #[command(
+        after_help = "Examples:\n  onnxopt calibrate model.onnx --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt calibrate model.onnx --calib batch.npz --tensors x,h --json"
+    )]
     Calibrate {
         model: PathBuf,
         #[command(flatten)]
@@ -304,7 +316,9 @@ enum Command {
     /// Run two models on the same inputs (tract or ONNX Runtime) and compare every output
     /// (for tract, com.microsoft ops and standard ops it runs unfaithfully are lowered first;
     /// decoders with a KV cache run a prefill and two decode steps).
-    #[command(after_help = "Examples:\n  onnxopt verify model.onnx optimized.onnx\n  onnxopt verify a.onnx b.onnx --inputs batch.npz --atol 1e-3\n\nRandom inputs are seeded: token ids below the embedding table size, attention\nmasks of ones with the second half of the batch padded, floats N(0,1).")]
+    #[command(
+        after_help = "Examples:\n  onnxopt verify model.onnx optimized.onnx\n  onnxopt verify a.onnx b.onnx --inputs batch.npz --atol 1e-3\n\nRandom inputs are seeded: token ids below the embedding table size, attention\nmasks of ones with the second half of the batch padded, floats N(0,1)."
+    )]
     Verify {
         reference: PathBuf,
         candidate: PathBuf,
@@ -459,18 +473,19 @@ impl CalibrationArgs {
 
     /// The source when calibration data was given.
     fn optional_source(&self) -> Result<Option<onnxopt::calibrate::CalibrationSource>> {
-        if self.given() { self.source().map(Some) } else { Ok(None) }
+        if self.given() {
+            self.source().map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     fn source(&self) -> Result<onnxopt::calibrate::CalibrationSource> {
         use onnxopt::calibrate::CalibrationSource;
         match (&self.calib_text, &self.tokenizer, &self.calib) {
-            (Some(file), Some(tokenizer), _) => Ok(CalibrationSource::Text {
-                file: file.clone(),
-                tokenizer: tokenizer.clone(),
-                max_len: self.max_len,
-                batch: self.batch,
-            }),
+            (Some(file), Some(tokenizer), _) => {
+                Ok(CalibrationSource::Text { file: file.clone(), tokenizer: tokenizer.clone(), max_len: self.max_len, batch: self.batch })
+            }
             (_, _, Some(path)) => Ok(CalibrationSource::Npz { path: path.clone(), batch: self.batch }),
             _ => anyhow::bail!("calibration data needed: --calib-text FILE --tokenizer tokenizer.json, or --calib data.npz"),
         }
@@ -663,7 +678,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             ..
         } => {
             if accuracy_level.is_some() && target != Target::Ort {
-                return Err(Failure::BadInput(anyhow::anyhow!("--accuracy-level is MatMulNBits' (--target ort); --target {target} writes DequantizeLinear + MatMul")));
+                return Err(Failure::BadInput(anyhow::anyhow!(
+                    "--accuracy-level is MatMulNBits' (--target ort); --target {target} writes DequantizeLinear + MatMul"
+                )));
             }
             let accuracy_level = accuracy_level.unwrap_or(4);
             let min_cosine = min_cosine.unwrap_or(0.9);
@@ -702,7 +719,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             // embeddings last: type inference does not see through the contrib op
             // that replaces them, and quantize-int4 takes only float32 activations
-            let mut passes: Vec<Box<dyn onnxopt::passes::Pass>> = vec![Box::new(QuantizeInt4 { target, block_size, zero_point, rounding, exclude: exclude.clone(), accuracy_level })];
+            let mut passes: Vec<Box<dyn onnxopt::passes::Pass>> =
+                vec![Box::new(QuantizeInt4 { target, block_size, zero_point, rounding, exclude: exclude.clone(), accuracy_level })];
             if quantize_embeddings {
                 passes.push(Box::new(QuantizeGatherInt4 { target, block_size, zero_point, exclude }));
             }
@@ -743,7 +761,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 write_report(path, &json)?;
             }
             let bound = atol.map(|a| format!(", --atol {a}")).unwrap_or_default();
-            check_quantized(comparison.as_ref(), min_cosine, &bound, "--exclude the sensitive MatMuls, a smaller --block-size, --rounding gptq, or loosen the bound", quiet)?;
+            check_quantized(
+                comparison.as_ref(),
+                min_cosine,
+                &bound,
+                "--exclude the sensitive MatMuls, a smaller --block-size, --rounding gptq, or loosen the bound",
+                quiet,
+            )?;
             save(&quantized, &input, &output, quiet)?;
         }
         Command::Quantize {
@@ -768,8 +792,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             min_cosine,
             atol,
             rtol,
+            accuracy_level,
             ..
         } => {
+            if accuracy_level.is_some() {
+                return Err(Failure::BadInput(anyhow::anyhow!("--accuracy-level is for --mode int4-weight (MatMulNBits), not --mode {}", mode.name())));
+            }
             let (default_cosine, default_atol, default_rtol) = mode.tolerance();
             let (min_cosine, atol_bound, rtol) = (min_cosine.unwrap_or(default_cosine), atol.unwrap_or(default_atol), rtol.unwrap_or(default_rtol));
             let int8 = matches!(mode, QuantizeMode::Int8 | QuantizeMode::Int8Dynamic);
@@ -779,7 +807,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if mode == QuantizeMode::Int8Static && target == Target::Portable {
                 return Err(Failure::BadInput(anyhow::anyhow!("quantize --mode int8-static --target: ort or tensorrt")));
             }
-            let needs_calibration = |what: &str| anyhow::anyhow!("{what} needs calibration data: --calib-text FILE --tokenizer tokenizer.json, or --calib data.npz");
+            let needs_calibration =
+                |what: &str| anyhow::anyhow!("{what} needs calibration data: --calib-text FILE --tokenizer tokenizer.json, or --calib data.npz");
             let max_error = match (mode, max_error) {
                 (_, Some(e)) if !calibration.given() => return Err(Failure::BadInput(needs_calibration(&format!("--max-error {e}")))),
                 (QuantizeMode::Int8, None) if calibration.given() => Some(DEFAULT_INT8_MAX_ERROR),
@@ -791,7 +820,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     return Err(Failure::BadInput(needs_calibration("--rounding gptq")));
                 }
                 (Some(RoundingArg::Gptq), QuantizeMode::Int8 | QuantizeMode::Int8Dynamic) => true,
-                (Some(RoundingArg::Gptq), _) => return Err(Failure::BadInput(anyhow::anyhow!("--rounding gptq: for --mode int8, int8-dynamic or int4-weight"))),
+                (Some(RoundingArg::Gptq), _) => {
+                    return Err(Failure::BadInput(anyhow::anyhow!("--rounding gptq: for --mode int8, int8-dynamic or int4-weight")))
+                }
                 (None, QuantizeMode::Int8) => calibration.given(),
                 _ => false,
             };
@@ -810,7 +841,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             if mode == QuantizeMode::Int8 {
                 let _progress = Progress::start(quiet, format!("fusing for {target}"));
-                let records = run_pipeline(&mut original_or_smoothed, &int8_fusion_passes(target, max_opset), &DriverOptions::default()).map_err(anyhow::Error::from)?;
+                let records =
+                    run_pipeline(&mut original_or_smoothed, &int8_fusion_passes(target, max_opset), &DriverOptions::default()).map_err(anyhow::Error::from)?;
                 if !quiet {
                     print_records(&records);
                 }
@@ -871,7 +903,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 Some(budget) => {
                     let search = {
                         let _progress = Progress::start(quiet, format!("measuring each layer's error on {max_error_batches} calibration batches"));
-                        let problem = Int8Search { original: &original, to_quantize: &original_or_smoothed, budget, batches: max_error_batches, excluded_already: &exclude };
+                        let problem = Int8Search {
+                            original: &original,
+                            to_quantize: &original_or_smoothed,
+                            budget,
+                            batches: max_error_batches,
+                            excluded_already: &exclude,
+                        };
                         let quantize = |in_float: &HashSet<String>, per_tensor: &HashSet<String>| quantize_with(in_float, per_tensor).map(|(model, _)| model);
                         problem.run(&calibration.source()?, mode == QuantizeMode::Int8, &quantize).map_err(anyhow::Error::from)?
                     };
@@ -924,10 +962,37 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(Failure::Violations);
             }
         }
-        Command::Prune { input, output, method: method @ (PruneMethodArg::Structured | PruneMethodArg::Layers), keep_flops, drop_layers, no_reconstruct, report, data, .. } => {
+        Command::Prune {
+            input,
+            output,
+            method: method @ (PruneMethodArg::Structured | PruneMethodArg::Layers),
+            keep_flops,
+            drop_layers,
+            no_reconstruct,
+            report,
+            data,
+            ..
+        } => {
             prune_blocks(&input, &output, method, keep_flops, drop_layers, no_reconstruct, report.as_deref(), &data, quiet)?;
         }
-        Command::Prune { input, output, method, sparsity, nm, importance, reconstruct, no_reconstruct, damping, obs_rounds, data, report, no_verify, engine, min_cosine, .. } => {
+        Command::Prune {
+            input,
+            output,
+            method,
+            sparsity,
+            nm,
+            importance,
+            reconstruct,
+            no_reconstruct,
+            damping,
+            obs_rounds,
+            data,
+            report,
+            no_verify,
+            engine,
+            min_cosine,
+            ..
+        } => {
             use onnxopt::prune::{Importance, LayerSparsity, PruneMethod, PruneOptions};
             let bad = |e: String| Failure::BadInput(anyhow::anyhow!(e));
             let method = match method {
@@ -967,7 +1032,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     eprintln!("skipped {}: {}", s.node, s.why);
                 }
                 let r = &pruned.report;
-                eprintln!("{}; nonzero parameters {} -> {} of {}; {:.1} s, {} tract runs", r.removed.join("; "), r.nonzero_parameters_before, r.nonzero_parameters_after, r.parameters, r.seconds, r.calibration_runs);
+                eprintln!(
+                    "{}; nonzero parameters {} -> {} of {}; {:.1} s, {} tract runs",
+                    r.removed.join("; "),
+                    r.nonzero_parameters_before,
+                    r.nonzero_parameters_after,
+                    r.parameters,
+                    r.seconds,
+                    r.calibration_runs
+                );
             }
             if !no_verify {
                 let _progress = Progress::start(quiet, "checking the result in tract".into());
@@ -1021,7 +1094,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let targets: Vec<String> = rule
                     .emissions
                     .iter()
-                    .map(|e| match e.min_opset { Some(v) => format!("{}@{v}", e.target), None => e.target.clone() })
+                    .map(|e| match e.min_opset {
+                        Some(v) => format!("{}@{v}", e.target),
+                        None => e.target.clone(),
+                    })
                     .collect();
                 println!("{} ({}) [{}]", rule.name, rule.location, targets.join(", "));
                 for line in &rule.doc {
@@ -1080,7 +1156,13 @@ fn check_quantized(comparison: Option<&verify::Comparison>, min_cosine: f64, bou
 }
 
 /// `rewritten` against `original` in the options' engine (`None` with `--no-verify`).
-fn check_result(original: &Model, rewritten: &Model, options: &verify::VerifyOptions, no_verify: bool, quiet: bool) -> Result<Option<verify::Comparison>, Failure> {
+fn check_result(
+    original: &Model,
+    rewritten: &Model,
+    options: &verify::VerifyOptions,
+    no_verify: bool,
+    quiet: bool,
+) -> Result<Option<verify::Comparison>, Failure> {
     if no_verify {
         return Ok(None);
     }
@@ -1228,17 +1310,42 @@ fn prune_blocks(
             if !quiet {
                 for l in &r.layers {
                     let e = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
-                    eprintln!("layer {}: heads {}/{} {:?}, neurons {}/{}, attention error {} -> {}, ffn error {} -> {}", l.layer, l.heads_kept.len(), l.heads_before, l.heads_kept, l.neurons_kept, l.neurons_before, e(l.attention_error_before), e(l.attention_error_after), e(l.ffn_error_before), e(l.ffn_error_after));
+                    eprintln!(
+                        "layer {}: heads {}/{} {:?}, neurons {}/{}, attention error {} -> {}, ffn error {} -> {}",
+                        l.layer,
+                        l.heads_kept.len(),
+                        l.heads_before,
+                        l.heads_kept,
+                        l.neurons_kept,
+                        l.neurons_before,
+                        e(l.attention_error_before),
+                        e(l.attention_error_after),
+                        e(l.ffn_error_before),
+                        e(l.ffn_error_after)
+                    );
                 }
-                eprintln!("linear FLOPs/token {} -> {} ({:.3}), parameters {} -> {}, tract cosine (random tokens) {:.4}", r.flops_before, r.flops_after, r.flops_after as f64 / r.flops_before as f64, r.parameters_before, r.parameters_after, r.tract_min_cosine);
+                eprintln!(
+                    "linear FLOPs/token {} -> {} ({:.3}), parameters {} -> {}, tract cosine (random tokens) {:.4}",
+                    r.flops_before,
+                    r.flops_after,
+                    r.flops_after as f64 / r.flops_before as f64,
+                    r.parameters_before,
+                    r.parameters_after,
+                    r.tract_min_cosine
+                );
             }
             (pruned, serde_json::to_value(&r).context("encoding the report")?)
         }
         PruneMethodArg::Layers => {
-            let source = source.ok_or_else(|| anyhow::anyhow!("--method layers ranks blocks on calibration data: --calib-text FILE --tokenizer tokenizer.json, or --calib data.npz"))?;
+            let source = source.ok_or_else(|| {
+                anyhow::anyhow!("--method layers ranks blocks on calibration data: --calib-text FILE --tokenizer tokenizer.json, or --calib data.npz")
+            })?;
             let (pruned, r) = onnxopt::prune::layers::drop_layers(&original, drop_layers, &source).map_err(anyhow::Error::from)?;
             if !quiet {
-                eprintln!("cosine(input, output) per block: {:?}; dropped {:?}; linear FLOPs/token {} -> {}, parameters {} -> {}, tract cosine (random tokens) {:.4}", r.input_output_cosine, r.dropped, r.flops_before, r.flops_after, r.parameters_before, r.parameters_after, r.tract_min_cosine);
+                eprintln!(
+                    "cosine(input, output) per block: {:?}; dropped {:?}; linear FLOPs/token {} -> {}, parameters {} -> {}, tract cosine (random tokens) {:.4}",
+                    r.input_output_cosine, r.dropped, r.flops_before, r.flops_after, r.parameters_before, r.parameters_after, r.tract_min_cosine
+                );
             }
             (pruned, serde_json::to_value(&r).context("encoding the report")?)
         }

@@ -250,14 +250,20 @@ impl Int8Search<'_> {
     /// DynamicQuantizeMatMul) where it costs little, per token where it does
     /// not. Only if every layer per token is still over budget, the costliest
     /// layers stay in float.
-    pub fn run(&self, source: &crate::calibrate::CalibrationSource, choose_scales: bool, quantize: &QuantizeLayers<'_>) -> Result<Int8Choice, SensitivityError> {
+    pub fn run(
+        &self,
+        source: &crate::calibrate::CalibrationSource,
+        choose_scales: bool,
+        quantize: &QuantizeLayers<'_>,
+    ) -> Result<Int8Choice, SensitivityError> {
         use crate::passes::quantize_dynamic::{layers_by_activation, quantizable_layers};
         let inputs: Vec<_> = source.batches(self.original)?.take(self.batches.max(1)).collect::<Result<_, _>>()?;
         let measurement = Measurement::new(self.original, inputs)?;
         let layers: Vec<String> = quantizable_layers(self.to_quantize).into_iter().filter(|l| !self.excluded_already.contains(l)).collect();
         let failed = |e: PassError| SensitivityError::Quantize(e.to_string());
         let none = HashSet::new();
-        let mut choice = Int8Choice { in_float: HashSet::new(), per_tensor: HashSet::new(), candidates: layers.len(), activations: 0, activation_scales: None, float: None };
+        let mut choice =
+            Int8Choice { in_float: HashSet::new(), per_tensor: HashSet::new(), candidates: layers.len(), activations: 0, activation_scales: None, float: None };
         if choose_scales {
             // the search's units: the layers reading one activation (Q, K and V
             // share one quantization of it, so one scale), named "a + b + c"

@@ -110,8 +110,7 @@ fn npz_source_cuts_batches_along_the_first_axis() {
     let npz = dir.path().join("x.npz");
     write_npz(&npz, ndarray::Array2::from_shape_fn((5, 3), |(r, c)| (r * 3 + c) as f32));
     let model = tiny_model();
-    let batches: Vec<Vec<NamedInput>> =
-        CalibrationSource::Npz { path: npz.clone(), batch: 2 }.batches(&model).unwrap().map(Result::unwrap).collect();
+    let batches: Vec<Vec<NamedInput>> = CalibrationSource::Npz { path: npz.clone(), batch: 2 }.batches(&model).unwrap().map(Result::unwrap).collect();
     let rows: Vec<Vec<usize>> = batches.iter().map(|b| b[0].value.shape().to_vec()).collect();
     assert_eq!(rows, vec![vec![2, 3], vec![2, 3], vec![1, 3]]);
     assert_eq!(values::<f32>(&batches[2][0].value), vec![12.0, 13.0, 14.0]);
@@ -154,8 +153,8 @@ const PYTHON_IDS: [&[i64]; 3] = [
     &[101, 1996, 2709, 3643, 2442, 2022, 1037, 5164, 4874, 1012, 102],
     &[101, 3602, 2008, 1996, 8651, 2013, 3853, 4874, 2000, 6013, 4118, 4874, 6433, 2169, 2051, 1996, 17961, 2003, 5140, 2013, 1996, 6013, 1012, 102],
     &[
-        101, 7161, 2000, 23325, 2019, 10047, 28120, 3085, 5537, 2008, 3397, 4895, 14949, 25459, 2571, 5300, 2097, 2765, 1999, 1000,
-        2828, 2121, 29165, 1000, 1012, 102,
+        101, 7161, 2000, 23325, 2019, 10047, 28120, 3085, 5537, 2008, 3397, 4895, 14949, 25459, 2571, 5300, 2097, 2765, 1999, 1000, 2828, 2121, 29165, 1000,
+        1012, 102,
     ],
 ];
 
@@ -196,12 +195,8 @@ fn minilm_attention_outputs_have_sane_statistics() {
     let (Some(tokenizer), Some(path)) = (shared_model("tokenizer.json"), shared_model("model.ts.onnx")) else { return };
     let model = onnx::load(&path).unwrap();
     // the input of each layer's attention output projection: the attention result
-    let taps: Vec<String> = model
-        .graph
-        .nodes()
-        .filter(|n| n.op_type == "MatMul" && n.name.ends_with("attention/output/dense/MatMul"))
-        .map(|n| n.inputs[0].clone())
-        .collect();
+    let taps: Vec<String> =
+        model.graph.nodes().filter(|n| n.op_type == "MatMul" && n.name.ends_with("attention/output/dense/MatMul")).map(|n| n.inputs[0].clone()).collect();
     assert_eq!(taps.len(), 6, "{taps:?}");
     let taps: Vec<&str> = taps.iter().map(String::as_str).collect();
     // 16 sentences in 2 batches keep the test quick

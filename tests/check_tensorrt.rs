@@ -4,10 +4,10 @@
 
 mod common;
 
+use bytes::Bytes;
 use common::*;
 use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model, Node, Tensor};
 use onnxopt::lint::tensorrt::check;
-use bytes::Bytes;
 
 fn scalar_f32(name: &str, v: f32) -> Tensor {
     Tensor::from_raw(name, DataType::Float, vec![], Bytes::from(v.to_le_bytes().to_vec()))
@@ -171,8 +171,19 @@ fn quantize_static_output_is_clean_for_tensorrt_only() {
     for (target, clean) in [("tensorrt", true), ("ort", false)] {
         let out = dir.path().join(format!("bert.{target}.onnx"));
         let args = [
-            "--quiet", "quantize", bert.to_str().unwrap(), "-o", out.to_str().unwrap(), "--mode", "int8-static",
-            "--target", target, "--calib", npz.to_str().unwrap(), "--min-cosine", "0.9",
+            "--quiet",
+            "quantize",
+            bert.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--mode",
+            "int8-static",
+            "--target",
+            target,
+            "--calib",
+            npz.to_str().unwrap(),
+            "--min-cosine",
+            "0.9",
         ];
         let o = run(&args);
         assert!(o.status.success(), "{target}: {}", stderr(&o));

@@ -167,7 +167,8 @@ fn concat_of_an_empty_slice() {
     let graph = |start: i64| {
         let mut b = GraphBuilder::new("g");
         let x = b.input("x", DataType::Float, &[2, 3, 4]);
-        let (starts, ends, axes) = (b.initializer_i64("starts", &[1], &[start]), b.initializer_i64("ends", &[1], &[i64::MAX]), b.initializer_i64("axes", &[1], &[-1]));
+        let (starts, ends, axes) =
+            (b.initializer_i64("starts", &[1], &[start]), b.initializer_i64("ends", &[1], &[i64::MAX]), b.initializer_i64("axes", &[1], &[-1]));
         let rest = b.node("Slice", &[&x, &starts, &ends, &axes]);
         let relu = b.node("Relu", &[&x]);
         let joined = b.node_with("Concat", &[&relu, &rest], vec![("axis", AttrValue::Int(-1))]);
@@ -407,8 +408,7 @@ fn clean_and_compare(path: &Path) {
     let options = VerifyOptions { atol: 1e-4, rtol: 0.0, ..VerifyOptions::default() };
     let r = rewrite_and_compare(&model, &cleanup_passes(), &options);
     let name = path.file_name().unwrap().to_string_lossy();
-    let steps: Vec<String> =
-        r.records.iter().map(|p| format!("{} {}->{}", p.pass, p.nodes_before, p.nodes_after)).collect();
+    let steps: Vec<String> = r.records.iter().map(|p| format!("{} {}->{}", p.pass, p.nodes_before, p.nodes_after)).collect();
     eprintln!(
         "{name}: {} -> {} nodes, {} -> {} initializers, max abs diff {:.1e} ({})",
         model.graph.node_count(),
@@ -428,11 +428,7 @@ fn clean_and_compare(path: &Path) {
 
 #[test]
 fn cleanup_on_fixtures() {
-    let mut files: Vec<_> = std::fs::read_dir(fixture(""))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
-        .collect();
+    let mut files: Vec<_> = std::fs::read_dir(fixture("")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "onnx")).collect();
     files.sort();
     assert!(!files.is_empty());
     for path in files {

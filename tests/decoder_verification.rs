@@ -88,7 +88,9 @@ fn optimize_verifies_decoders() {
         assert_eq!(outputs.len(), 15, "{file}");
         assert!(outputs.iter().all(|o| o["within_tolerance"] == true && o["max_abs"].as_f64().unwrap() < 1e-4), "{file}: {outputs:?}");
         let (before, after) = (onnx::load(&fixture(file)).unwrap(), onnx::load(&out).unwrap());
-        let names = |m: &onnxopt::ir::Model| (m.graph.inputs.iter().map(|i| i.name.clone()).collect::<Vec<_>>(), m.graph.outputs.iter().map(|o| o.name.clone()).collect::<Vec<_>>());
+        let names = |m: &onnxopt::ir::Model| {
+            (m.graph.inputs.iter().map(|i| i.name.clone()).collect::<Vec<_>>(), m.graph.outputs.iter().map(|o| o.name.clone()).collect::<Vec<_>>())
+        };
         assert_eq!(names(&before), names(&after), "{file}");
     }
 }
@@ -125,7 +127,8 @@ fn a_mask_with_a_symbol_of_its_own_covers_the_past() {
     b.add(onnxopt::ir::Node::new("Identity", &[&past], &["present.0.key"]));
     b.output("present.0.key", DataType::Float, &[-1, 2, -1, 4]);
     let model = b.into_model(17);
-    let reference = verify::Reference::run(&model, Engine::Tract, &VerifyOptions { sizes: verify::DimSizes { batch: 2, sequence: 6 }, ..Default::default() }).unwrap();
+    let reference =
+        verify::Reference::run(&model, Engine::Tract, &VerifyOptions { sizes: verify::DimSizes { batch: 2, sequence: 6 }, ..Default::default() }).unwrap();
     let masks: Vec<usize> = reference.steps.iter().map(|s| shape(s, "attention_mask")[1]).collect();
     assert_eq!(masks, vec![6, 7, 8]);
     assert_eq!(shape(&reference.steps[0], "past_key_values.0.key"), vec![2, 2, 0, 4]);

@@ -215,19 +215,12 @@ fn rotary(layout_4d: bool) -> Model {
     let mut b = GraphBuilder::new("rotary");
     let (x_shape, rotary_dim): (&[i64], i64) = if layout_4d { (&[B, 2, 5, 8], 4) } else { (&[B, 5, 16], 8) };
     let x = b.input("x", DataType::Float, x_shape);
-    let positions = if layout_4d {
-        b.input("position_ids", DataType::Int64, &[1])
-    } else {
-        b.input("position_ids", DataType::Int64, &[B, 5])
-    };
+    let positions = if layout_4d { b.input("position_ids", DataType::Int64, &[1]) } else { b.input("position_ids", DataType::Int64, &[B, 5]) };
     let half = (rotary_dim / 2) as usize;
     let cos = weight(&mut b, "cos_cache", &[16, half], 14);
     let sin = weight(&mut b, "sin_cache", &[16, half], 15);
-    let attrs = if layout_4d {
-        vec![("interleaved", int(1)), ("rotary_embedding_dim", int(rotary_dim)), ("num_heads", int(2))]
-    } else {
-        vec![("num_heads", int(2))]
-    };
+    let attrs =
+        if layout_4d { vec![("interleaved", int(1)), ("rotary_embedding_dim", int(rotary_dim)), ("num_heads", int(2))] } else { vec![("num_heads", int(2))] };
     b.add(contrib("RotaryEmbedding", &[&x, &positions, &cos, &sin], &["y"], attrs));
     b.output("y", DataType::Float, x_shape);
     with_contrib_import(b, 17)
@@ -414,8 +407,7 @@ fn tract_inputs(model: &Model) -> Vec<NamedInput> {
 fn every_case_lowers_to_standard_ops_that_tract_runs() {
     for Case { name, model } in cases() {
         let lowered = lower(&model).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let foreign: Vec<String> =
-            lowered.graph.nodes().filter(|n| !n.domain.is_empty()).map(|n| n.qualified_op()).collect();
+        let foreign: Vec<String> = lowered.graph.nodes().filter(|n| !n.domain.is_empty()).map(|n| n.qualified_op()).collect();
         assert!(foreign.is_empty(), "{name}: left {foreign:?}");
         assert!(
             lowered.graph.nodes().all(|n| n.op_type != "SimplifiedLayerNormalization"),

@@ -152,11 +152,23 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "attention_float_mask_empty_row",
-            model: attention("attention_float_mask_empty_row", &[qkv4[0], qkv4[1], qkv4[2], ("float_mask", &[])], y4, vec![], vec![float_mask_with_empty_row()]),
+            model: attention(
+                "attention_float_mask_empty_row",
+                &[qkv4[0], qkv4[1], qkv4[2], ("float_mask", &[])],
+                y4,
+                vec![],
+                vec![float_mask_with_empty_row()],
+            ),
         },
         Case {
             name: "attention_bool_mask_empty_row",
-            model: attention("attention_bool_mask_empty_row", &[qkv4[0], qkv4[1], qkv4[2], ("const_bool_mask", &[])], y4, vec![], vec![bool_mask_with_empty_row()]),
+            model: attention(
+                "attention_bool_mask_empty_row",
+                &[qkv4[0], qkv4[1], qkv4[2], ("const_bool_mask", &[])],
+                y4,
+                vec![],
+                vec![bool_mask_with_empty_row()],
+            ),
         },
         Case { name: "rms_norm_axis1", model: rms_norm("rms_norm_axis1", DataType::Float, 1, None) },
         // tract computes these in float32 whatever stash_type says
@@ -180,7 +192,8 @@ fn lower(model: &Model) -> Result<Model, String> {
 fn every_case_lowers_to_ops_that_tract_runs() {
     for Case { name, model } in cases() {
         let lowered = lower(&model).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let left: Vec<&str> = lowered.graph.nodes().filter(|n| matches!(n.op_type.as_str(), "Attention" | "RMSNormalization")).map(|n| n.op_type.as_str()).collect();
+        let left: Vec<&str> =
+            lowered.graph.nodes().filter(|n| matches!(n.op_type.as_str(), "Attention" | "RMSNormalization")).map(|n| n.op_type.as_str()).collect();
         assert!(left.is_empty(), "{name}: left {left:?}");
         lowered.graph.validate(&HashSet::new()).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(lowered.graph.inputs, model.graph.inputs, "{name}: the interface changed");

@@ -135,10 +135,8 @@ fn the_opset_table_matches_the_onnx_schemas() {
         Change::SplitNumOutputs => "SplitNumOutputs",
         Change::Introduced => "Introduced",
     };
-    let ops: serde_json::Map<String, serde_json::Value> = OP_HISTORY
-        .iter()
-        .map(|(op, changes)| (op.to_string(), changes.iter().map(|(v, c)| serde_json::json!([v, kind(c)])).collect()))
-        .collect();
+    let ops: serde_json::Map<String, serde_json::Value> =
+        OP_HISTORY.iter().map(|(op, changes)| (op.to_string(), changes.iter().map(|(v, c)| serde_json::json!([v, kind(c)])).collect())).collect();
     let table = serde_json::json!({ "from": MIN_SOURCE_OPSET, "to": MAX_OPSET, "ops": ops });
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("table.json");
@@ -186,9 +184,7 @@ fn portable_gelu_needs_opset_20() {
 fn portable_attention_needs_opset_23() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.onnx");
-    for (file, opset, attentions) in
-        [("bert.ts.onnx", "23", 2), ("bert.dynamo.onnx", "23", 2), ("vit.dynamo.onnx", "23", 2), ("bert.dynamo.onnx", "20", 0)]
-    {
+    for (file, opset, attentions) in [("bert.ts.onnx", "23", 2), ("bert.dynamo.onnx", "23", 2), ("vit.dynamo.onnx", "23", 2), ("bert.dynamo.onnx", "20", 0)] {
         let o = optimize(&fixture(file), &out, &["--target", "portable", "--opset", opset]);
         assert!(o.status.success(), "{file} {opset}: {}", stderr(&o));
         let model = onnx::load(&out).unwrap();

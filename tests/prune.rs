@@ -184,7 +184,7 @@ fn refit_equals_the_exact_least_squares_solution() {
     let xs: Vec<f32> = xt.iter().map(|v| v + 0.3 * rng.normal()).collect();
     let weight = LinearWeight { values: random(&mut rng, k * n), k, n };
     let keep = vec![true, false, false, true, true, true, false, false]; // column 0 keeps k 0, 2; column 1 keeps 1, 2
-    // two batches of 20 rows: the sums accumulate
+                                                                         // two batches of 20 rows: the sums accumulate
     let tensor = |v: &[f32]| Array2::from_shape_vec((v.len() / k, k), v.to_vec()).unwrap().into_tensor();
     let mut sums = PairedGram::new("x");
     for half in [0..20 * k, 20 * k..40 * k] {
@@ -480,7 +480,22 @@ fn minilm_wanda_with_reconstruction() {
     std::fs::write(&calib, text.lines().take(16).collect::<Vec<_>>().join("\n")).unwrap();
     let out = dir.path().join("pruned.onnx");
     let report = dir.path().join("report.json");
-    let args = ["--method", "unstructured", "--sparsity", "0.5", "--importance", "wanda", "--calib-text", calib.to_str().unwrap(), "--tokenizer", tokenizer.to_str().unwrap(), "--batch", "16", "--report", report.to_str().unwrap()];
+    let args = [
+        "--method",
+        "unstructured",
+        "--sparsity",
+        "0.5",
+        "--importance",
+        "wanda",
+        "--calib-text",
+        calib.to_str().unwrap(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--batch",
+        "16",
+        "--report",
+        report.to_str().unwrap(),
+    ];
     let o = prune_cli(&model, &out, &args);
     assert!(o.status.success(), "{}", stderr(&o));
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
@@ -511,10 +526,10 @@ fn obs_factor_predicts_the_cost_of_removing_one_weight() {
     sums.observe(&tensor, &tensor, None).unwrap();
     let factors = obs_factors(sums.student.as_ref(), 0.0).unwrap();
     let output_energy: f64 = (0..rows).map(|r| (0..k).map(|j| x[r * k + j] as f64 * weight.at(j, 0) as f64).sum::<f64>().powi(2)).sum();
-    for removed in 0..k {
+    for (removed, factor) in factors.iter().enumerate().take(k) {
         let keep: Vec<bool> = (0..k).map(|j| j != removed).collect();
         let cost = refit(&weight, &keep, false, sums.sums(), 0.0).unwrap().error_after * output_energy;
-        let predicted = (weight.at(removed, 0).abs() as f64 * factors[removed]).powi(2);
+        let predicted = (weight.at(removed, 0).abs() as f64 * factor).powi(2);
         // up to the 1e-6 relative damping obs_factors always adds
         assert!((cost - predicted).abs() <= 1e-4 * predicted + 1e-9, "k {removed}: cost {cost:.6e}, predicted {predicted:.6e}");
     }

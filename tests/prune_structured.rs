@@ -8,13 +8,13 @@ mod common;
 use common::*;
 use onnxopt::calibrate::CalibrationSource;
 use onnxopt::ir::{Model, Node};
+use onnxopt::onnx;
 use onnxopt::passes::pipeline::{optimization_passes, PipelineOptions, Target};
 use onnxopt::passes::{run_pipeline, DriverOptions};
 use onnxopt::prune::blocks::{find_blocks, BlockError};
 use onnxopt::prune::layers::drop_layers;
 use onnxopt::prune::structured::prune_structured;
 use onnxopt::prune::PruneError;
-use onnxopt::onnx;
 use std::path::Path;
 
 fn load(path: &Path) -> Model {

@@ -23,7 +23,13 @@ fn quantize_with(model: &Model, target: Target, exclude: &[&str], activations: A
 }
 
 /// `gelu_zero_points`: the one-sided grids' zero points, by activation.
-fn quantize_gelu_one_sided(model: &Model, target: Target, exclude: &[&str], activations: ActivationScale, gelu_zero_points: &[(&str, u8)]) -> (Model, PassRecord) {
+fn quantize_gelu_one_sided(
+    model: &Model,
+    target: Target,
+    exclude: &[&str],
+    activations: ActivationScale,
+    gelu_zero_points: &[(&str, u8)],
+) -> (Model, PassRecord) {
     let exclude = exclude.iter().map(|s| s.to_string()).collect();
     let gelu_zero_points = std::sync::Arc::new(gelu_zero_points.iter().map(|(a, z)| (a.to_string(), *z)).collect());
     let quantize = QuantizeDynamic { target, exclude, activations, per_tensor_layers: Default::default(), rounded: Default::default(), gelu_zero_points };
@@ -363,7 +369,6 @@ fn tensorrt_is_refused() {
     let o = quantize_cli(&fixture("bert.ts.onnx"), &dir.path().join("out.onnx"), &["--target", "tensorrt"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
-
 
 #[test]
 fn an_unknown_exclusion_is_a_usage_error() {

@@ -295,9 +295,7 @@ fn a_float_tensor_read_inside_a_subgraph_is_an_error() {
     other.add_node(Node::new("Identity", &[&x], &["e"]));
     other.outputs.push(ValueInfo::tensor("e", DataType::Float, vec![Dim::Fixed(2)]));
     b.add(
-        Node::new("If", &[&c], &["y"])
-            .with_attr("then_branch", AttrValue::Graph(Box::new(then)))
-            .with_attr("else_branch", AttrValue::Graph(Box::new(other))),
+        Node::new("If", &[&c], &["y"]).with_attr("then_branch", AttrValue::Graph(Box::new(then))).with_attr("else_branch", AttrValue::Graph(Box::new(other))),
     );
     b.output("y", DataType::Float, &[2]);
     let model = b.into_model(17);

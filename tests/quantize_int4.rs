@@ -224,7 +224,8 @@ fn cli_quantizes_the_tiny_bert_for_both_targets_and_onnxruntime_runs_them() {
     for (target, op) in [("ort", "com.microsoft.MatMulNBits"), ("portable", "DequantizeLinear")] {
         let out = dir.path().join(format!("bert.{target}.onnx"));
         let report = dir.path().join(format!("{target}.json"));
-        let o = quantize_cli(&fixture("bert.ts.onnx"), &out, &["--target", target, "--zero-point", "--quantize-embeddings", "--report", report.to_str().unwrap()]);
+        let o =
+            quantize_cli(&fixture("bert.ts.onnx"), &out, &["--target", target, "--zero-point", "--quantize-embeddings", "--report", report.to_str().unwrap()]);
         assert!(o.status.success(), "{}", stderr(&o));
         let model = onnx::load(&out).unwrap();
         // the word, position and token-type tables: GatherBlockQuantized, or a DequantizeLinear each
@@ -264,6 +265,13 @@ fn cli_refuses_bad_block_sizes_and_gptq_without_data() {
     let o = quantize_cli(&fixture("bert.ts.onnx"), &out, &["--target", "portable", "--max-opset", "20"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("--max-opset 20") && stderr(&o).contains("opset 21"), "{}", stderr(&o));
+    // accuracy_level is MatMulNBits': not for the portable form, nor another mode
+    let o = quantize_cli(&fixture("bert.ts.onnx"), &out, &["--target", "portable", "--accuracy-level", "4"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--accuracy-level"), "{}", stderr(&o));
+    let o = run_command("quantize", &fixture("bert.ts.onnx"), &out, &["--mode", "int8-dynamic", "--accuracy-level", "4"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--accuracy-level is for --mode int4-weight"), "{}", stderr(&o));
     assert!(files_in(dir.path()).is_empty());
 }
 
@@ -326,6 +334,7 @@ fn embedding_quantization_leaves_other_gathers_alone() {
         assert_eq!(ops(&quantized), ["Gather"], "{case}");
     }
     // rows narrower than a block
-    let quantized = rewrite(&embedding(0, false), &[Box::new(QuantizeGatherInt4 { target: Target::Ort, block_size: 128, zero_point: false, exclude: HashSet::new() })]);
+    let quantized =
+        rewrite(&embedding(0, false), &[Box::new(QuantizeGatherInt4 { target: Target::Ort, block_size: 128, zero_point: false, exclude: HashSet::new() })]);
     assert_eq!(ops(&quantized), ["Gather"]);
 }

@@ -164,7 +164,15 @@ fn entropy_threshold_on_known_histograms() {
     assert!(t > 0.95 && t <= 1.001, "flat: {t}");
 
     // N(0, 1) to |x| = 5, plus 20 values near 40 (a 1e-6 tail)
-    let normal = histogram(-40.0, 80.0, |x| if x.abs() < 5.0 { 2e7 * (-x * x / 2.0).exp() * 80.0 / 2048.0 } else if x.abs() > 39.9 { 10.0 } else { 0.0 });
+    let normal = histogram(-40.0, 80.0, |x| {
+        if x.abs() < 5.0 {
+            2e7 * (-x * x / 2.0).exp() * 80.0 / 2048.0
+        } else if x.abs() > 39.9 {
+            10.0
+        } else {
+            0.0
+        }
+    });
     let t = entropy_threshold(&normal).unwrap();
     assert!(t > 2.5 && t < 8.0, "normal with outliers: {t}");
 
@@ -227,8 +235,18 @@ fn minilm_end_to_end() {
         let out = dir.path().join(format!("minilm.{target}.onnx"));
         let report = dir.path().join(format!("{target}.json"));
         let extra = [
-            "--target", target, "--calibration-method", method, "--calib-text", calib.to_str().unwrap(),
-            "--tokenizer", tokenizer.to_str().unwrap(), "--min-cosine", "0.94", "--report", report.to_str().unwrap(),
+            "--target",
+            target,
+            "--calibration-method",
+            method,
+            "--calib-text",
+            calib.to_str().unwrap(),
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+            "--min-cosine",
+            "0.94",
+            "--report",
+            report.to_str().unwrap(),
         ];
         let o = quantize_cli(&model, &out, &extra);
         assert!(o.status.success(), "{target}: {}", stderr(&o));

@@ -90,12 +90,7 @@ fn onnx_backend_node_tests_round_trip() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/backend_roundtrip.py");
     let mut extra: Vec<PathBuf> = committed_fixtures();
     extra.extend(["model.ts.onnx", "model.dynamo.onnx"].iter().filter_map(|f| shared_model(f)));
-    let out = Command::new(python)
-        .arg(script)
-        .arg(env!("CARGO_BIN_EXE_onnxopt"))
-        .args(&extra)
-        .output()
-        .expect("python runs");
+    let out = Command::new(python).arg(script).arg(env!("CARGO_BIN_EXE_onnxopt")).args(&extra).output().expect("python runs");
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}");
     assert!(out.status.success(), "round trip failures:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));

@@ -4,9 +4,9 @@
 
 mod common;
 
+use common::fusion::{assert_silent, fired, fuse};
 use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model};
 use onnxopt::passes::check::Rewritten;
-use common::fusion::{assert_silent, fired, fuse};
 
 /// Asserts the rule fired once, the numbers agree, and snapshots the rewrite.
 fn assert_fires(model: &Model, target: &str, rule: &str) -> Rewritten {
@@ -304,7 +304,6 @@ fn rules_list_their_math() {
     assert!(text.contains("attention-sdpa (passes/attention.rules:"), "{text}");
     assert!(text.contains("# x * (1 + erf(x / sqrt2)) * 0.5 -> Gelu(x)"), "{text}");
 }
-
 
 /// LayerNorm as exported below opset 17: (x - mean) / sqrt(var + eps) * gamma + beta,
 /// the means over `axis` (the attribute form of ReduceMean's axes).

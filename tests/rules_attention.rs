@@ -8,10 +8,10 @@
 mod common;
 
 use common::fixture;
+use common::fusion::{count, fired, fuse};
 use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model, Node};
 use onnxopt::onnx;
 use onnxopt::passes::check::{rewrite_and_compare, Rewritten};
-use common::fusion::{count, fired, fuse};
 use onnxopt::passes::pipeline::{optimization_passes, Target};
 use onnxopt::verify::VerifyOptions;
 
@@ -307,11 +307,7 @@ fn merge_heads_before_flatten() {
 /// fused by the expected rule, no Softmax left, and tract agrees.
 #[test]
 fn fixtures_fuse_every_attention_block() {
-    let cases = [
-        ("gpt2.dynamo.onnx", "attention-packed-qkv"),
-        ("bert-eager.ts.onnx", "attention-eager"),
-        ("vit.ts.onnx", "attention-sdpa"),
-    ];
+    let cases = [("gpt2.dynamo.onnx", "attention-packed-qkv"), ("bert-eager.ts.onnx", "attention-eager"), ("vit.ts.onnx", "attention-sdpa")];
     for (file, rule) in cases {
         let model = onnx::load(&fixture(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         let passes = optimization_passes(Target::Ort, &Default::default());

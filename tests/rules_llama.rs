@@ -5,9 +5,9 @@
 
 mod common;
 
+use common::fusion::{assert_silent, count, fired, fuse};
 use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model, Tensor};
 use onnxopt::passes::check::{rewrite_and_compare, Rewritten};
-use common::fusion::{assert_silent, count, fired, fuse};
 use onnxopt::passes::pipeline::{optimization_passes, Target};
 use onnxopt::verify::VerifyOptions;
 
@@ -447,17 +447,16 @@ fn llama_kv_cache_pipeline() {
     let r = rewrite_and_compare(&model, &passes, &VerifyOptions::default());
     assert!(r.comparison.passed(), "{:?}", r.comparison);
     assert!(r.comparison.outputs.iter().any(|o| o.name.contains("decode 2")), "{:?}", r.comparison);
-    let counts: Vec<(&str, usize)> = ["GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization", "Softmax"]
-        .into_iter()
-        .map(|op| (op, count(&r.model, op)))
-        .collect();
+    let counts: Vec<(&str, usize)> =
+        ["GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization", "Softmax"].into_iter().map(|op| (op, count(&r.model, op))).collect();
     assert_eq!(counts, [("GroupQueryAttention", 2), ("RotaryEmbedding", 4), ("SkipSimplifiedLayerNormalization", 4), ("Softmax", 0)], "{}", r.model);
     // the K/V head repeat is gone: nothing reads the presents but the outputs
     for present in ["present.0.key", "present.0.value", "present.1.key", "present.1.value"] {
         assert!(r.model.graph.uses(present).is_empty(), "{present} is still read");
     }
     // a drop-in file: the export's inputs and outputs, names and order
-    let names = |m: &Model| (m.graph.inputs.iter().map(|i| i.name.clone()).collect::<Vec<_>>(), m.graph.outputs.iter().map(|o| o.name.clone()).collect::<Vec<_>>());
+    let names =
+        |m: &Model| (m.graph.inputs.iter().map(|i| i.name.clone()).collect::<Vec<_>>(), m.graph.outputs.iter().map(|o| o.name.clone()).collect::<Vec<_>>());
     assert_eq!(names(&r.model), names(&model));
 }
 

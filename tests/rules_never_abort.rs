@@ -22,7 +22,8 @@ fn every_rule_over_every_fixture() {
         for target in [Target::Ort, Target::Portable, Target::TensorRt] {
             let mut optimized = model.clone();
             let driver = DriverOptions { validate: true, ..DriverOptions::default() };
-            run_pipeline(&mut optimized, &optimization_passes(target, &PipelineOptions::default()), &driver).unwrap_or_else(|e| panic!("{name} for {target}: {e}"));
+            run_pipeline(&mut optimized, &optimization_passes(target, &PipelineOptions::default()), &driver)
+                .unwrap_or_else(|e| panic!("{name} for {target}: {e}"));
             let comparison = verify_rewrite(&model, &optimized, &VerifyOptions::default()).unwrap_or_else(|e| panic!("{name} for {target}: {e}"));
             assert!(comparison.passed(), "{name} for {target}: {comparison:?}");
         }

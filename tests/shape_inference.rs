@@ -75,10 +75,7 @@ fn check_minilm(file: &str) -> Result<()> {
         let dims = types.shape(out).with_context(|| format!("{file}: rank of {out}"))?;
         let count = |d: i64| dims.iter().filter(|x| **x == Dim::Fixed(d)).count();
         assert!(
-            dims.len() == 4
-                && count(HEADS) == 1
-                && count(HEAD_SIZE) == 1
-                && dims.iter().filter(|d| is_symbol(d)).count() == 2,
+            dims.len() == 4 && count(HEADS) == 1 && count(HEAD_SIZE) == 1 && dims.iter().filter(|d| is_symbol(d)).count() == 2,
             "{file}: Reshape {out} should split 12 heads of 32 over two symbolic dims, got {dims:?}"
         );
         head_splits += 1;
@@ -111,9 +108,7 @@ fn value_info_disagreements(model: &Model, types: &TypeMap, strict: bool) -> (us
         Dim::Symbol(s) => s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !s.starts_with("unk__"),
         Dim::Unknown => false,
     };
-    let agree = |declared: &Dim, inferred: &Dim| {
-        !plain(declared) || declared == inferred || (!strict && *inferred == Dim::Unknown)
-    };
+    let agree = |declared: &Dim, inferred: &Dim| !plain(declared) || declared == inferred || (!strict && *inferred == Dim::Unknown);
     let (mut compared, mut disagreements) = (0, Vec::new());
     for info in &model.graph.value_info {
         let (Some(declared), Some(inferred)) = (info.tensor_type(), types.get(&info.name)) else {
@@ -155,10 +150,7 @@ fn fixtures_are_typed_and_agree_with_value_info() -> Result<()> {
         eprintln!("skipping: {} not present", folder.display());
         return Ok(());
     };
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
-        .collect();
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "onnx")).collect();
     paths.sort();
     for path in paths {
         let model = load(&path)?;
@@ -174,11 +166,7 @@ fn fixtures_are_typed_and_agree_with_value_info() -> Result<()> {
             .filter(|n| n.outputs.iter().any(|o| types.shape(o).is_some_and(|s| s.contains(&Dim::Unknown))))
             .map(|n| n.qualified_op())
             .collect();
-        eprintln!(
-            "{}: {} nodes; unknown rank: {unranked:?}; some dim unknown: {with_unknown_dims:?}",
-            path.display(),
-            model.graph.node_count()
-        );
+        eprintln!("{}: {} nodes; unknown rank: {unranked:?}; some dim unknown: {with_unknown_dims:?}", path.display(), model.graph.node_count());
     }
     Ok(())
 }

@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use onnxopt::ir::{DataType, Graph, GraphBuilder, Node, Tensor, TensorData};
-use onnxopt::verify::{self, VerifyError, VerifyOptions};
 use onnxopt::onnx;
+use onnxopt::verify::{self, VerifyError, VerifyOptions};
 
 fn perturb_weight(model: &mut onnxopt::ir::Model, name: &str, delta: f32) {
     let g: &mut Graph = &mut model.graph;
@@ -89,11 +89,7 @@ fn tract_failures_are_errors_not_crashes() {
     let x = b.input("x", DataType::Float, &[1, 4, 8]);
     let w = b.initializer_f32("w", &[8, 24], &[0.01; 192]);
     let bias = b.initializer_f32("bias", &[24], &[0.0; 24]);
-    b.add(
-        Node::new("Attention", &[&x, &w, &bias], &["y"])
-            .with_domain("com.microsoft")
-            .with_attr("num_heads", onnxopt::ir::AttrValue::Int(2)),
-    );
+    b.add(Node::new("Attention", &[&x, &w, &bias], &["y"]).with_domain("com.microsoft").with_attr("num_heads", onnxopt::ir::AttrValue::Int(2)));
     b.output("y", DataType::Float, &[1, 4, 8]);
     let mut model = b.into_model(17);
     model.opset_imports.push(onnxopt::ir::OpsetImport { domain: "com.microsoft".into(), version: 1, extras: Default::default() });
@@ -133,10 +129,13 @@ fn shared_exports_agree() {
     values.index_axis_mut(ndarray::Axis(0), 101).fill(3.0);
     let name = t.name.clone();
     *t = Tensor::from_f32(name, &values);
-    let options = VerifyOptions { inputs: Some(vec![
-        verify::NamedInput { name: "input_ids".into(), value: ndarray::arr2(&[[101i64, 7592, 102]]).into_dyn().into() },
-        verify::NamedInput { name: "attention_mask".into(), value: ndarray::arr2(&[[1i64, 1, 1]]).into_dyn().into() },
-        verify::NamedInput { name: "token_type_ids".into(), value: ndarray::arr2(&[[0i64, 0, 0]]).into_dyn().into() },
-    ]), ..Default::default() };
+    let options = VerifyOptions {
+        inputs: Some(vec![
+            verify::NamedInput { name: "input_ids".into(), value: ndarray::arr2(&[[101i64, 7592, 102]]).into_dyn().into() },
+            verify::NamedInput { name: "attention_mask".into(), value: ndarray::arr2(&[[1i64, 1, 1]]).into_dyn().into() },
+            verify::NamedInput { name: "token_type_ids".into(), value: ndarray::arr2(&[[0i64, 0, 0]]).into_dyn().into() },
+        ]),
+        ..Default::default()
+    };
     assert!(!verify::compare(&a, &changed, &options).unwrap().passed());
 }

@@ -40,7 +40,7 @@ impl Gram {
         let view = cast.to_plain_array_view::<f32>().map_err(|e| fail(e.to_string()))?;
         let k = value.shape().last().copied().unwrap_or(1);
         let values = view.as_slice().ok_or_else(|| fail("not contiguous".into()))?;
-        let rows = if k == 0 { 0 } else { values.len() / k };
+        let rows = values.len().checked_div(k).unwrap_or(0);
         if self.rows == 0 && self.features() == 0 {
             self.xtx = Mat::zeros(k, k);
         } else if self.features() != k {

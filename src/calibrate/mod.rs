@@ -29,8 +29,8 @@ pub use taps::with_taps;
 
 use crate::ir::Model;
 use crate::verify::{self, NamedInput, VerifyError};
-use tract_onnx::prelude::Tensor;
 use std::path::PathBuf;
+use tract_onnx::prelude::Tensor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CalibrateError {

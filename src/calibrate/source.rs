@@ -38,12 +38,9 @@ impl CalibrationSource {
     /// The batches for `model`, after checking that every one of its inputs can
     /// be filled.
     pub fn batches(&self, model: &Model) -> Result<Batches, CalibrateError> {
-        let inputs: Vec<&ValueInfo> =
-            model.graph.inputs.iter().filter(|i| model.graph.initializer(&i.name).is_none()).collect();
+        let inputs: Vec<&ValueInfo> = model.graph.inputs.iter().filter(|i| model.graph.initializer(&i.name).is_none()).collect();
         match self {
-            CalibrationSource::Text { file, tokenizer, max_len, batch } => {
-                text_batches(&inputs, file, tokenizer, *max_len, *batch)
-            }
+            CalibrationSource::Text { file, tokenizer, max_len, batch } => text_batches(&inputs, file, tokenizer, *max_len, *batch),
             CalibrationSource::Npz { path, batch } => npz_batches(&inputs, path, *batch),
         }
     }
@@ -52,7 +49,6 @@ impl CalibrationSource {
 fn source_error(path: &Path, why: impl ToString) -> CalibrateError {
     CalibrateError::Source { path: path.to_path_buf(), why: why.to_string() }
 }
-
 
 /// What a text batch gives a model input.
 enum TextField {
@@ -67,11 +63,7 @@ enum TextField {
 
 /// The field a model input takes, from its name, and its type.
 fn text_field(input: &ValueInfo) -> Result<TextField, CalibrateError> {
-    let unfillable = |why: &str| CalibrateError::UnfillableInput {
-        input: input.name.clone(),
-        source_kind: "text",
-        why: why.into(),
-    };
+    let unfillable = |why: &str| CalibrateError::UnfillableInput { input: input.name.clone(), source_kind: "text", why: why.into() };
     let ty = input.tensor_type();
     let elem = ty.and_then(|t| t.elem_type);
     let lower = input.name.to_lowercase();
@@ -99,13 +91,7 @@ fn text_field(input: &ValueInfo) -> Result<TextField, CalibrateError> {
     }
 }
 
-fn text_batches(
-    inputs: &[&ValueInfo],
-    file: &Path,
-    tokenizer_file: &Path,
-    max_len: usize,
-    batch: usize,
-) -> Result<Batches, CalibrateError> {
+fn text_batches(inputs: &[&ValueInfo], file: &Path, tokenizer_file: &Path, max_len: usize, batch: usize) -> Result<Batches, CalibrateError> {
     if batch == 0 || max_len == 0 {
         return Err(source_error(file, "batch and max_len must be at least 1"));
     }
@@ -115,9 +101,7 @@ fn text_batches(
     // here pad to their longest sentence instead, with the same pad id.
     let pad_id = tokenizer.get_padding().map(|p| p.pad_id).or_else(|| tokenizer.token_to_id("[PAD]")).unwrap_or(0);
     tokenizer.with_padding(None);
-    tokenizer
-        .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
-        .map_err(|e| source_error(tokenizer_file, e))?;
+    tokenizer.with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() })).map_err(|e| source_error(tokenizer_file, e))?;
     let text = std::fs::read_to_string(file).map_err(|e| source_error(file, e))?;
     let lines: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
     let file = file.to_path_buf();
@@ -137,9 +121,7 @@ fn text_batches(
 /// (a decoder's KV cache empty: the batch is its prompt).
 fn padded_batch(ids: &[Vec<u32>], pad_id: u32, fields: &[(String, TextField)]) -> TractResult<Vec<NamedInput>> {
     let len = ids.iter().map(Vec::len).max().unwrap_or(0);
-    let table = |value: &dyn Fn(&[u32], usize) -> i64| -> Vec<i64> {
-        ids.iter().flat_map(|row| (0..len).map(move |c| value(row, c))).collect()
-    };
+    let table = |value: &dyn Fn(&[u32], usize) -> i64| -> Vec<i64> { ids.iter().flat_map(|row| (0..len).map(move |c| value(row, c))).collect() };
     fields
         .iter()
         .map(|(name, field)| {
@@ -174,11 +156,7 @@ fn npz_batches(inputs: &[&ValueInfo], path: &Path, batch: usize) -> Result<Batch
     let mut arrays = read_npz(path)?;
     let mut columns = Vec::new();
     for input in inputs {
-        let unfillable = |why: &str| CalibrateError::UnfillableInput {
-            input: input.name.clone(),
-            source_kind: "an .npz file",
-            why: why.into(),
-        };
+        let unfillable = |why: &str| CalibrateError::UnfillableInput { input: input.name.clone(), source_kind: "an .npz file", why: why.into() };
         let at = arrays.iter().position(|a| a.name == input.name).ok_or_else(|| unfillable("no array of that name"))?;
         let array = arrays.swap_remove(at);
         if array.value.rank() == 0 {
@@ -188,15 +166,15 @@ fn npz_batches(inputs: &[&ValueInfo], path: &Path, batch: usize) -> Result<Batch
     }
     let rows = columns.first().map_or(0, |c| c.value.shape()[0]);
     if let Some(other) = columns.iter().find(|c| c.value.shape()[0] != rows) {
-        return Err(source_error(path, format!("arrays disagree on the batch axis: {} rows in '{}', {rows} in '{}'", other.value.shape()[0], other.name, columns[0].name)));
+        return Err(source_error(
+            path,
+            format!("arrays disagree on the batch axis: {} rows in '{}', {rows} in '{}'", other.value.shape()[0], other.name, columns[0].name),
+        ));
     }
     let path = path.to_path_buf();
     let batches = (0..rows).step_by(batch).map(move |start| {
         let end = (start + batch).min(rows);
-        columns
-            .iter()
-            .map(|c| Ok(NamedInput { name: c.name.clone(), value: c.value.slice(0, start, end).map_err(|e| source_error(&path, e))? }))
-            .collect()
+        columns.iter().map(|c| Ok(NamedInput { name: c.name.clone(), value: c.value.slice(0, start, end).map_err(|e| source_error(&path, e))? })).collect()
     });
     Ok(Batches(Box::new(batches)))
 }

@@ -96,13 +96,7 @@ pub struct ChannelStats {
 
 impl ChannelStats {
     fn with_channels(n: usize) -> ChannelStats {
-        ChannelStats {
-            min: vec![f32::INFINITY; n],
-            max: vec![f32::NEG_INFINITY; n],
-            mean_abs: vec![0.0; n],
-            sum_abs: vec![0.0; n],
-            counts: vec![0; n],
-        }
+        ChannelStats { min: vec![f32::INFINITY; n], max: vec![f32::NEG_INFINITY; n], mean_abs: vec![0.0; n], sum_abs: vec![0.0; n], counts: vec![0; n] }
     }
 
     fn len(&self) -> usize {

@@ -21,11 +21,7 @@ pub struct GraphBuilder {
 
 /// Dims as given: non-negative numbers are fixed, `-1` is a symbol named `d<index>`.
 fn dims_of(shape: &[i64]) -> Vec<Dim> {
-    shape
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| if d >= 0 { Dim::Fixed(d) } else { Dim::Symbol(format!("d{i}")) })
-        .collect()
+    shape.iter().enumerate().map(|(i, &d)| if d >= 0 { Dim::Fixed(d) } else { Dim::Symbol(format!("d{i}")) }).collect()
 }
 
 impl GraphBuilder {

@@ -102,8 +102,7 @@ impl DataType {
             Int2 | Uint2 => 2,
             Int4 | Uint4 | Float4E2M1 => 4,
             Float6E2M3 | Float6E3M2 => 6,
-            Uint8 | Int8 | Bool | Float8E4M3Fn | Float8E4M3Fnuz | Float8E5M2 | Float8E5M2Fnuz
-            | Float8E8M0 => 8,
+            Uint8 | Int8 | Bool | Float8E4M3Fn | Float8E4M3Fnuz | Float8E5M2 | Float8E5M2Fnuz | Float8E8M0 => 8,
             Uint16 | Int16 | Float16 | Bfloat16 => 16,
             Float | Int32 | Uint32 => 32,
             Int64 | Double | Uint64 | Complex64 => 64,
@@ -161,10 +160,7 @@ impl DataType {
 
     pub fn is_integer(self) -> bool {
         use DataType::*;
-        matches!(
-            self,
-            Uint8 | Int8 | Uint16 | Int16 | Int32 | Int64 | Uint32 | Uint64 | Uint4 | Int4 | Uint2 | Int2
-        )
+        matches!(self, Uint8 | Int8 | Uint16 | Int16 | Int32 | Int64 | Uint32 | Uint64 | Uint4 | Int4 | Uint2 | Int2)
     }
 
     /// The name onnx uses (`TensorProto.DataType` enum value, lower case).

@@ -262,13 +262,8 @@ impl Graph {
         if self.in_file_order && (&self.dag).edge_references().all(|e| e.source() < e.target()) {
             return Ok(self.dag.node_indices().collect());
         }
-        let mut pending: HashMap<NodeId, usize> = self
-            .dag
-            .node_indices()
-            .map(|id| (id, self.dag.edges_directed(id, Direction::Incoming).count()))
-            .collect();
-        let mut ready: BinaryHeap<Reverse<NodeId>> =
-            pending.iter().filter(|(_, &n)| n == 0).map(|(&id, _)| Reverse(id)).collect();
+        let mut pending: HashMap<NodeId, usize> = self.dag.node_indices().map(|id| (id, self.dag.edges_directed(id, Direction::Incoming).count())).collect();
+        let mut ready: BinaryHeap<Reverse<NodeId>> = pending.iter().filter(|(_, &n)| n == 0).map(|(&id, _)| Reverse(id)).collect();
         let mut order = Vec::with_capacity(pending.len());
         while let Some(Reverse(id)) = ready.pop() {
             order.push(id);
@@ -345,15 +340,8 @@ impl Graph {
 
     fn wire(&mut self, id: NodeId) {
         let node = &self.dag[id];
-        let outputs: Vec<(usize, String)> =
-            node.outputs.iter().cloned().enumerate().filter(|(_, n)| !n.is_empty()).collect();
-        let mut reads: Vec<(String, Slot)> = node
-            .inputs
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| !n.is_empty())
-            .map(|(i, n)| (n.clone(), Slot::Input(i)))
-            .collect();
+        let outputs: Vec<(usize, String)> = node.outputs.iter().cloned().enumerate().filter(|(_, n)| !n.is_empty()).collect();
+        let mut reads: Vec<(String, Slot)> = node.inputs.iter().enumerate().filter(|(_, n)| !n.is_empty()).map(|(i, n)| (n.clone(), Slot::Input(i))).collect();
         let mut captured: Vec<String> = node.captured_names().into_iter().collect();
         captured.sort();
         reads.extend(captured.into_iter().map(|n| (n, Slot::Captured)));
@@ -393,12 +381,7 @@ impl Graph {
                 }
             }
         }
-        let edges: Vec<_> = self
-            .dag
-            .edges_directed(id, Direction::Incoming)
-            .chain(self.dag.edges_directed(id, Direction::Outgoing))
-            .map(|e| e.id())
-            .collect();
+        let edges: Vec<_> = self.dag.edges_directed(id, Direction::Incoming).chain(self.dag.edges_directed(id, Direction::Outgoing)).map(|e| e.id()).collect();
         for e in edges {
             self.dag.remove_edge(e);
         }

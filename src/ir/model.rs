@@ -52,9 +52,6 @@ impl Model {
     /// The opset imported for `domain` (`""` or `ai.onnx` for the default domain).
     pub fn opset(&self, domain: &str) -> Option<i64> {
         let is_default = |d: &str| d.is_empty() || d == "ai.onnx";
-        self.opset_imports
-            .iter()
-            .find(|o| o.domain == domain || (is_default(domain) && is_default(&o.domain)))
-            .map(|o| o.version)
+        self.opset_imports.iter().find(|o| o.domain == domain || (is_default(domain) && is_default(&o.domain))).map(|o| o.version)
     }
 }

@@ -13,11 +13,8 @@ use std::fmt::{self, Write};
 
 impl fmt::Display for Model {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let opsets: Vec<String> = self
-            .opset_imports
-            .iter()
-            .map(|o| format!("{}={}", if o.domain.is_empty() { "ai.onnx" } else { &o.domain }, o.version))
-            .collect();
+        let opsets: Vec<String> =
+            self.opset_imports.iter().map(|o| format!("{}={}", if o.domain.is_empty() { "ai.onnx" } else { &o.domain }, o.version)).collect();
         writeln!(f, "model ir={} opsets [{}]", self.ir_version, opsets.join(", "))?;
         write_graph(f, &self.graph, 0)
     }
@@ -79,17 +76,10 @@ fn write_graph(f: &mut impl Write, g: &Graph, depth: usize) -> fmt::Result {
         writeln!(f, "{pad}  init {}: {}", t.name, tensor_summary(t))?;
     }
     for node in g.nodes() {
-        let attrs: Vec<String> =
-            node.attributes.iter().map(|a| format!("{}={}", a.name, attr_text(&a.value))).collect();
+        let attrs: Vec<String> = node.attributes.iter().map(|a| format!("{}={}", a.name, attr_text(&a.value))).collect();
         let attrs = if attrs.is_empty() { String::new() } else { format!(" {{{}}}", attrs.join(", ")) };
         let name = if node.name.is_empty() { String::new() } else { format!("  # {}", node.name) };
-        writeln!(
-            f,
-            "{pad}  {} = {}({}){attrs}{name}",
-            node.outputs.join(", "),
-            node.qualified_op(),
-            node.inputs.join(", ")
-        )?;
+        writeln!(f, "{pad}  {} = {}({}){attrs}{name}", node.outputs.join(", "), node.qualified_op(), node.inputs.join(", "))?;
         for attr in &node.attributes {
             for sub in attr.value.subgraphs() {
                 write_graph(f, sub, depth + 2)?;

@@ -120,12 +120,8 @@ fn infer_graph(graph: &Graph) -> TypeMap {
             map.insert(&tensor.name, inferred);
         }
     }
-    let declared: HashMap<&str, &TensorType> = graph
-        .value_info
-        .iter()
-        .chain(&graph.outputs)
-        .filter_map(|v| Some((v.name.as_str(), v.tensor_type()?)))
-        .collect();
+    let declared: HashMap<&str, &TensorType> =
+        graph.value_info.iter().chain(&graph.outputs).filter_map(|v| Some((v.name.as_str(), v.tensor_type()?))).collect();
 
     for node in graph.nodes() {
         let mut outputs = infer_node(node, &map).unwrap_or_default().into_iter();
@@ -134,8 +130,7 @@ fn infer_graph(graph: &Graph) -> TypeMap {
             if name.is_empty() {
                 continue;
             }
-            let inferred =
-                inferred.or_else(|| declared.get(name.as_str()).map(|ty| Inferred::like(Some(ty)))).unwrap_or_default();
+            let inferred = inferred.or_else(|| declared.get(name.as_str()).map(|ty| Inferred::like(Some(ty)))).unwrap_or_default();
             map.insert(name, inferred);
         }
     }
@@ -321,9 +316,7 @@ fn infer_node(node: &Node, map: &TypeMap) -> Option<Vec<Inferred>> {
         "Neg" | "Abs" | "Not" => one(unary_with_value(op, &x)),
         _ if SHAPE_PRESERVING.contains(&op) => one(Inferred::like(x.ty(0))),
         "IsNaN" | "IsInf" => one(Inferred::new(Some(DataType::Bool), x.shape(0).map(<[Dim]>::to_vec))),
-        "Dropout" => {
-            Some(vec![Inferred::like(x.ty(0)), Inferred::new(Some(DataType::Bool), x.shape(0).map(<[Dim]>::to_vec))])
-        }
+        "Dropout" => Some(vec![Inferred::like(x.ty(0)), Inferred::new(Some(DataType::Bool), x.shape(0).map(<[Dim]>::to_vec))]),
         _ if BROADCAST_SAME_TYPE.contains(&op) => {
             let inputs: Vec<usize> = (0..node.inputs.len()).collect();
             let dtype = if op == "Pow" { x.dtype(0) } else { x.first_dtype(inputs.iter().copied()) };
@@ -351,10 +344,7 @@ fn infer_node(node: &Node, map: &TypeMap) -> Option<Vec<Inferred>> {
         "Pad" => one(pad(node, &x)),
         "Range" => one(range(&x)),
         "ConstantOfShape" => one(constant_of_shape(node, &x)),
-        "NonZero" => one(Inferred::new(
-            Some(DataType::Int64),
-            Some(vec![x.shape(0).map_or(Dim::Unknown, |s| Dim::Fixed(s.len() as i64)), Dim::Unknown]),
-        )),
+        "NonZero" => one(Inferred::new(Some(DataType::Int64), Some(vec![x.shape(0).map_or(Dim::Unknown, |s| Dim::Fixed(s.len() as i64)), Dim::Unknown]))),
         _ if REDUCTIONS.contains(&op) => one(reduce(node, &x)),
         "ArgMax" | "ArgMin" => one(arg_reduce(node, &x)),
         "MatMul" => one(Inferred::new(x.dtype(0), matmul_shape(x.shape(0), x.shape(1)))),
@@ -421,10 +411,7 @@ fn broadcast(shapes: &[Option<&[Dim]>]) -> Option<Vec<Dim>> {
     let dims = (0..rank)
         .map(|i| {
             let from_end = rank - i;
-            shapes
-                .iter()
-                .filter_map(|s| s.len().checked_sub(from_end).map(|k| &s[k]))
-                .fold(Dim::Fixed(1), |acc, d| broadcast_dim(&acc, d))
+            shapes.iter().filter_map(|s| s.len().checked_sub(from_end).map(|k| &s[k])).fold(Dim::Fixed(1), |acc, d| broadcast_dim(&acc, d))
         })
         .collect();
     Some(dims)
@@ -784,11 +771,8 @@ fn constant(node: &Node) -> Inferred {
     let len = |n: usize| Some(vec![Dim::Fixed(n as i64)]);
     match (attr.name.as_str(), &attr.value) {
         ("value", AttrValue::Tensor(t)) => tensor_inferred(t),
-        ("value_int", AttrValue::Int(v)) => {
-            Inferred::new(Some(DataType::Int64), Some(vec![])).with_value(Some(vec![Dim::Fixed(*v)]))
-        }
-        ("value_ints", AttrValue::Ints(v)) => Inferred::new(Some(DataType::Int64), len(v.len()))
-            .with_value(Some(v.iter().map(|&i| Dim::Fixed(i)).collect())),
+        ("value_int", AttrValue::Int(v)) => Inferred::new(Some(DataType::Int64), Some(vec![])).with_value(Some(vec![Dim::Fixed(*v)])),
+        ("value_ints", AttrValue::Ints(v)) => Inferred::new(Some(DataType::Int64), len(v.len())).with_value(Some(v.iter().map(|&i| Dim::Fixed(i)).collect())),
         ("value_float", AttrValue::Float(_)) => Inferred::new(Some(DataType::Float), Some(vec![])),
         ("value_floats", AttrValue::Floats(v)) => Inferred::new(Some(DataType::Float), len(v.len())),
         ("value_string", AttrValue::String(_)) => Inferred::new(Some(DataType::String), Some(vec![])),
@@ -807,10 +791,8 @@ fn elementwise(op: &str, x: &Inputs, inputs: &[usize], dtype: Option<DataType>) 
     let shapes: Vec<Option<&[Dim]>> = inputs.iter().map(|&i| x.shape(i)).collect();
     let shape = broadcast(&shapes);
     let value = shape.as_deref().and_then(fixed_shape).and_then(|out| {
-        let expanded = inputs
-            .iter()
-            .map(|&i| x.tensor(i).and_then(|(shape, elems)| broadcast_value(&shape, elems, &out)))
-            .collect::<Option<Vec<Vec<Dim>>>>()?;
+        let expanded =
+            inputs.iter().map(|&i| x.tensor(i).and_then(|(shape, elems)| broadcast_value(&shape, elems, &out))).collect::<Option<Vec<Vec<Dim>>>>()?;
         let count = expanded.first()?.len();
         let elems = (0..count).map(|k| apply(op, &expanded.iter().map(|e| &e[k]).collect::<Vec<_>>()));
         Some(elems.collect())
@@ -845,8 +827,7 @@ fn size(x: &Inputs) -> Inferred {
 /// Reshape's output dims for a target value: `0` copies the input dim (unless
 /// `allowzero`), one `-1` takes what is left of the element count.
 fn reshape_dims(input: Option<&[Dim]>, target: &[Dim], allowzero: bool) -> Vec<Dim> {
-    let inferred_at: Vec<usize> =
-        target.iter().enumerate().filter(|(_, t)| **t == Dim::Fixed(-1)).map(|(i, _)| i).collect();
+    let inferred_at: Vec<usize> = target.iter().enumerate().filter(|(_, t)| **t == Dim::Fixed(-1)).map(|(i, _)| i).collect();
     let mut dims: Vec<Dim> = target
         .iter()
         .enumerate()
@@ -859,9 +840,7 @@ fn reshape_dims(input: Option<&[Dim]>, target: &[Dim], allowzero: bool) -> Vec<D
         .collect();
     if let ([at], Some(input)) = (inferred_at.as_slice(), input) {
         let total = DimProduct::of(input);
-        let rest = DimProduct::of(
-            &dims.iter().enumerate().filter(|(i, _)| i != at).map(|(_, d)| d.clone()).collect::<Vec<_>>(),
-        );
+        let rest = DimProduct::of(&dims.iter().enumerate().filter(|(i, _)| i != at).map(|(_, d)| d.clone()).collect::<Vec<_>>());
         dims[*at] = match (total, rest) {
             (Some(total), Some(rest)) => total.divide(&rest),
             _ => Dim::Unknown,
@@ -898,9 +877,7 @@ fn squeeze(node: &Node, x: &Inputs) -> Inferred {
             Some(dims.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, d)| d.clone()).collect())
         }
         // Without axes every size-1 dim goes, and a symbol might be 1.
-        Axes::Absent => {
-            fixed_shape(dims).map(|s| s.iter().filter(|&&d| d != 1).map(|&d| Dim::Fixed(d as i64)).collect())
-        }
+        Axes::Absent => fixed_shape(dims).map(|s| s.iter().filter(|&&d| d != 1).map(|&d| Dim::Fixed(d as i64)).collect()),
         Axes::Unknown => None,
     });
     Inferred::new(x.dtype(0), shape).with_value(x.value(0).map(<[Dim]>::to_vec))
@@ -949,15 +926,9 @@ fn gather(node: &Node, x: &Inputs) -> Inferred {
     let shape: Vec<Dim> = data[..axis].iter().chain(indices).chain(&data[axis + 1..]).cloned().collect();
     let value = x.tensor(0).zip(x.ints(1)).and_then(|((data_shape, elems), indices)| {
         let n = i64::try_from(data_shape[axis]).ok()?;
-        let indices = indices
-            .iter()
-            .map(|&i| usize::try_from(if i < 0 { i + n } else { i }).ok().filter(|&i| i < data_shape[axis]))
-            .collect::<Option<Vec<usize>>>()?;
-        let picks: Vec<Vec<usize>> = data_shape
-            .iter()
-            .enumerate()
-            .map(|(a, &d)| if a == axis { indices.clone() } else { (0..d).collect() })
-            .collect();
+        let indices =
+            indices.iter().map(|&i| usize::try_from(if i < 0 { i + n } else { i }).ok().filter(|&i| i < data_shape[axis])).collect::<Option<Vec<usize>>>()?;
+        let picks: Vec<Vec<usize>> = data_shape.iter().enumerate().map(|(a, &d)| if a == axis { indices.clone() } else { (0..d).collect() }).collect();
         pick(&data_shape, elems, &picks)
     });
     Inferred::new(dtype, Some(shape)).with_value(value)
@@ -988,13 +959,8 @@ fn concat(node: &Node, x: &Inputs) -> Inferred {
         return Inferred::new(dtype, None);
     }
     let known: Vec<&[Dim]> = shapes.iter().flatten().copied().collect();
-    let mut shape: Vec<Dim> =
-        (0..rank).map(|a| known.iter().skip(1).fold(known[0][a].clone(), |acc, s| same_dim(&acc, &s[a]))).collect();
-    shape[axis] = if known.len() == shapes.len() {
-        known.iter().skip(1).fold(known[0][axis].clone(), |acc, s| add(&acc, &s[axis]))
-    } else {
-        Dim::Unknown
-    };
+    let mut shape: Vec<Dim> = (0..rank).map(|a| known.iter().skip(1).fold(known[0][a].clone(), |acc, s| same_dim(&acc, &s[a]))).collect();
+    shape[axis] = if known.len() == shapes.len() { known.iter().skip(1).fold(known[0][axis].clone(), |acc, s| add(&acc, &s[axis])) } else { Dim::Unknown };
     let value = inputs.map(|i| x.tensor(i)).collect::<Option<Vec<_>>>().and_then(|parts| concat_values(&parts, axis));
     Inferred::new(dtype, Some(shape)).with_value(value)
 }
@@ -1026,9 +992,7 @@ fn slice_len(dim: &Dim, start: &Dim, end: &Dim, step: i64) -> Dim {
     // Exporters write "to the end" as a huge end (i64::MAX, i32::MAX); no real dim is that big.
     let to_the_end = |e: &Dim| matches!(e, Dim::Fixed(v) if *v >= i64::from(i32::MAX));
     match (dim, start, end) {
-        (Dim::Fixed(d), Dim::Fixed(s), Dim::Fixed(e)) => {
-            slice_range(*d, *s, *e, step).map_or(Dim::Unknown, |(_, n)| Dim::Fixed(n))
-        }
+        (Dim::Fixed(d), Dim::Fixed(s), Dim::Fixed(e)) => slice_range(*d, *s, *e, step).map_or(Dim::Unknown, |(_, n)| Dim::Fixed(n)),
         (_, Dim::Fixed(0), _) if step == 1 && (same(end, dim) || to_the_end(end)) => dim.clone(),
         _ => Dim::Unknown,
     }
@@ -1046,9 +1010,7 @@ fn slice_params(node: &Node, x: &Inputs, rank: usize) -> Option<SliceParams> {
     let optional_ints = |i: usize| if x.is_given(i) { x.ints(i).map(Some) } else { Some(None) };
     let (starts, ends, axes, steps) = match node.attr_ints("starts") {
         // Slice-1 took its parameters as attributes.
-        Some(starts) => {
-            (fixed(starts), fixed(node.attr_ints("ends")?), node.attr_ints("axes").map(<[i64]>::to_vec), None)
-        }
+        Some(starts) => (fixed(starts), fixed(node.attr_ints("ends")?), node.attr_ints("axes").map(<[i64]>::to_vec), None),
         None => (x.elements(1)?, x.elements(2)?, optional_ints(3)?, optional_ints(4)?),
     };
     let axes = match axes {
@@ -1136,9 +1098,10 @@ fn expand(x: &Inputs) -> Inferred {
 }
 
 fn tile(x: &Inputs) -> Inferred {
-    let shape = x.shape(0).zip(x.elements(1)).and_then(|(dims, repeats)| {
-        (dims.len() == repeats.len()).then(|| dims.iter().zip(&repeats).map(|(d, r)| mul(d, r)).collect())
-    });
+    let shape = x
+        .shape(0)
+        .zip(x.elements(1))
+        .and_then(|(dims, repeats)| (dims.len() == repeats.len()).then(|| dims.iter().zip(&repeats).map(|(d, r)| mul(d, r)).collect()));
     Inferred::new(x.dtype(0), shape)
 }
 
@@ -1236,10 +1199,7 @@ fn reduce(node: &Node, x: &Inputs) -> Inferred {
 }
 
 fn reduced_shape(dims: &[Dim], axes: &[usize], keepdims: bool) -> Vec<Dim> {
-    dims.iter()
-        .enumerate()
-        .filter_map(|(i, d)| if !axes.contains(&i) { Some(d.clone()) } else { keepdims.then_some(Dim::Fixed(1)) })
-        .collect()
+    dims.iter().enumerate().filter_map(|(i, d)| if !axes.contains(&i) { Some(d.clone()) } else { keepdims.then_some(Dim::Fixed(1)) }).collect()
 }
 
 fn arg_reduce(node: &Node, x: &Inputs) -> Inferred {
@@ -1275,9 +1235,7 @@ fn gemm(node: &Node, x: &Inputs) -> Inferred {
         let trans_a = node.attr_int("transA").unwrap_or(0) != 0;
         let trans_b = node.attr_int("transB").unwrap_or(0) != 0;
         match (a, b) {
-            ([a0, a1], [b0, b1]) => {
-                Some(vec![if trans_a { a1.clone() } else { a0.clone() }, if trans_b { b0.clone() } else { b1.clone() }])
-            }
+            ([a0, a1], [b0, b1]) => Some(vec![if trans_a { a1.clone() } else { a0.clone() }, if trans_b { b0.clone() } else { b1.clone() }]),
             _ => None,
         }
     });
@@ -1287,8 +1245,7 @@ fn gemm(node: &Node, x: &Inputs) -> Inferred {
 /// One spatial output dim of a convolution (onnx Conv's formula), for fixed sizes only.
 fn conv_dim(input: &Dim, kernel: i64, stride: i64, dilation: i64, pads: (i64, i64), auto_pad: &str) -> Dim {
     let Dim::Fixed(size) = input else { return Dim::Unknown };
-    let (size, kernel, stride, dilation) =
-        (i128::from(*size), i128::from(kernel), i128::from(stride), i128::from(dilation));
+    let (size, kernel, stride, dilation) = (i128::from(*size), i128::from(kernel), i128::from(stride), i128::from(dilation));
     if stride <= 0 || dilation <= 0 || kernel <= 0 {
         return Dim::Unknown;
     }
@@ -1320,27 +1277,19 @@ fn conv(node: &Node, x: &Inputs) -> Inferred {
         let v = node.attr_ints(name).map_or_else(|| vec![default; len], <[i64]>::to_vec);
         (v.len() == len).then_some(v)
     };
-    let (Some(strides), Some(dilations), Some(pads)) =
-        (per_axis("strides", 1, spatial), per_axis("dilations", 1, spatial), per_axis("pads", 0, 2 * spatial))
+    let (Some(strides), Some(dilations), Some(pads)) = (per_axis("strides", 1, spatial), per_axis("dilations", 1, spatial), per_axis("pads", 0, 2 * spatial))
     else {
         return unknown_spatial();
     };
     let auto_pad = attr_str(node, "auto_pad").unwrap_or("NOTSET");
     let channels = weight.and_then(|w| w.first()).cloned().unwrap_or(Dim::Unknown);
     let mut shape = vec![input[0].clone(), channels];
-    shape.extend(
-        (0..spatial).map(|i| {
-            conv_dim(&input[i + 2], kernel[i], strides[i], dilations[i], (pads[i], pads[i + spatial]), auto_pad)
-        }),
-    );
+    shape.extend((0..spatial).map(|i| conv_dim(&input[i + 2], kernel[i], strides[i], dilations[i], (pads[i], pads[i + spatial]), auto_pad)));
     Inferred::new(dtype, Some(shape))
 }
 
 fn global_pool(x: &Inputs) -> Inferred {
-    let shape = x
-        .shape(0)
-        .filter(|s| s.len() >= 2)
-        .map(|s| s.iter().enumerate().map(|(i, d)| if i < 2 { d.clone() } else { Dim::Fixed(1) }).collect());
+    let shape = x.shape(0).filter(|s| s.len() >= 2).map(|s| s.iter().enumerate().map(|(i, d)| if i < 2 { d.clone() } else { Dim::Fixed(1) }).collect());
     Inferred::new(x.dtype(0), shape)
 }
 
@@ -1408,17 +1357,14 @@ fn attention(node: &Node, x: &Inputs) -> Vec<Inferred> {
     };
     let input = x.shape(0).filter(|s| s.len() == 3);
     let output = input.map(|s| vec![s[0].clone(), s[1].clone(), v_hidden.clone()]);
-    let fallback =
-        input.map(|s| vec![Dim::Fixed(2), s[0].clone(), heads(node), Dim::Unknown, div_exact(&v_hidden, &heads(node))]);
+    let fallback = input.map(|s| vec![Dim::Fixed(2), s[0].clone(), heads(node), Dim::Unknown, div_exact(&v_hidden, &heads(node))]);
     vec![Inferred::new(dtype, output), Inferred::new(dtype, present(x.shape(4), 3, fallback))]
 }
 
 /// `a / b` when it divides evenly.
 fn div_exact(a: &Dim, b: &Dim) -> Dim {
     match (a, b) {
-        (Dim::Fixed(x), Dim::Fixed(y)) if x.checked_rem(*y) == Some(0) => {
-            x.checked_div(*y).map_or(Dim::Unknown, Dim::Fixed)
-        }
+        (Dim::Fixed(x), Dim::Fixed(y)) if x.checked_rem(*y) == Some(0) => x.checked_div(*y).map_or(Dim::Unknown, Dim::Fixed),
         (other, Dim::Fixed(1)) => other.clone(),
         _ => Dim::Unknown,
     }
@@ -1668,20 +1614,18 @@ mod tests {
         for opset in [11, 13] {
             let mut b = GraphBuilder::new("g");
             let x = b.input_symbolic("x", DataType::Float, vec![sym("b"), fixed(1), sym("s")]);
-            let axes_arg =
-                |b: &mut GraphBuilder, name: &str, axes: &[i64]| -> (Vec<String>, Vec<(&'static str, AttrValue)>) {
-                    if opset >= 13 {
-                        (vec![b.initializer_i64(name, &[axes.len() as i64], axes)], vec![])
-                    } else {
-                        (vec![], vec![("axes", ints(axes))])
-                    }
-                };
+            let axes_arg = |b: &mut GraphBuilder, name: &str, axes: &[i64]| -> (Vec<String>, Vec<(&'static str, AttrValue)>) {
+                if opset >= 13 {
+                    (vec![b.initializer_i64(name, &[axes.len() as i64], axes)], vec![])
+                } else {
+                    (vec![], vec![("axes", ints(axes))])
+                }
+            };
             let (extra, attrs) = axes_arg(&mut b, "sq_axes", &[1]);
             let inputs: Vec<&str> = std::iter::once(x.as_str()).chain(extra.iter().map(String::as_str)).collect();
             let squeezed = b.node_with("Squeeze", &inputs, attrs);
             let (extra, attrs) = axes_arg(&mut b, "unsq_axes", &[0, -1]);
-            let inputs: Vec<&str> =
-                std::iter::once(squeezed.as_str()).chain(extra.iter().map(String::as_str)).collect();
+            let inputs: Vec<&str> = std::iter::once(squeezed.as_str()).chain(extra.iter().map(String::as_str)).collect();
             let unsqueezed = b.node_with("Unsqueeze", &inputs, attrs);
             let all = b.node("Squeeze", &[&x]);
             let types = infer(b, opset);
@@ -1753,16 +1697,9 @@ mod tests {
         let (mut b, x) = with_bsh_input();
         let w = b.initializer_f32("w", &[384, 1152], &vec![0.0; 384 * 1152]);
         let bias = b.initializer_f32("bias", &[1152], &[0.0; 1152]);
-        b.add(
-            Node::new("Attention", &[&x, &w, &bias], &["attn"])
-                .with_domain("com.microsoft")
-                .with_attr("num_heads", AttrValue::Int(12)),
-        );
+        b.add(Node::new("Attention", &[&x, &w, &bias], &["attn"]).with_domain("com.microsoft").with_attr("num_heads", AttrValue::Int(12)));
         let gamma = b.initializer_f32("gamma", &[384], &[1.0; 384]);
-        b.add(
-            Node::new("SkipLayerNormalization", &[&x, "attn", &gamma], &["sln", "", "", "sum"])
-                .with_domain("com.microsoft"),
-        );
+        b.add(Node::new("SkipLayerNormalization", &[&x, "attn", &gamma], &["sln", "", "", "sum"]).with_domain("com.microsoft"));
         b.add(
             Node::new("MatMulNBits", &["sln", "packed", "scales"], &["q4"])
                 .with_domain("com.microsoft")

@@ -72,14 +72,7 @@ pub enum TensorValueError {
 impl Tensor {
     /// A tensor that owns its little-endian bytes.
     pub fn from_raw(name: impl Into<String>, dtype: DataType, dims: Vec<i64>, raw: Bytes) -> Tensor {
-        Tensor {
-            name: name.into(),
-            dtype,
-            dims,
-            data: TensorData::Raw(raw),
-            stored_externally: false,
-            extras: Extras::default(),
-        }
+        Tensor { name: name.into(), dtype, dims, data: TensorData::Raw(raw), stored_externally: false, extras: Extras::default() }
     }
 
     pub fn from_f32(name: impl Into<String>, values: &ArrayD<f32>) -> Tensor {
@@ -117,11 +110,7 @@ impl Tensor {
 
     fn to_array<T>(&self, values: Vec<T>) -> Result<ArrayD<T>, TensorValueError> {
         let found = values.len();
-        ArrayD::from_shape_vec(self.shape(), values).map_err(|_| TensorValueError::LengthMismatch {
-            name: self.name.clone(),
-            found,
-            dims: self.dims.clone(),
-        })
+        ArrayD::from_shape_vec(self.shape(), values).map_err(|_| TensorValueError::LengthMismatch { name: self.name.clone(), found, dims: self.dims.clone() })
     }
 
     fn unsupported(&self, wanted: &'static str) -> TensorValueError {
@@ -139,12 +128,8 @@ impl Tensor {
             (TensorData::Typed(TypedValues::Floats(v)), Float) => v.clone(),
             (TensorData::Typed(TypedValues::Doubles(v)), Double) => v.iter().map(|&x| x as f32).collect(),
             // float16 and bfloat16 values sit in int32_data as their bit patterns
-            (TensorData::Typed(TypedValues::Int32s(v)), Float16) => {
-                v.iter().map(|&x| f16::from_bits(x as u16).to_f32()).collect()
-            }
-            (TensorData::Typed(TypedValues::Int32s(v)), Bfloat16) => {
-                v.iter().map(|&x| bf16::from_bits(x as u16).to_f32()).collect()
-            }
+            (TensorData::Typed(TypedValues::Int32s(v)), Float16) => v.iter().map(|&x| f16::from_bits(x as u16).to_f32()).collect(),
+            (TensorData::Typed(TypedValues::Int32s(v)), Bfloat16) => v.iter().map(|&x| bf16::from_bits(x as u16).to_f32()).collect(),
             (TensorData::Empty, _) if self.element_count() == 0 => Vec::new(),
             _ if self.dtype.is_integer() || self.dtype == Bool => {
                 return self.to_i64().map(|a| a.mapv(|x| x as f32));
@@ -167,9 +152,7 @@ impl Tensor {
             (TensorData::Raw(b), Uint8 | Bool) => b.iter().map(|&x| x as i64).collect(),
             (TensorData::Raw(b), Uint64) => le_chunks::<8>(b).map(|c| u64::from_le_bytes(c) as i64).collect(),
             (TensorData::Typed(TypedValues::Int64s(v)), Int64) => v.clone(),
-            (TensorData::Typed(TypedValues::Int32s(v)), Int32 | Int16 | Int8 | Uint16 | Uint8 | Bool) => {
-                v.iter().map(|&x| x as i64).collect()
-            }
+            (TensorData::Typed(TypedValues::Int32s(v)), Int32 | Int16 | Int8 | Uint16 | Uint8 | Bool) => v.iter().map(|&x| x as i64).collect(),
             (TensorData::Typed(TypedValues::Uint64s(v)), Uint32 | Uint64) => v.iter().map(|&x| x as i64).collect(),
             (TensorData::Empty, _) if self.element_count() == 0 => Vec::new(),
             _ => return Err(self.unsupported("i64")),

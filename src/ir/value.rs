@@ -108,11 +108,7 @@ pub struct ValueInfo {
 
 impl ValueInfo {
     pub fn tensor(name: impl Into<String>, elem_type: DataType, shape: Vec<Dim>) -> ValueInfo {
-        ValueInfo {
-            name: name.into(),
-            ty: Some(ValueType::Tensor(TensorType::new(elem_type, shape))),
-            extras: Extras::default(),
-        }
+        ValueInfo { name: name.into(), ty: Some(ValueType::Tensor(TensorType::new(elem_type, shape))), extras: Extras::default() }
     }
 
     pub fn tensor_type(&self) -> Option<&TensorType> {

@@ -19,7 +19,8 @@ use crate::ir::{infer_types, DataType, Graph, Model, Node, TypeMap};
 
 const TYPES: &str = "TensorRT developer guide, \"Working with Quantized Types\": symmetric quantization; INT8 is signed, zero point 0";
 const PLACEMENT: &str = "TensorRT developer guide, \"Explicit Quantization\", Q/DQ layer-placement recommendations: quantize all inputs of weighted operations";
-const PER_CHANNEL: &str = "TensorRT developer guide, \"Explicit Quantization\": activations per tensor; weights per tensor or per channel along the output-channel axis";
+const PER_CHANNEL: &str =
+    "TensorRT developer guide, \"Explicit Quantization\": activations per tensor; weights per tensor or per channel along the output-channel axis";
 const PAIRS: &str = "TensorRT developer guide, \"Explicit Quantization\": Q/DQ propagation and fusion act on Q -> DQ pairs of one scale";
 const OUTPUTS: &str = "TensorRT developer guide, Q/DQ layer-placement recommendations: by default do not quantize the outputs of weighted operations";
 const OPSET: &str = "ONNX QuantizeLinear/DequantizeLinear-13: the `axis` attribute (per-axis scales) appears in opset 13";
@@ -139,7 +140,11 @@ fn check_scale(graph: &Graph, node: &Node, dequantize: bool, opset: i64, report:
         let expected = if consumer.is_onnx("MatMul") {
             rank - 1
         } else if consumer.is_onnx("Gemm") {
-            if consumer.attr_int("transB").unwrap_or(0) != 0 { 0 } else { 1 }
+            if consumer.attr_int("transB").unwrap_or(0) != 0 {
+                0
+            } else {
+                1
+            }
         } else if consumer.is_onnx("Conv") {
             0
         } else {

@@ -38,9 +38,7 @@ impl ExternalFiles {
         let location = reference.location.as_deref().ok_or("no 'location' entry")?;
         let relative = Path::new(location);
         if location.is_empty() || relative.components().any(|c| !matches!(c, Component::Normal(_))) {
-            return Err(format!(
-                "location '{location}' must be a plain relative path inside the model's folder (no absolute path, no '..')"
-            ));
+            return Err(format!("location '{location}' must be a plain relative path inside the model's folder (no absolute path, no '..')"));
         }
         let folder = self.folder.clone().ok_or("the model was not read from a file, so it has no folder")?;
         let path = folder.join(relative);
@@ -64,9 +62,7 @@ impl ExternalFiles {
             }
         };
         let parse = |field: &str, v: &Option<String>| -> Result<Option<u64>, String> {
-            v.as_deref()
-                .map(|s| s.parse::<u64>().map_err(|_| format!("'{field}' is '{s}', not a byte count")))
-                .transpose()
+            v.as_deref().map(|s| s.parse::<u64>().map_err(|_| format!("'{field}' is '{s}', not a byte count"))).transpose()
         };
         let offset = parse("offset", &reference.offset)?.unwrap_or(0);
         let file_len = data.len() as u64;
@@ -74,9 +70,10 @@ impl ExternalFiles {
             Some(l) => l,
             None => file_len.saturating_sub(offset),
         };
-        let end = offset.checked_add(length).filter(|&e| e <= file_len).ok_or_else(|| {
-            format!("bytes {offset}..{} run past the end of '{}' ({file_len} bytes)", offset as u128 + length as u128, location)
-        })?;
+        let end = offset
+            .checked_add(length)
+            .filter(|&e| e <= file_len)
+            .ok_or_else(|| format!("bytes {offset}..{} run past the end of '{}' ({file_len} bytes)", offset as u128 + length as u128, location))?;
         Ok(data.slice(offset as usize..end as usize))
     }
 }

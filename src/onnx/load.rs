@@ -43,17 +43,12 @@ fn decode(bytes: Bytes, path: &Path, folder: Option<&Path>, options: LoadOptions
     if bytes.is_empty() {
         return Err(LoadError::Empty { path: path.to_path_buf() });
     }
-    let proto = pb::ModelProto::decode(bytes.clone()).map_err(|e| LoadError::Decode {
-        path: path.to_path_buf(),
-        detail: wire::describe_fault(&bytes, &e.to_string()),
-    })?;
+    let proto = pb::ModelProto::decode(bytes.clone())
+        .map_err(|e| LoadError::Decode { path: path.to_path_buf(), detail: wire::describe_fault(&bytes, &e.to_string()) })?;
     let folder = folder.map(|f| if f.as_os_str().is_empty() { Path::new(".") } else { f });
     let mut reader = Reader { path: path.to_path_buf(), external: ExternalFiles::new(folder, options.populate) };
     let model = reader.model(proto)?;
-    model
-        .graph
-        .validate(&HashSet::new())
-        .map_err(|source| LoadError::InvalidGraph { path: path.to_path_buf(), source: Box::new(source) })?;
+    model.graph.validate(&HashSet::new()).map_err(|source| LoadError::InvalidGraph { path: path.to_path_buf(), source: Box::new(source) })?;
     Ok(model)
 }
 
@@ -100,17 +95,7 @@ impl Reader {
             })
             .collect();
         let graph = self.graph(*Box::new(graph))?;
-        Ok(Model {
-            ir_version,
-            opset_imports,
-            producer_name,
-            producer_version,
-            domain,
-            model_version,
-            graph,
-            functions,
-            extras: extras_of(&m, present),
-        })
+        Ok(Model { ir_version, opset_imports, producer_name, producer_version, domain, model_version, graph, functions, extras: extras_of(&m, present) })
     }
 
     fn graph(&mut self, mut g: pb::GraphProto) -> Result<Graph, LoadError> {
@@ -119,8 +104,7 @@ impl Reader {
         graph.inputs = std::mem::take(&mut g.input).into_iter().map(value_info).collect();
         graph.outputs = std::mem::take(&mut g.output).into_iter().map(value_info).collect();
         graph.value_info = std::mem::take(&mut g.value_info).into_iter().map(value_info).collect();
-        graph.initializers =
-            std::mem::take(&mut g.initializer).into_iter().map(|t| self.tensor(t)).collect::<Result<_, _>>()?;
+        graph.initializers = std::mem::take(&mut g.initializer).into_iter().map(|t| self.tensor(t)).collect::<Result<_, _>>()?;
         for n in std::mem::take(&mut g.node) {
             let node = self.node(n)?;
             graph.add_node(node);
@@ -136,8 +120,7 @@ impl Reader {
         let domain = p::take(&mut n.domain, p::NODE_DOMAIN, &mut present);
         let inputs = std::mem::take(&mut n.input);
         let outputs = std::mem::take(&mut n.output);
-        let attributes =
-            std::mem::take(&mut n.attribute).into_iter().map(|a| self.attribute(a)).collect::<Result<_, _>>()?;
+        let attributes = std::mem::take(&mut n.attribute).into_iter().map(|a| self.attribute(a)).collect::<Result<_, _>>()?;
         Ok(Node { name, op_type, domain, inputs, outputs, attributes, extras: extras_of(&n, present) })
     }
 
@@ -170,25 +153,17 @@ impl Reader {
                     Some(g) => AttrValue::Graph(Box::new(self.graph(g)?)),
                     None => AttrValue::Uninterpreted,
                 },
-                T::SparseTensor => {
-                    AttrValue::SparseTensor(Opaque(a.sparse_tensor.take().map(|s| s.encode_to_vec().into()).unwrap_or_default()))
-                }
+                T::SparseTensor => AttrValue::SparseTensor(Opaque(a.sparse_tensor.take().map(|s| s.encode_to_vec().into()).unwrap_or_default())),
                 T::TypeProto => AttrValue::Type(value_type(a.tp.take().unwrap_or_default())),
                 T::Floats => AttrValue::Floats(std::mem::take(&mut a.floats)),
                 T::Ints => AttrValue::Ints(std::mem::take(&mut a.ints)),
                 T::Strings => AttrValue::Strings(std::mem::take(&mut a.strings)),
-                T::Tensors => AttrValue::Tensors(
-                    std::mem::take(&mut a.tensors).into_iter().map(|t| self.tensor(t)).collect::<Result<_, _>>()?,
-                ),
-                T::Graphs => AttrValue::Graphs(
-                    std::mem::take(&mut a.graphs).into_iter().map(|g| self.graph(g)).collect::<Result<_, _>>()?,
-                ),
-                T::SparseTensors => AttrValue::SparseTensors(
-                    std::mem::take(&mut a.sparse_tensors).into_iter().map(|s| Opaque(s.encode_to_vec().into())).collect(),
-                ),
-                T::TypeProtos => {
-                    AttrValue::Types(std::mem::take(&mut a.type_protos).into_iter().map(value_type).collect())
+                T::Tensors => AttrValue::Tensors(std::mem::take(&mut a.tensors).into_iter().map(|t| self.tensor(t)).collect::<Result<_, _>>()?),
+                T::Graphs => AttrValue::Graphs(std::mem::take(&mut a.graphs).into_iter().map(|g| self.graph(g)).collect::<Result<_, _>>()?),
+                T::SparseTensors => {
+                    AttrValue::SparseTensors(std::mem::take(&mut a.sparse_tensors).into_iter().map(|s| Opaque(s.encode_to_vec().into())).collect())
                 }
+                T::TypeProtos => AttrValue::Types(std::mem::take(&mut a.type_protos).into_iter().map(value_type).collect()),
                 T::Undefined => AttrValue::Uninterpreted,
             }
         };
@@ -199,8 +174,7 @@ impl Reader {
         let mut present = 0;
         let name = p::take(&mut t.name, p::NAME, &mut present);
         let code = p::take(&mut t.data_type, p::TENSOR_DATA_TYPE, &mut present);
-        let dtype = DataType::from_code(code)
-            .ok_or_else(|| self.bad_tensor(&name, format!("unknown data type code {code}")))?;
+        let dtype = DataType::from_code(code).ok_or_else(|| self.bad_tensor(&name, format!("unknown data type code {code}")))?;
         let dims = std::mem::take(&mut t.dims);
         let element_count = element_count(&dims).map_err(|problem| self.bad_tensor(&name, problem))?;
 
@@ -220,11 +194,8 @@ impl Reader {
                 *slot = entry.value.clone();
                 false
             });
-            let bytes = self.external.resolve(&reference).map_err(|problem| LoadError::ExternalData {
-                path: self.path.clone(),
-                tensor: name.clone(),
-                problem,
-            })?;
+            let bytes =
+                self.external.resolve(&reference).map_err(|problem| LoadError::ExternalData { path: self.path.clone(), tensor: name.clone(), problem })?;
             TensorData::Raw(bytes)
         } else {
             p::take(&mut t.data_location, p::TENSOR_DATA_LOCATION, &mut present);
@@ -261,16 +232,10 @@ fn take_typed(t: &mut pb::TensorProto, dtype: DataType) -> TensorData {
     let values = match dtype.typed_field() {
         Some(TypedField::FloatData) if !t.float_data.is_empty() => TypedValues::Floats(std::mem::take(&mut t.float_data)),
         Some(TypedField::Int32Data) if !t.int32_data.is_empty() => TypedValues::Int32s(std::mem::take(&mut t.int32_data)),
-        Some(TypedField::StringData) if !t.string_data.is_empty() => {
-            TypedValues::Strings(std::mem::take(&mut t.string_data))
-        }
+        Some(TypedField::StringData) if !t.string_data.is_empty() => TypedValues::Strings(std::mem::take(&mut t.string_data)),
         Some(TypedField::Int64Data) if !t.int64_data.is_empty() => TypedValues::Int64s(std::mem::take(&mut t.int64_data)),
-        Some(TypedField::DoubleData) if !t.double_data.is_empty() => {
-            TypedValues::Doubles(std::mem::take(&mut t.double_data))
-        }
-        Some(TypedField::Uint64Data) if !t.uint64_data.is_empty() => {
-            TypedValues::Uint64s(std::mem::take(&mut t.uint64_data))
-        }
+        Some(TypedField::DoubleData) if !t.double_data.is_empty() => TypedValues::Doubles(std::mem::take(&mut t.double_data)),
+        Some(TypedField::Uint64Data) if !t.uint64_data.is_empty() => TypedValues::Uint64s(std::mem::take(&mut t.uint64_data)),
         _ => return TensorData::Empty,
     };
     TensorData::Typed(values)
@@ -281,9 +246,7 @@ fn check_length(dtype: DataType, dims: &[i64], count: u64, data: &TensorData) ->
     let shape = format!("{dtype}{dims:?}");
     match data {
         TensorData::Raw(raw) => match dtype.raw_byte_len(count) {
-            Some(need) if need != raw.len() as u64 => {
-                Err(format!("raw data holds {} bytes, but {shape} needs {need}", raw.len()))
-            }
+            Some(need) if need != raw.len() as u64 => Err(format!("raw data holds {} bytes, but {shape} needs {need}", raw.len())),
             None if dtype == DataType::String => Err("a string tensor cannot use raw data".into()),
             _ => Ok(()),
         },

@@ -63,9 +63,7 @@ pub fn save(model: &Model, path: &Path, options: &SaveOptions) -> Result<SaveSum
     let externalize_large = match options.external_data {
         ExternalData::Always => true,
         ExternalData::AsInput => inline_size > PROTOBUF_LIMIT,
-        ExternalData::Never if inline_size > PROTOBUF_LIMIT => {
-            return Err(SaveError::TooLargeToInline { path: path.to_path_buf(), size: inline_size })
-        }
+        ExternalData::Never if inline_size > PROTOBUF_LIMIT => return Err(SaveError::TooLargeToInline { path: path.to_path_buf(), size: inline_size }),
         ExternalData::Never => false,
     };
     let keep_external = options.external_data != ExternalData::Never;
@@ -132,8 +130,7 @@ impl ExternalLayout {
     fn place(&mut self, t: &mut pb::TensorProto, externalize_large: bool, keep_external: bool) {
         let was_external = t.data_location == Some(pb::tensor_proto::DataLocation::External as i32);
         let size = t.raw_data.as_ref().map_or(0, |b| b.len() as u64);
-        let external = t.raw_data.is_some()
-            && ((was_external && keep_external) || (externalize_large && size >= EXTERNAL_THRESHOLD));
+        let external = t.raw_data.is_some() && ((was_external && keep_external) || (externalize_large && size >= EXTERNAL_THRESHOLD));
         if !external {
             if was_external {
                 // onnx.load() leaves DEFAULT here after reading external data in.
@@ -145,10 +142,7 @@ impl ExternalLayout {
         let offset = self.end.next_multiple_of(EXTERNAL_ALIGNMENT);
         self.end = offset + size;
         let entry = |k: &str, v: String| pb::StringStringEntryProto { key: Some(k.into()), value: Some(v) };
-        t.external_data.splice(
-            0..0,
-            [entry("location", self.location.clone()), entry("offset", offset.to_string()), entry("length", size.to_string())],
-        );
+        t.external_data.splice(0..0, [entry("location", self.location.clone()), entry("offset", offset.to_string()), entry("length", size.to_string())]);
         t.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
         self.chunks.push((offset, bytes));
     }
@@ -383,8 +377,7 @@ fn attribute_proto(a: &Attribute) -> pb::AttributeProto {
             T::Graphs
         }
         AttrValue::SparseTensors(v) => {
-            proto.sparse_tensors =
-                v.iter().map(|o| pb::SparseTensorProto::decode(o.0.clone()).unwrap_or_default()).collect();
+            proto.sparse_tensors = v.iter().map(|o| pb::SparseTensorProto::decode(o.0.clone()).unwrap_or_default()).collect();
             T::SparseTensors
         }
         AttrValue::Types(v) => {

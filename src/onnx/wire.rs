@@ -60,17 +60,12 @@ pub fn describe_fault(buf: &[u8], decoder_message: &str) -> String {
                     return format!("truncated protobuf at byte {start}: the length of field {number} ({name}) runs past the end");
                 };
                 if len > remaining(pos) as u64 {
-                    return format!(
-                        "truncated protobuf at byte {start}: field {number} ({name}) declares {len} bytes but only {} remain",
-                        remaining(pos)
-                    );
+                    return format!("truncated protobuf at byte {start}: field {number} ({name}) declares {len} bytes but only {} remain", remaining(pos));
                 }
                 pos += len as usize;
                 true
             }
-            _ => {
-                return format!("invalid protobuf at byte {start}: wire type {wire_type} is not valid ({decoder_message})")
-            }
+            _ => return format!("invalid protobuf at byte {start}: wire type {wire_type} is not valid ({decoder_message})"),
         };
         if !fits {
             return format!("truncated protobuf at byte {start}: field {number} ({name}) runs past the end of the file");

@@ -22,8 +22,8 @@
 //! every GELU outside `--mode int8`, whose outputs must match the input model
 //! to float rounding.
 
-use super::{Pass, PassError};
 use super::lower_contrib::CONTRIB_DOMAIN;
+use super::{Pass, PassError};
 use crate::ir::{Model, Patch};
 
 /// The pass. See the module documentation.

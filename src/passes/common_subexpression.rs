@@ -32,15 +32,7 @@ use std::collections::{HashMap, HashSet};
 pub struct MergeCommonSubexpressions;
 
 /// Not merged: each application draws new random values.
-const RANDOM_OPS: &[&str] = &[
-    "RandomNormal",
-    "RandomNormalLike",
-    "RandomUniform",
-    "RandomUniformLike",
-    "Multinomial",
-    "Bernoulli",
-    "Dropout",
-];
+const RANDOM_OPS: &[&str] = &["RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"];
 
 impl Pass for MergeCommonSubexpressions {
     fn name(&self) -> &'static str {
@@ -61,8 +53,7 @@ impl Pass for MergeCommonSubexpressions {
             if !is_mergeable(node) {
                 continue;
             }
-            let inputs: Vec<&str> =
-                node.inputs.iter().map(|i| merged.get(i).map_or(i.as_str(), String::as_str)).collect();
+            let inputs: Vec<&str> = node.inputs.iter().map(|i| merged.get(i).map_or(i.as_str(), String::as_str)).collect();
             let key = format!("{}\u{1}{}", node.qualified_op(), inputs.join("\u{1}"));
             let candidates = seen.entry(key).or_default();
             let first = candidates.iter().filter_map(|&c| graph.node(c)).find(|c| same_computation(c, node));
@@ -135,13 +126,9 @@ fn sorted_attributes(node: &Node) -> Vec<&Attribute> {
 fn same_value(a: &AttrValue, b: &AttrValue) -> bool {
     match (a, b) {
         (AttrValue::Float(x), AttrValue::Float(y)) => x.to_bits() == y.to_bits(),
-        (AttrValue::Floats(x), AttrValue::Floats(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())
-        }
+        (AttrValue::Floats(x), AttrValue::Floats(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
         (AttrValue::Tensor(x), AttrValue::Tensor(y)) => same_values(x, y),
-        (AttrValue::Tensors(x), AttrValue::Tensors(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_values(p, q))
-        }
+        (AttrValue::Tensors(x), AttrValue::Tensors(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_values(p, q)),
         // Kept unread: their meaning is unknown here.
         (AttrValue::Uninterpreted, _) | (_, AttrValue::Uninterpreted) => false,
         _ => a == b,

@@ -39,8 +39,7 @@
 
 use super::{Pass, PassError};
 use crate::ir::{
-    infer_types, AttrValue, DataType, Dim, Extras, Graph, Model, Node, NodeId, Patch, Tensor, TensorData, TypeMap,
-    TypedValues, ValueInfo, ValueType,
+    infer_types, AttrValue, DataType, Dim, Extras, Graph, Model, Node, NodeId, Patch, Tensor, TensorData, TypeMap, TypedValues, ValueInfo, ValueType,
 };
 use crate::verify;
 use bytes::Bytes;
@@ -64,8 +63,7 @@ const SMALL_OUTPUT_BYTES: u64 = 64;
 
 /// Never folded: their outputs are random draws. Dropout draws a mask when
 /// training (in inference it is `RemoveNoOps`' business).
-const RANDOM_OPS: &[&str] =
-    &["RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"];
+const RANDOM_OPS: &[&str] = &["RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"];
 
 impl Pass for FoldConstants {
     fn name(&self) -> &'static str {
@@ -103,14 +101,7 @@ impl Pass for FoldConstants {
 
 impl FoldConstants {
     /// The patch replacing `node` by its value, if it folds (see the module docs).
-    fn fold(
-        &self,
-        model: &Model,
-        id: NodeId,
-        node: &Node,
-        types: &TypeMap,
-        constants: &mut Constants,
-    ) -> Option<Patch> {
+    fn fold(&self, model: &Model, id: NodeId, node: &Node, types: &TypeMap, constants: &mut Constants) -> Option<Patch> {
         let graph = &model.graph;
         if !is_foldable_op(node) {
             return None;
@@ -126,12 +117,8 @@ impl FoldConstants {
         if values.is_empty() || outputs.iter().any(|o| graph.is_graph_output(o)) {
             return None;
         }
-        let freed: Vec<(&str, u64)> = inputs
-            .iter()
-            .zip(&values)
-            .filter(|(name, _)| only_read_by(graph, name, id))
-            .map(|(name, value)| (*name, value.byte_len()))
-            .collect();
+        let freed: Vec<(&str, u64)> =
+            inputs.iter().zip(&values).filter(|(name, _)| only_read_by(graph, name, id)).map(|(name, value)| (*name, value.byte_len())).collect();
         let freed_bytes: u64 = freed.iter().map(|(_, bytes)| bytes).sum();
         let read: Vec<&str> = outputs.iter().copied().filter(|o| !graph.uses(o).is_empty()).collect();
         // A node nothing reads is dead code, not a constant to write.
@@ -179,12 +166,7 @@ struct Constants<'a> {
 impl<'a> Constants<'a> {
     fn of(graph: &'a Graph) -> Constants<'a> {
         let inputs: HashSet<&str> = graph.inputs.iter().map(|v| v.name.as_str()).collect();
-        let initializers = graph
-            .initializers
-            .iter()
-            .filter(|t| !inputs.contains(t.name.as_str()))
-            .map(|t| (t.name.as_str(), t))
-            .collect();
+        let initializers = graph.initializers.iter().filter(|t| !inputs.contains(t.name.as_str())).map(|t| (t.name.as_str(), t)).collect();
         Constants { initializers, folded: HashMap::new() }
     }
 
@@ -230,8 +212,7 @@ fn evaluate(model: &Model, node: &Node, inputs: &[&Tensor], types: &TypeMap) -> 
         .iter()
         .map(|(name, value)| {
             let tensor = from_tract(name, value)?;
-            let agrees = types.elem_type(name) == Some(tensor.dtype)
-                && types.shape(name).is_none_or(|dims| shape_fits(dims, &tensor.dims));
+            let agrees = types.elem_type(name) == Some(tensor.dtype) && types.shape(name).is_none_or(|dims| shape_fits(dims, &tensor.dims));
             agrees.then_some(tensor)
         })
         .collect()
@@ -290,9 +271,7 @@ fn constant_value(node: &Node) -> Option<Tensor> {
         ("value_int", AttrValue::Int(v)) => raw(DataType::Int64, vec![], v.to_le_bytes().to_vec()),
         ("value_ints", AttrValue::Ints(v)) => Tensor::from_i64(output, len(v.len()), v),
         ("value_float", AttrValue::Float(v)) => raw(DataType::Float, vec![], v.to_le_bytes().to_vec()),
-        ("value_floats", AttrValue::Floats(v)) => {
-            raw(DataType::Float, len(v.len()), v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        }
+        ("value_floats", AttrValue::Floats(v)) => raw(DataType::Float, len(v.len()), v.iter().flat_map(|x| x.to_le_bytes()).collect()),
         ("value_string", AttrValue::String(s)) => strings(vec![], vec![s.clone()]),
         ("value_strings", AttrValue::Strings(v)) => strings(len(v.len()), v.clone()),
         // sparse_value, or an attribute reference inside a function

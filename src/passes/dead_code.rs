@@ -52,12 +52,8 @@ impl Pass for EliminateDeadCode {
         }
 
         let graph_inputs: HashSet<&str> = graph.inputs.iter().map(|v| v.name.as_str()).collect();
-        let unused_initializers: HashSet<&str> = graph
-            .initializers
-            .iter()
-            .map(|t| t.name.as_str())
-            .filter(|name| !live.tensors.contains(*name) && !graph_inputs.contains(name))
-            .collect();
+        let unused_initializers: HashSet<&str> =
+            graph.initializers.iter().map(|t| t.name.as_str()).filter(|name| !live.tensors.contains(*name) && !graph_inputs.contains(name)).collect();
         for name in graph.initializers.iter().map(|t| t.name.as_str()).filter(|n| unused_initializers.contains(n)) {
             let mut patch = Patch::new("unused-initializer");
             patch.remove_initializer(name);

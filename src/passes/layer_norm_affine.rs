@@ -82,7 +82,8 @@ impl Pass for LayerNormAffineIntoWeights {
                 let (ones, zeros) = (name("unit_scale"), name("zero_shift"));
                 patch.add_initializer(Tensor::from_f32(ones.clone(), &ArrayD::from_elem(vec![k], 1.0f32)));
                 patch.add_initializer(Tensor::from_f32(zeros.clone(), &ArrayD::zeros(vec![k])));
-                let mut plain = Node::new("LayerNormalization", &[&norm.inputs[0], &ones, &zeros], &[&normalized]).with_name(format!("{}/normalized", norm.name_or_output()));
+                let mut plain = Node::new("LayerNormalization", &[&norm.inputs[0], &ones, &zeros], &[&normalized])
+                    .with_name(format!("{}/normalized", norm.name_or_output()));
                 for attribute in &norm.attributes {
                     plain = plain.with_attr(attribute.name.clone(), attribute.value.clone());
                 }

@@ -80,8 +80,7 @@ impl Pass for LowerContribOps {
 
     fn propose(&self, model: &Model) -> Result<Vec<Patch>, PassError> {
         let failed = |e: LowerError| PassError::Failed { pass: self.name().into(), message: e.to_string() };
-        let targets: Vec<NodeId> =
-            model.graph.nodes_with_ids().into_iter().filter(|(_, n)| needs_lowering(n)).map(|(id, _)| id).collect();
+        let targets: Vec<NodeId> = model.graph.nodes_with_ids().into_iter().filter(|(_, n)| needs_lowering(n)).map(|(id, _)| id).collect();
         if targets.is_empty() {
             return Ok(Vec::new());
         }
@@ -102,8 +101,7 @@ pub fn needs_lowering(node: &Node) -> bool {
 pub fn lower_contrib_ops(model: &mut Model, options: &DriverOptions) -> Result<PassRecord, PassError> {
     let passes: Vec<Box<dyn Pass>> = vec![Box::new(LowerContribOps)];
     let record = run_pipeline(model, &passes, options)?.pop().unwrap_or_default();
-    let still_used = graph_uses_domain(&model.graph, CONTRIB_DOMAIN)
-        || model.functions.iter().any(|f| f.domain == CONTRIB_DOMAIN);
+    let still_used = graph_uses_domain(&model.graph, CONTRIB_DOMAIN) || model.functions.iter().any(|f| f.domain == CONTRIB_DOMAIN);
     if !still_used {
         model.opset_imports.retain(|o| o.domain != CONTRIB_DOMAIN);
     }
@@ -111,10 +109,7 @@ pub fn lower_contrib_ops(model: &mut Model, options: &DriverOptions) -> Result<P
 }
 
 fn graph_uses_domain(graph: &Graph, domain: &str) -> bool {
-    graph.nodes().any(|n| {
-        n.domain == domain
-            || n.attributes.iter().any(|a| a.value.subgraphs().iter().any(|g| graph_uses_domain(g, domain)))
-    })
+    graph.nodes().any(|n| n.domain == domain || n.attributes.iter().any(|a| a.value.subgraphs().iter().any(|g| graph_uses_domain(g, domain))))
 }
 
 /// The patch that replaces node `id` by standard ops, or why it cannot be.
@@ -126,11 +121,7 @@ pub fn lower_node(model: &Model, types: &TypeMap, id: NodeId) -> Result<Patch, L
     let Some(node) = model.graph.node(id) else {
         return Err(LowerError::Unsupported { node: format!("{id:?}"), op: "?".into(), reason: "no such node".into() });
     };
-    let unsupported = |reason: String| LowerError::Unsupported {
-        node: node.name_or_output().to_string(),
-        op: node.qualified_op(),
-        reason,
-    };
+    let unsupported = |reason: String| LowerError::Unsupported { node: node.name_or_output().to_string(), op: node.qualified_op(), reason };
     if !needs_lowering(node) {
         return Err(unsupported("not a contrib op: nothing to lower".into()));
     }
@@ -406,7 +397,15 @@ impl<'m> Lowering<'m> {
     /// computed in float32 (half inputs are widened, as ORT's kernel does; y is
     /// narrowed back to `y_type`). `x` comes with its type: it may be a tensor
     /// this lowering made (SkipSimplifiedLayerNormalization's sum), untyped yet.
-    fn rms_norm(&mut self, (x, x_type): (&str, DataType), scale: &str, axes: &[i64], epsilon: f32, y_type: DataType, outputs: [Option<&str>; 3]) -> Result<(), Refusal> {
+    fn rms_norm(
+        &mut self,
+        (x, x_type): (&str, DataType),
+        scale: &str,
+        axes: &[i64],
+        epsilon: f32,
+        y_type: DataType,
+        outputs: [Option<&str>; 3],
+    ) -> Result<(), Refusal> {
         let widen = |this: &mut Self, name: &str, dtype: DataType, what: &str| -> String {
             match dtype {
                 DataType::Float => name.to_string(),
@@ -987,7 +986,9 @@ impl<'m> Lowering<'m> {
         if unidirectional {
             let same = matches!((self.shape(query), self.shape(key)), (Some(q), Some(k)) if q[1] == k[1] && q[1] != Dim::Unknown);
             if !same {
-                return Err("unidirectional needs the query and key sequence lengths provably equal (ORT 1.32's CPU causal mask is not a triangle otherwise)".into());
+                return Err(
+                    "unidirectional needs the query and key sequence lengths provably equal (ORT 1.32's CPU causal mask is not a triangle otherwise)".into()
+                );
             }
         }
         let hidden = self.fixed_dim(query, -1);

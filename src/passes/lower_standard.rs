@@ -154,11 +154,7 @@ pub fn lower_node(model: &Model, types: &TypeMap, id: NodeId) -> Result<Patch, L
         "DequantizeLinear" => lowering.dequantize_constant(),
         other => Err(format!("{other} is not lowered here")),
     };
-    lowered.map_err(|reason| LowerError {
-        node: node.name_or_output().to_string(),
-        op: node.op_type.clone(),
-        reason,
-    })?;
+    lowered.map_err(|reason| LowerError { node: node.name_or_output().to_string(), op: node.op_type.clone(), reason })?;
     Ok(lowering.patch)
 }
 
@@ -275,9 +271,10 @@ impl<'m> Lowering<'m> {
             let rank = self.rank(x)? as i64;
             let axis = self.node.attr_int("axis").unwrap_or(1);
             let axis = if axis < 0 { axis + rank } else { axis };
-            let one_block = self.types.shape(scale).is_some_and(|dims| {
-                dims.len() as i64 == rank && usize::try_from(axis).ok().and_then(|a| dims.get(a)).is_some_and(|d| d.fixed() == Some(1))
-            });
+            let one_block = self
+                .types
+                .shape(scale)
+                .is_some_and(|dims| dims.len() as i64 == rank && usize::try_from(axis).ok().and_then(|a| dims.get(a)).is_some_and(|d| d.fixed() == Some(1)));
             if !one_block {
                 return Err("blocked quantization is lowered only with one block along the axis (a scale of x's rank, 1 on the axis)".into());
             }

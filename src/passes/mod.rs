@@ -11,25 +11,25 @@ pub mod add_into_sum;
 pub mod approximate_gelu;
 pub mod attention_opset;
 pub mod check;
-pub mod lower_contrib;
-pub mod lower_float16_gemm;
-pub mod lower_standard;
-mod lowering;
 pub mod common_subexpression;
 pub mod constant_folding;
 pub mod dead_code;
 pub mod fuse;
 pub mod inline_constant_if;
 pub mod layer_norm_affine;
+pub mod lower_contrib;
+pub mod lower_float16_gemm;
+pub mod lower_standard;
+mod lowering;
 pub mod no_op;
 pub mod pack_sibling_matmuls;
 pub mod pipeline;
 pub mod prune_weights;
 pub mod quantize_dynamic;
 pub mod quantize_fp16;
-pub mod quantize_static;
 pub mod quantize_gather_int4;
 pub mod quantize_int4;
+pub mod quantize_static;
 pub mod raise_opset;
 pub mod residual_sum;
 pub mod shape_folding;
@@ -120,11 +120,7 @@ pub fn run_pipeline(model: &mut Model, passes: &[Box<dyn Pass>], options: &Drive
     let mut records = Vec::new();
     let mut applied_total = 0usize;
     for pass in passes {
-        let mut record = PassRecord {
-            pass: pass.name().to_string(),
-            nodes_before: model.graph.node_count(),
-            ..PassRecord::default()
-        };
+        let mut record = PassRecord { pass: pass.name().to_string(), nodes_before: model.graph.node_count(), ..PassRecord::default() };
         let started = std::time::Instant::now();
         let mut rounds = 0;
         'rounds: loop {

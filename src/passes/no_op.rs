@@ -131,8 +131,7 @@ fn dropout_in_inference(node: &Node, facts: &Facts) -> bool {
         // Dropout-7 and -10 have no flag: a runtime doing inference passes x through.
         _ => false,
     };
-    let mask_read = given(node.outputs.get(1))
-        .is_some_and(|mask| !facts.graph.uses(mask).is_empty() || facts.graph.is_graph_output(mask));
+    let mask_read = given(node.outputs.get(1)).is_some_and(|mask| !facts.graph.uses(mask).is_empty() || facts.graph.is_graph_output(mask));
     !training && !mask_read
 }
 

@@ -28,20 +28,18 @@
 //!    different weights (a decoder's Q, K and V; its MLP's gate and up) become
 //!    one MatMul and a Split: one kernel per decode step instead of three.
 //! 10. `remove-no-ops` again: the identity Transposes and same-shape Reshapes
-//!    fusions leave between fused ops.
+//!     fusions leave between fused ops.
 //! 11. `merge-common-subexpressions` again: fusions compute new constants
-//!    (packed QKV weights) that may repeat (all-zero biases of several layers).
+//!     (packed QKV weights) that may repeat (all-zero biases of several layers).
 //! 12. `eliminate-dead-code` again: what only the fused nodes read, and the
-//!    duplicates 11 replaced.
+//!     duplicates 11 replaced.
 
-use super::common_subexpression::MergeCommonSubexpressions;
-use super::constant_folding::FoldConstants;
-use super::dead_code::EliminateDeadCode;
 use super::add_into_sum::AddIntoSum;
 use super::approximate_gelu::ApproximateGelu;
 use super::attention_opset::{RaiseOpsetForAttention, ATTENTION_OPSET};
-use super::residual_sum::ResidualAddAsSum;
-use super::split_attention_projection::SplitAttentionProjection;
+use super::common_subexpression::MergeCommonSubexpressions;
+use super::constant_folding::FoldConstants;
+use super::dead_code::EliminateDeadCode;
 use super::fuse::Fuse;
 use super::inline_constant_if::InlineConstantIf;
 use super::layer_norm_affine::LayerNormAffineIntoWeights;
@@ -51,7 +49,9 @@ use super::quantize_dynamic::QuantizeDynamic;
 use super::quantize_fp16::ConvertToFloat16;
 use super::quantize_static::QuantizeStatic;
 use super::raise_opset::RaiseOpset;
+use super::residual_sum::ResidualAddAsSum;
 use super::shape_folding::FoldShapes;
+use super::split_attention_projection::SplitAttentionProjection;
 use super::Pass;
 use std::fmt;
 use std::str::FromStr;

@@ -115,10 +115,10 @@
 use super::lower_contrib::CONTRIB_DOMAIN;
 use super::pipeline::Target;
 use super::{Pass, PassError};
-use crate::ir::{infer_types, AttrValue, DataType, Graph, Model, Node, NodeId, Patch, Tensor};
-use bytes::Bytes;
 use crate::calibrate::{for_each_batch, CalibrateError, CalibrationSource, Gram};
+use crate::ir::{infer_types, AttrValue, DataType, Graph, Model, Node, NodeId, Patch, Tensor};
 use crate::quantize::gptq::{gptq, GptqError, GptqOptions, Grid, Levels, QuantizedMatrix};
+use bytes::Bytes;
 use faer::Mat;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -468,9 +468,7 @@ pub fn one_sided_zero_point(row_maxima: &[f32]) -> Option<u8> {
     let floor = -GELU_MINIMUM as f64;
     let mean_squared_step = |step: &dyn Fn(f64) -> f64| row_maxima.iter().map(|&r| step(r as f64).powi(2)).sum::<f64>() / row_maxima.len().max(1) as f64;
     let symmetric = mean_squared_step(&|r| r.max(floor) / 127.0);
-    let (best, cost) = (1..=127u8)
-        .map(|z| (z, mean_squared_step(&|r| (r / (255.0 - z as f64)).max(floor / z as f64))))
-        .min_by(|a, b| a.1.total_cmp(&b.1))?;
+    let (best, cost) = (1..=127u8).map(|z| (z, mean_squared_step(&|r| (r / (255.0 - z as f64)).max(floor / z as f64)))).min_by(|a, b| a.1.total_cmp(&b.1))?;
     (cost < symmetric && !row_maxima.is_empty()).then_some(best)
 }
 
@@ -544,12 +542,7 @@ fn constant<'g>(graph: &'g Graph, graph_inputs: &HashSet<&str>, name: &str) -> O
 /// The names (`exclude` takes them) of the layers the pass would quantize.
 pub fn quantizable_layers(model: &Model) -> Vec<String> {
     let graph_inputs: HashSet<&str> = model.graph.inputs.iter().map(|v| v.name.as_str()).collect();
-    model
-        .graph
-        .nodes()
-        .filter(|n| quantizable_weight(&model.graph, &graph_inputs, n).is_some())
-        .map(|n| n.name_or_output().to_string())
-        .collect()
+    model.graph.nodes().filter(|n| quantizable_weight(&model.graph, &graph_inputs, n).is_some()).map(|n| n.name_or_output().to_string()).collect()
 }
 
 /// The layers the pass would quantize, grouped by the activation they read,
@@ -630,15 +623,7 @@ fn candidate(graph: &Graph, graph_inputs: &HashSet<&str>, id: NodeId, node: &Nod
             None => {}
         }
     }
-    Some(Candidate {
-        id,
-        activation: node.inputs[0].clone(),
-        output,
-        weights,
-        bias,
-        addend,
-        folded_add: None,
-    })
+    Some(Candidate { id, activation: node.inputs[0].clone(), output, weights, bias, addend, folded_add: None })
 }
 
 /// The Add that adds a constant float32 `[n]` to `product` and is its only reader.

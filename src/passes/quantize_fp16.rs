@@ -28,6 +28,7 @@
 //!   every weight, a runtime folds these Casts at load);
 //! - `value_info` entries of tensors that became float16 are dropped (they
 //!   would state float32).
+//!
 //! `Cast`, `Shape` and `Size` read any type and get no Cast in front.
 //!
 //! The math. float16 keeps 11 significant bits: a value `w` in float16's
@@ -105,33 +106,109 @@ pub enum Float16Scope {
 /// so that all of them may become float16 at once. Qualified names.
 pub const FLOAT16_OPS: &[&str] = &[
     // elementwise
-    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sign", "Floor", "Ceil", "Round", "Relu", "LeakyRelu", "Elu", "Selu",
-    "Celu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Sqrt", "Max", "Min", "Sum", "Mean",
-    "Clip", "Where", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "IsNaN", "IsInf",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Neg",
+    "Abs",
+    "Sign",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Relu",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "Celu",
+    "PRelu",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Tanh",
+    "Erf",
+    "Gelu",
+    "Sqrt",
+    "Max",
+    "Min",
+    "Sum",
+    "Mean",
+    "Clip",
+    "Where",
+    "Equal",
+    "Less",
+    "Greater",
+    "LessOrEqual",
+    "GreaterOrEqual",
+    "IsNaN",
+    "IsInf",
     // products
-    "MatMul", "Gemm", "Einsum",
+    "MatMul",
+    "Gemm",
+    "Einsum",
     // data movement
-    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Split", "Slice", "Gather",
-    "GatherElements", "GatherND", "Expand", "Tile", "Pad", "Identity", "Trilu", "ScatterND", "ScatterElements",
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+    "Concat",
+    "Split",
+    "Slice",
+    "Gather",
+    "GatherElements",
+    "GatherND",
+    "Expand",
+    "Tile",
+    "Pad",
+    "Identity",
+    "Trilu",
+    "ScatterND",
+    "ScatterElements",
     // reductions that only pick a value
-    "ReduceMax", "ReduceMin",
+    "ReduceMax",
+    "ReduceMin",
     // normalizations whose mean and variance are float32 whatever T is (see
     // `statistics_in_float32`)
-    "LayerNormalization", "RMSNormalization", "com.microsoft.SkipLayerNormalization",
-    "com.microsoft.SimplifiedLayerNormalization", "com.microsoft.SkipSimplifiedLayerNormalization",
+    "LayerNormalization",
+    "RMSNormalization",
+    "com.microsoft.SkipLayerNormalization",
+    "com.microsoft.SimplifiedLayerNormalization",
+    "com.microsoft.SkipSimplifiedLayerNormalization",
     "com.microsoft.EmbedLayerNormalization",
     // ONNX Runtime's fused ops (their CUDA kernels run softmax in float32 themselves)
-    "com.microsoft.Attention", "com.microsoft.MultiHeadAttention", "com.microsoft.BiasGelu", "com.microsoft.Gelu",
-    "com.microsoft.FastGelu", "com.microsoft.QuickGelu", "com.microsoft.BiasAdd", "com.microsoft.RotaryEmbedding",
+    "com.microsoft.Attention",
+    "com.microsoft.MultiHeadAttention",
+    "com.microsoft.BiasGelu",
+    "com.microsoft.Gelu",
+    "com.microsoft.FastGelu",
+    "com.microsoft.QuickGelu",
+    "com.microsoft.BiasAdd",
+    "com.microsoft.RotaryEmbedding",
 ];
 
 /// Ops kept in float32 although their typing would allow float16: their
 /// results leave float16's range or lose its precision (see the module doc
 /// for the sources).
 pub const RANGE_SENSITIVE_OPS: &[&str] = &[
-    "Softmax", "LogSoftmax", "GroupNormalization", "InstanceNormalization", "Exp", "Log", "Pow", "Reciprocal",
-    "ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
-    "ReduceProd", "CumSum", "Range",
+    "Softmax",
+    "LogSoftmax",
+    "GroupNormalization",
+    "InstanceNormalization",
+    "Exp",
+    "Log",
+    "Pow",
+    "Reciprocal",
+    "ReduceSum",
+    "ReduceMean",
+    "ReduceSumSquare",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceProd",
+    "CumSum",
+    "Range",
 ];
 
 /// Ops that read an input of any type: they read a tensor as it is stored.
@@ -254,9 +331,7 @@ fn feeds_only(graph: &Graph, node: &Node, float16_nodes: &HashSet<NodeId>) -> bo
     let uses = graph.uses(output);
     !graph.is_graph_output(output)
         && uses.iter().any(|u| float16_nodes.contains(&u.node))
-        && uses.iter().all(|u| {
-            float16_nodes.contains(&u.node) || graph.node(u.node).is_some_and(|n| READS_ANY_TYPE.contains(&n.op_type.as_str()))
-        })
+        && uses.iter().all(|u| float16_nodes.contains(&u.node) || graph.node(u.node).is_some_and(|n| READS_ANY_TYPE.contains(&n.op_type.as_str())))
 }
 
 /// Where every float32 tensor of the model lives after the conversion.
@@ -399,10 +474,7 @@ impl ConvertToFloat16 {
             let values = values.iter().copied().collect::<Vec<f32>>();
             let converted = Float16Values::new(&values);
             if converted.clamped > 0 {
-                self.note(format!(
-                    "'{}': {} values beyond +-65504 clamped to it (largest magnitude {:e})",
-                    t.name, converted.clamped, converted.largest
-                ));
+                self.note(format!("'{}': {} values beyond +-65504 clamped to it (largest magnitude {:e})", t.name, converted.clamped, converted.largest));
             }
             if converted.flushed > 0 {
                 self.note(format!("'{}': {} nonzero values below float16's smallest (5.96e-8) became 0", t.name, converted.flushed));

@@ -80,7 +80,8 @@ impl Pass for QuantizeGatherInt4 {
                     transposed[c * rows + r] = v;
                 }
             }
-            let q = round_to_nearest(&transposed, cols, rows, grid).map_err(|e| PassError::Failed { pass: self.name().into(), message: format!("'{table_name}': {e}") })?;
+            let q = round_to_nearest(&transposed, cols, rows, grid)
+                .map_err(|e| PassError::Failed { pass: self.name().into(), message: format!("'{table_name}': {e}") })?;
             let blocks = q.blocks();
             // back to [V, D] and [V, blocks]
             let shift = if self.zero_point { 8 } else { 0 };

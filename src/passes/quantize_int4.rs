@@ -60,8 +60,8 @@
 //! the check measures the rounding of the weights and nothing else.
 
 use super::lower_contrib::CONTRIB_DOMAIN;
-use super::quantize_dynamic::quantizable_weight;
 use super::pipeline::Target;
+use super::quantize_dynamic::quantizable_weight;
 use super::{Pass, PassError};
 use crate::calibrate::{gram_matrices, CalibrateError, CalibrationSource};
 use crate::ir::{infer_types, AttrValue, DataType, Graph, Model, Node, NodeId, Patch, Tensor};
@@ -146,18 +146,14 @@ impl Pass for QuantizeInt4 {
                 "the model imports default-domain opset {opset}; int4 DequantizeLinear with block_size needs {BLOCKED_DEQUANTIZE_OPSET} or later (raise it first)"
             )));
         }
-        let grid = Grid {
-            block: Some(self.block_size),
-            levels: if self.zero_point { Levels::Asymmetric { max: 15 } } else { Levels::Symmetric { max: 7 } },
-        };
+        let grid = Grid { block: Some(self.block_size), levels: if self.zero_point { Levels::Asymmetric { max: 15 } } else { Levels::Symmetric { max: 7 } } };
         let mut patches = Vec::with_capacity(candidates.len());
         for c in &candidates {
             let quantized = match &self.rounding {
                 Rounding::Nearest => round_to_nearest(&c.weight, c.k, c.n, grid),
                 Rounding::Gptq { hessians, options } => {
-                    let hessian = hessians.get(&c.activation).ok_or_else(|| {
-                        fail(format!("no calibration Hessian for '{}', the input of '{}'", c.activation, c.name))
-                    })?;
+                    let hessian =
+                        hessians.get(&c.activation).ok_or_else(|| fail(format!("no calibration Hessian for '{}', the input of '{}'", c.activation, c.name)))?;
                     gptq(&c.weight, c.k, c.n, hessian.as_ref(), grid, *options)
                 }
             }

@@ -235,9 +235,10 @@ fn residual_slot(graph: &Graph, graph_inputs: &HashSet<&str>, types: &TypeMap, n
         // y = Add(MatMul(..), bias) with a constant bias
         producer.is_onnx("Add")
             && producer.inputs.iter().any(|i| graph.initializer(i).is_some())
-            && producer.inputs.iter().any(|i| {
-                graph.producer(i).and_then(|(id, _)| graph.node(id)).is_some_and(|p| weighted_op_axis(graph, graph_inputs, p).is_some())
-            })
+            && producer
+                .inputs
+                .iter()
+                .any(|i| graph.producer(i).and_then(|(id, _)| graph.node(id)).is_some_and(|p| weighted_op_axis(graph, graph_inputs, p).is_some()))
     };
     match (from_weighted_op(&node.inputs[0]), from_weighted_op(&node.inputs[1])) {
         (true, false) => Some(1),
@@ -354,13 +355,8 @@ fn add_pair(patch: &mut Patch, activation: &str, scale: f32, zero_point: ZeroPoi
         ZeroPoint::Int8(z) => Tensor::from_raw(&zero_name, DataType::Int8, vec![], Bytes::from(vec![z as u8])),
     };
     patch.add_initializer(zero);
-    patch.add_node(
-        Node::new("QuantizeLinear", &[activation, &scale_name, &zero_name], &[&quantized]).with_name(format!("{activation}/QuantizeLinear")),
-    );
-    patch.add_node(
-        Node::new("DequantizeLinear", &[&quantized, &scale_name, &zero_name], &[&dequantized])
-            .with_name(format!("{activation}/DequantizeLinear")),
-    );
+    patch.add_node(Node::new("QuantizeLinear", &[activation, &scale_name, &zero_name], &[&quantized]).with_name(format!("{activation}/QuantizeLinear")));
+    patch.add_node(Node::new("DequantizeLinear", &[&quantized, &scale_name, &zero_name], &[&dequantized]).with_name(format!("{activation}/DequantizeLinear")));
     dequantized
 }
 

@@ -243,9 +243,8 @@ impl RaiseOpset {
     /// knowing them (what follows "Op (node 'n') " in the refusal).
     fn changes(&self, node: &Node, from: i64) -> Result<Vec<Change>, String> {
         let op = &node.op_type;
-        let history = op_history(op).ok_or_else(|| {
-            format!("is not in raise-opset's table of ops whose meaning is known from opset {MIN_SOURCE_OPSET} to {MAX_OPSET}")
-        })?;
+        let history = op_history(op)
+            .ok_or_else(|| format!("is not in raise-opset's table of ops whose meaning is known from opset {MIN_SOURCE_OPSET} to {MAX_OPSET}"))?;
         if let Some((introduced, _)) = history.iter().find(|(_, c)| *c == Introduced) {
             if *introduced > from {
                 return Err(format!("is not an ONNX op at opset {from} (ONNX's {op} exists from opset {introduced})"));

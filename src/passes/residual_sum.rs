@@ -44,9 +44,10 @@ impl Pass for ResidualAddAsSum {
             if node.inputs.iter().any(|i| graph.initializer(i).is_some()) {
                 continue;
             }
-            let feeds_layer_norm = graph.uses(&node.outputs[0]).iter().any(|u| {
-                u.slot == Slot::Input(0) && graph.node(u.node).is_some_and(|reader| reader.is_onnx("LayerNormalization"))
-            });
+            let feeds_layer_norm = graph
+                .uses(&node.outputs[0])
+                .iter()
+                .any(|u| u.slot == Slot::Input(0) && graph.node(u.node).is_some_and(|reader| reader.is_onnx("LayerNormalization")));
             if !feeds_layer_norm {
                 continue;
             }

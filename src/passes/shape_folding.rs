@@ -59,9 +59,7 @@ impl Pass for FoldShapes {
         let mut patches = Vec::new();
         for id in order {
             let Some(values) = foldable.get(&id) else { continue };
-            let read_outside = values.iter().flat_map(|t| graph.uses(&t.name)).any(|u| {
-                u.slot == Slot::Captured || !foldable.contains_key(&u.node)
-            });
+            let read_outside = values.iter().flat_map(|t| graph.uses(&t.name)).any(|u| u.slot == Slot::Captured || !foldable.contains_key(&u.node));
             if !read_outside {
                 continue;
             }

@@ -59,12 +59,22 @@ impl Linear {
 }
 
 /// How Q, K and V are computed.
+// One per attention block, built once: the size of `Separate` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Projections {
-    Separate { q: Linear, k: Linear, v: Linear },
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
     /// `com.microsoft.Attention`: weight `[hidden, 3 * heads * head_size]`
     /// (Q, K, V side by side, each head-major), bias `[3 * heads * head_size]`.
-    Packed { attention: NodeId, weight: ConstantSite, bias: Option<ConstantSite> },
+    Packed {
+        attention: NodeId,
+        weight: ConstantSite,
+        bias: Option<ConstantSite>,
+    },
 }
 
 /// A shape constant one of whose elements is `heads * per_head` (the head count
@@ -191,12 +201,7 @@ fn producer_node<'g>(graph: &'g Graph, tensor: &str) -> Option<(NodeId, &'g Node
 
 /// The consumers of `tensor` other than `Shape` reads.
 fn data_uses<'g>(graph: &'g Graph, tensor: &str) -> Vec<(NodeId, &'g Node)> {
-    graph
-        .uses(tensor)
-        .iter()
-        .filter_map(|u| Some((u.node, graph.node(u.node)?)))
-        .filter(|(_, n)| !n.is_onnx("Shape"))
-        .collect()
+    graph.uses(tensor).iter().filter_map(|u| Some((u.node, graph.node(u.node)?))).filter(|(_, n)| !n.is_onnx("Shape")).collect()
 }
 
 fn is_constant(graph: &Graph, name: &str) -> bool {
@@ -331,15 +336,7 @@ fn unfused_attention(graph: &Graph, types: &TypeMap, softmax: NodeId) -> Result<
     for &r in &merge_reshapes {
         head_constants.extend(head_constant(graph, r, 2, 3, heads, head_size));
     }
-    Ok(Some(AttentionCore {
-        at,
-        input: q.input.clone(),
-        projections: Projections::Separate { q, k, v },
-        heads,
-        head_size,
-        head_constants,
-        context,
-    }))
+    Ok(Some(AttentionCore { at, input: q.input.clone(), projections: Projections::Separate { q, k, v }, heads, head_size, head_constants, context }))
 }
 
 /// The constant element `index` of Reshape `reshape`'s target of rank `rank`
@@ -348,8 +345,7 @@ fn head_constant(graph: &Graph, reshape: NodeId, index: usize, rank: usize, head
     let expected = (heads * per_head) as f32;
     let node = graph.node(reshape)?;
     if let Some(s) = site(graph, reshape, 1) {
-        return (s.values.len() == rank && s.values.iter().nth(index) == Some(&expected))
-            .then_some(HeadShapeConstant { site: s, index, per_head });
+        return (s.values.len() == rank && s.values.iter().nth(index) == Some(&expected)).then_some(HeadShapeConstant { site: s, index, per_head });
     }
     // a Concat of one-element pieces
     let (concat_id, concat) = producer_node(graph, node.inputs.get(1)?)?;
@@ -436,8 +432,9 @@ fn complete_block(graph: &Graph, index: usize, core: AttentionCore) -> Result<Bl
     if attention_output.rows() != width {
         return Err(unrecognised(&at, format!("output projection has {} rows, the heads give {width}", attention_output.rows())));
     }
-    let middle = residual_norm(graph, &biased_output(graph, &attention_output), &core.input)
-        .ok_or_else(|| unrecognised(&at, "no residual Add + LayerNormalization (or SkipLayerNormalization) after the output projection (pre-LN blocks are not supported)"))?;
+    let middle = residual_norm(graph, &biased_output(graph, &attention_output), &core.input).ok_or_else(|| {
+        unrecognised(&at, "no residual Add + LayerNormalization (or SkipLayerNormalization) after the output projection (pre-LN blocks are not supported)")
+    })?;
     let ffn_in = single_linear_reading(graph, &middle).ok_or_else(|| unrecognised(&at, "the attention half's output feeds no single FFN MatMul"))?;
     let neurons = ffn_in.cols();
     let ffn_out = ffn_output_behind_activation(graph, &biased_output(graph, &ffn_in), neurons)

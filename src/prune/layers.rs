@@ -39,7 +39,11 @@ pub struct LayerDropReport {
 pub fn drop_layers(model: &Model, count: usize, source: &CalibrationSource) -> Result<(Model, LayerDropReport), PruneError> {
     let blocks = find_blocks(model)?;
     if count == 0 || count >= blocks.len() {
-        return Err(PruneError::Option(format!("--drop-layers must be between 1 and {} (the model has {} blocks), got {count}", blocks.len().saturating_sub(1), blocks.len())));
+        return Err(PruneError::Option(format!(
+            "--drop-layers must be between 1 and {} (the model has {} blocks), got {count}",
+            blocks.len().saturating_sub(1),
+            blocks.len()
+        )));
     }
     let cosines = input_output_cosines(model, &blocks, source)?;
     let mut order: Vec<usize> = (0..blocks.len()).collect();
@@ -49,10 +53,7 @@ pub fn drop_layers(model: &Model, count: usize, source: &CalibrationSource) -> R
     let mut pruned = model.clone();
     // the highest first: an earlier block's index is unchanged by dropping a later one
     for &layer in dropped.iter().rev() {
-        let block = find_blocks(&pruned)?
-            .into_iter()
-            .nth(layer)
-            .ok_or_else(|| PruneError::Surgery(format!("block {layer} is no longer recognisable")))?;
+        let block = find_blocks(&pruned)?.into_iter().nth(layer).ok_or_else(|| PruneError::Surgery(format!("block {layer} is no longer recognisable")))?;
         let patch = bypass(&pruned, &block)?;
         pruned.graph.apply(patch, true)?;
     }
@@ -93,8 +94,8 @@ fn input_output_cosines(model: &Model, blocks: &[Block], source: &CalibrationSou
         let mut rows_seen = 0;
         for (b, pair) in batch.taps.chunks(2).enumerate() {
             let keep = batch.token_rows(&pair[0]);
-            let input = rows(&pair[0], &taps[2 * b])?;
-            let output = rows(&pair[1], &taps[2 * b + 1])?;
+            let input = rows(&pair[0], taps[2 * b])?;
+            let output = rows(&pair[1], taps[2 * b + 1])?;
             let width = pair[0].shape().last().copied().unwrap_or(1).max(1);
             rows_seen = 0;
             for (r, (x, y)) in input.chunks(width).zip(output.chunks(width)).enumerate() {

@@ -41,8 +41,8 @@ use crate::passes::{lowered_for_tract, run_pipeline, DriverOptions, PassError};
 use reconstruct::{PairedGram, ReconstructError, Sums};
 use serde::Serialize;
 use sparse::{LinearWeight, NofM, SparsityPattern};
-use tapped_plan::TappedPlan;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use tapped_plan::TappedPlan;
 
 /// What to remove.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -678,8 +678,7 @@ fn count(original: &Model, pruned: &Model, planned: &[(LinearLayer, SparsityPatt
         report.linear_flops_per_token_before += 2 * layer.read(original)?.nonzeros() as u64;
     }
     for layer in &report.layers {
-        report.linear_flops_per_token_after +=
-            (2.0 * (1.0 - layer.sparsity) * (layer.shape[0] * layer.shape[1]) as f64).round() as u64;
+        report.linear_flops_per_token_after += (2.0 * (1.0 - layer.sparsity) * (layer.shape[0] * layer.shape[1]) as f64).round() as u64;
     }
     let zeroed = before.saturating_sub(after);
     report.removed.push(format!(

@@ -137,8 +137,11 @@ impl PairedGram {
 
     /// The sums as `(A, B, C)`, with the column sums.
     pub fn sums(&self) -> Sums<'_> {
-        let ones = (self.student_sum.len() == self.student.nrows())
-            .then(|| ColumnSums { student: &self.student_sum, teacher: &self.teacher_sum, rows: self.rows as f64 });
+        let ones = (self.student_sum.len() == self.student.nrows()).then(|| ColumnSums {
+            student: &self.student_sum,
+            teacher: &self.teacher_sum,
+            rows: self.rows as f64,
+        });
         Sums { student: self.student.as_ref(), cross: self.cross.as_ref(), teacher: self.teacher.as_ref(), ones }
     }
 }
@@ -360,16 +363,13 @@ pub fn refit(weight: &LinearWeight, keep: &[bool], with_bias: bool, sums: Sums, 
             let kept: Vec<usize> = (0..k).filter(|&kk| keep[kk * n + nn]).collect();
             let system = KeptSystem { a: sums.student, kept: &kept, ones, lambda };
             let rhs = |i: usize| if i < kept.len() { targets[(kept[i], nn)] + lambda * w[(kept[i], nn)] } else { target_sums[nn] };
-            system
-                .solve(rhs)
-                .ok_or(ReconstructError::NotPositiveDefinite { output: nn, damping: lambda })
-                .map(|solution| {
-                    let mut column = vec![0.0; k];
-                    for (&kk, v) in kept.iter().zip(&solution) {
-                        column[kk] = *v;
-                    }
-                    (column, solution.get(kept.len()).copied().unwrap_or(0.0))
-                })
+            system.solve(rhs).ok_or(ReconstructError::NotPositiveDefinite { output: nn, damping: lambda }).map(|solution| {
+                let mut column = vec![0.0; k];
+                for (&kk, v) in kept.iter().zip(&solution) {
+                    column[kk] = *v;
+                }
+                (column, solution.get(kept.len()).copied().unwrap_or(0.0))
+            })
         })
         .collect::<Result<_, _>>()?;
     let mut values = vec![0f32; k * n];

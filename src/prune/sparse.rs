@@ -205,9 +205,7 @@ pub fn satisfies_nm(weight: &LinearWeight, pattern: NofM) -> bool {
         return false;
     }
     (0..weight.n).all(|nn| {
-        (0..weight.k).step_by(pattern.group).all(|start| {
-            (start..start + pattern.group).filter(|&kk| weight.at(kk, nn) != 0.0).count() <= pattern.kept
-        })
+        (0..weight.k).step_by(pattern.group).all(|start| (start..start + pattern.group).filter(|&kk| weight.at(kk, nn) != 0.0).count() <= pattern.kept)
     })
 }
 

@@ -299,14 +299,13 @@ fn observe_error(tensor: &str, why: impl ToString) -> crate::calibrate::Calibrat
     crate::calibrate::CalibrateError::Observe { tensor: tensor.to_string(), why: why.to_string() }
 }
 
-
 /// The rows of a `[batch, seq, features]` tensor whose `keep` entry is true.
 fn real_rows(value: &tract_onnx::prelude::Tensor, keep: Option<&[bool]>, name: &str) -> Result<Array2<f32>, crate::calibrate::CalibrateError> {
     let cast = value.cast_to::<f32>().map_err(|e| observe_error(name, e))?;
     let view = cast.to_plain_array_view::<f32>().map_err(|e| observe_error(name, e))?;
     let features = value.shape().last().copied().unwrap_or(1);
     let values = view.as_slice().ok_or_else(|| observe_error(name, "not contiguous"))?;
-    let rows = if features == 0 { 0 } else { values.len() / features };
+    let rows = values.len().checked_div(features).unwrap_or(0);
     let kept: Vec<usize> = (0..rows).filter(|&r| keep.is_none_or(|k| k.get(r).copied().unwrap_or(true))).collect();
     Ok(Array2::from_shape_fn((kept.len(), features), |(i, j)| values[kept[i] * features + j]))
 }
@@ -429,13 +428,7 @@ fn augmented_weights(linear: &Linear) -> Result<Mat<f64>, PruneError> {
     let w = linear.weight.values.view().into_dimensionality::<Ix2>().map_err(|e| PruneError::Surgery(e.to_string()))?;
     let (k, n) = w.dim();
     let bias = linear.bias.as_ref().map(|b| b.values.iter().copied().collect::<Vec<f32>>());
-    Ok(Mat::from_fn(k + 1, n, |i, j| {
-        if i < k {
-            w[(i, j)] as f64
-        } else {
-            bias.as_ref().map_or(0.0, |b| b[j] as f64)
-        }
-    }))
+    Ok(Mat::from_fn(k + 1, n, |i, j| if i < k { w[(i, j)] as f64 } else { bias.as_ref().map_or(0.0, |b| b[j] as f64) }))
 }
 
 /// Chooses `keep` of the feature `groups` of `linear`'s input and its new weights.

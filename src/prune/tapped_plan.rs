@@ -50,10 +50,11 @@ impl TappedPlan {
             .inputs
             .iter()
             .map(|name| {
-                inputs.iter().find(|i| &i.name == name).cloned().ok_or_else(|| VerifyError::UnsupportedInput {
-                    input: name.clone(),
-                    why: "no value given for it".into(),
-                })
+                inputs
+                    .iter()
+                    .find(|i| &i.name == name)
+                    .cloned()
+                    .ok_or_else(|| VerifyError::UnsupportedInput { input: name.clone(), why: "no value given for it".into() })
             })
             .collect::<Result<_, _>>()?;
         let ordered = match self.padded(&ordered) {

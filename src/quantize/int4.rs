@@ -27,7 +27,11 @@ pub fn unpack_nibbles(bytes: &[u8], count: usize, signed: bool) -> Option<Vec<i3
         (0..count)
             .map(|i| {
                 let nibble = (bytes[i / 2] >> (4 * (i % 2))) & 0x0f;
-                if signed && nibble >= 8 { nibble as i32 - 16 } else { nibble as i32 }
+                if signed && nibble >= 8 {
+                    nibble as i32 - 16
+                } else {
+                    nibble as i32
+                }
             })
             .collect(),
     )

@@ -123,10 +123,12 @@ impl Matcher<'_> {
             },
             Pattern::Constant(want) => {
                 let values = constant_tensor(self.graph, tensor).and_then(|t| t.to_f32().ok());
-                let ok = values.is_some_and(|v| {
-                    !v.is_empty() && v.iter().all(|&x| ((x as f64) - want).abs() <= 1e-5 * want.abs().max(1e-30))
-                });
-                if ok { vec![b.clone()] } else { self.miss(b.nodes.len(), format!("'{tensor}' is not the constant {want}")) }
+                let ok = values.is_some_and(|v| !v.is_empty() && v.iter().all(|&x| ((x as f64) - want).abs() <= 1e-5 * want.abs().max(1e-30)));
+                if ok {
+                    vec![b.clone()]
+                } else {
+                    self.miss(b.nodes.len(), format!("'{tensor}' is not the constant {want}"))
+                }
             }
             Pattern::Node(n) if n.optional => {
                 let mut results = self.node(n, tensor, b);

@@ -354,9 +354,10 @@ impl RuleParser<'_> {
                 Ok(Pattern::OptionalVar(text[1..text.len() - 1].to_string()))
             }
             SExpr::Atom { text, .. } if text.starts_with('?') && text.len() > 1 => Ok(Pattern::Var(text[1..].to_string())),
-            SExpr::Atom { text, .. } => text.parse::<f64>().map(Pattern::Constant).map_err(|_| {
-                self.error(e, format!("'{text}' is not a pattern (write ?var, _, a number or (Op ...))"))
-            }),
+            SExpr::Atom { text, .. } => text
+                .parse::<f64>()
+                .map(Pattern::Constant)
+                .map_err(|_| self.error(e, format!("'{text}' is not a pattern (write ?var, _, a number or (Op ...))"))),
             SExpr::List { items, .. } if !items.is_empty() => {
                 let OpHead { domain, op_type, output, label, optional } = self.op_head(&items[0])?;
                 let (attrs, inputs) = self.attrs_and_inputs(&items[1..])?;

@@ -18,9 +18,7 @@ pub enum SExpr {
 impl SExpr {
     pub fn line(&self) -> usize {
         match self {
-            SExpr::Atom { line, .. } | SExpr::Str { line, .. } | SExpr::List { line, .. } | SExpr::Vector { line, .. } => {
-                *line
-            }
+            SExpr::Atom { line, .. } | SExpr::Str { line, .. } | SExpr::List { line, .. } | SExpr::Vector { line, .. } => *line,
         }
     }
 

@@ -66,7 +66,8 @@ fn symbol(d: &Dim) -> Option<&str> {
 /// -> `present.0.key` (Optimum, GenAI) or `present_key_values.0.key`; `past_key.0`
 /// -> `present_key.0`; `past.0` -> `present.0`.
 fn present_for(past: &str, outputs: &[&str]) -> Option<String> {
-    let candidates = [past.replacen("past_key_values", "present", 1), past.replacen("past_key_values", "present_key_values", 1), past.replacen("past", "present", 1)];
+    let candidates =
+        [past.replacen("past_key_values", "present", 1), past.replacen("past_key_values", "present_key_values", 1), past.replacen("past", "present", 1)];
     candidates.into_iter().find(|c| c != past && outputs.contains(&c.as_str()))
 }
 
@@ -165,7 +166,16 @@ impl CacheLayout {
     /// The inputs of step `index` (new tokens drawn from `seed + index`; the
     /// padding from `seed`, so that it stays put over the generation).
     #[allow(clippy::too_many_arguments)]
-    fn step_inputs(&self, model: &Model, seed: u64, index: usize, sizes: DimSizes, past: usize, new: usize, previous: Option<&Step>) -> Result<Vec<NamedInput>, VerifyError> {
+    fn step_inputs(
+        &self,
+        model: &Model,
+        seed: u64,
+        index: usize,
+        sizes: DimSizes,
+        past: usize,
+        new: usize,
+        previous: Option<&Step>,
+    ) -> Result<Vec<NamedInput>, VerifyError> {
         let mut symbols = HashMap::new();
         for (name, size) in [(&self.batch, sizes.batch), (&self.sequence, new), (&self.past, past), (&self.total, past + new)] {
             if let Some(name) = name {
@@ -245,7 +255,13 @@ fn positions(shape: &[usize], mask: Option<&[i64]>, past: usize, total: usize) -
             .flat_map(|r| {
                 let row = &mask[r * total..(r + 1) * total];
                 let mut count = 0i64;
-                let running: Vec<i64> = row.iter().map(|&m| { count += m; (count - 1).max(0) }).collect();
+                let running: Vec<i64> = row
+                    .iter()
+                    .map(|&m| {
+                        count += m;
+                        (count - 1).max(0)
+                    })
+                    .collect();
                 running[total - new..].to_vec()
             })
             .collect(),

@@ -273,8 +273,7 @@ pub fn compare_to(reference: &Reference, candidate: &Model, options: &VerifyOpti
     let runner = ModelRunner::new(candidate, "candidate", reference.engine)?;
     let mut outputs = Vec::new();
     for step in &reference.steps {
-        let candidate_inputs: Vec<NamedInput> =
-            step.inputs.iter().filter(|i| candidate.graph.inputs.iter().any(|c| c.name == i.name)).cloned().collect();
+        let candidate_inputs: Vec<NamedInput> = step.inputs.iter().filter(|i| candidate.graph.inputs.iter().any(|c| c.name == i.name)).cloned().collect();
         let actual = runner.run(&candidate_inputs)?;
         let expected = &step.outputs;
         if expected.len() != actual.len() {
@@ -299,11 +298,7 @@ pub fn compare_to(reference: &Reference, candidate: &Model, options: &VerifyOpti
 
 /// What a caught panic said (its payload as text).
 pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".into())
+    payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Runs `stage` and turns tract errors and panics into `VerifyError`s.
@@ -340,13 +335,9 @@ pub struct Runner {
 impl Runner {
     pub fn new(model: &Model, label: &str) -> Result<Runner, VerifyError> {
         let bytes = onnx::to_bytes(model);
-        let inputs: Vec<String> =
-            model.graph.inputs.iter().filter(|i| model.graph.initializer(&i.name).is_none()).map(|i| i.name.clone()).collect();
+        let inputs: Vec<String> = model.graph.inputs.iter().filter(|i| model.graph.initializer(&i.name).is_none()).map(|i| i.name.clone()).collect();
         let parsed = guarded(label, "load", || {
-            let mut parsed = tract_onnx::onnx()
-                .with_ignore_value_info(true)
-                .with_ignore_output_shapes(true)
-                .model_for_read(&mut bytes.as_slice())?;
+            let mut parsed = tract_onnx::onnx().with_ignore_value_info(true).with_ignore_output_shapes(true).model_for_read(&mut bytes.as_slice())?;
             parsed.set_input_names(inputs.iter().map(String::as_str))?;
             Ok(parsed)
         })?;
@@ -360,10 +351,10 @@ impl Runner {
             .inputs
             .iter()
             .map(|name| {
-                inputs.iter().find(|i| &i.name == name).ok_or_else(|| VerifyError::UnsupportedInput {
-                    input: name.to_string(),
-                    why: "no value given for it".into(),
-                })
+                inputs
+                    .iter()
+                    .find(|i| &i.name == name)
+                    .ok_or_else(|| VerifyError::UnsupportedInput { input: name.to_string(), why: "no value given for it".into() })
             })
             .collect::<Result<_, _>>()?;
         let shapes: Vec<Vec<usize>> = ordered.iter().map(|i| i.value.shape().to_vec()).collect();
@@ -403,10 +394,26 @@ fn compare_tensors(name: &str, want: &Tensor, got: &Tensor, padded: Option<&Padd
     };
     let shape = want.shape().to_vec();
     let (Some(a), Some(b)) = (as_f64(want), as_f64(got)) else {
-        return OutputComparison { name: name.into(), shape, max_abs: f64::INFINITY, max_rel: f64::INFINITY, cosine: 0.0, within_tolerance: false, cache: false };
+        return OutputComparison {
+            name: name.into(),
+            shape,
+            max_abs: f64::INFINITY,
+            max_rel: f64::INFINITY,
+            cosine: 0.0,
+            within_tolerance: false,
+            cache: false,
+        };
     };
     if want.shape() != got.shape() {
-        return OutputComparison { name: name.into(), shape, max_abs: f64::INFINITY, max_rel: f64::INFINITY, cosine: 0.0, within_tolerance: false, cache: false };
+        return OutputComparison {
+            name: name.into(),
+            shape,
+            max_abs: f64::INFINITY,
+            max_rel: f64::INFINITY,
+            cosine: 0.0,
+            within_tolerance: false,
+            cache: false,
+        };
     }
     let (mut max_abs, mut max_rel, mut dot, mut na, mut nb) = (0f64, 0f64, 0f64, 0f64, 0f64);
     // the largest |a - b| - rtol |a|, which atol (scaled) must cover

@@ -60,11 +60,7 @@ fn linear_over_last_axis(ctx: &MatchContext, args: &[Arg]) -> Result<(), String>
     let weights = ctx.constant(w).ok_or_else(|| format!("'{w}' is not a constant"))?;
     let [rows, cols] = weights.dims[..] else { return Err(format!("'{w}' has rank {}, not 2", weights.dims.len())) };
     match (dims(ctx, x)?, dims(ctx, out)?) {
-        ([b, s, h], [ob, os, n])
-            if h.fixed() == Some(rows) && n.fixed() == Some(cols) && b == ob && s == os && ![b, s].contains(&&Dim::Unknown) =>
-        {
-            Ok(())
-        }
+        ([b, s, h], [ob, os, n]) if h.fixed() == Some(rows) && n.fixed() == Some(cols) && b == ob && s == os && ![b, s].contains(&&Dim::Unknown) => Ok(()),
         (xd, od) => Err(format!("'{x}' {xd:?} times '{w}' [{rows}, {cols}] is not '{out}' {od:?} with the same leading dims")),
     }
 }
@@ -199,7 +195,6 @@ fn concat_last(ctx: &MatchContext, args: &[Arg]) -> Result<Tensor, String> {
     dims.push(parts.iter().map(|p| p.dims[rank - 1]).sum());
     Ok(Tensor::from_raw("", first.dtype, dims, joined.into()))
 }
-
 
 /// `(rows-never-fully-masked ?s)`: ?s = scores + Where(keep, 0, fill), and no row
 /// of ?s can be entirely -inf for an input with at least one real token per

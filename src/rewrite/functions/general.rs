@@ -23,7 +23,11 @@ fn rank(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     let t = var(ctx, args, 0)?;
     let want = int_arg(args, 1)?;
     let got = dims(ctx, t)?.len() as i64;
-    if got == want { Ok(()) } else { Err(format!("rank of '{t}' is {got}, not {want}")) }
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("rank of '{t}' is {got}, not {want}"))
+    }
 }
 
 /// `(constant ?x)`: ?x is an initializer or a Constant node's output.
@@ -151,4 +155,3 @@ fn swaps_last_two(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
         _ => Err(format!("'{y}' {y_dims:?} -> '{merged}' {merged_dims:?} -> '{out}' {out_dims:?} is not a swap of the last two axes")),
     }
 }
-

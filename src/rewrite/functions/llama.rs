@@ -118,7 +118,11 @@ fn known<'a>(ctx: &'a MatchContext, t: &str) -> Result<&'a [Dim], String> {
 fn same_shape(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     let (a, b) = (var(ctx, args, 0)?, var(ctx, args, 1)?);
     let (da, db) = (known(ctx, a)?, known(ctx, b)?);
-    if da == db { Ok(()) } else { Err(format!("'{a}' is {da:?} but '{b}' is {db:?}")) }
+    if da == db {
+        Ok(())
+    } else {
+        Err(format!("'{a}' is {da:?} but '{b}' is {db:?}"))
+    }
 }
 
 /// The fixed size of a dim, or why not.
@@ -135,7 +139,11 @@ fn splits_heads(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     match (known(ctx, x)?, known(ctx, split)?) {
         ([b, s, d], [b2, s2, n, h]) if b == b2 && s == s2 => {
             let (d, n, h) = (fixed(d, "the hidden size")?, fixed(n, "the head count")?, fixed(h, "the head size")?);
-            if n * h == d { Ok(()) } else { Err(format!("{n} heads of {h} do not make {d}")) }
+            if n * h == d {
+                Ok(())
+            } else {
+                Err(format!("{n} heads of {h} do not make {d}"))
+            }
         }
         (dx, ds) => Err(format!("'{split}' {ds:?} is not '{x}' {dx:?} with its last axis split into heads")),
     }
@@ -280,7 +288,11 @@ fn repeats_heads(ctx: &MatchContext, args: &[Arg], qn: &Dim, qh: &Dim) -> Result
     }
     let (kv, g) = (fixed(kv, "the KV head count")?, fixed(g, "the group size")?);
     let (n, qn) = (fixed(n, "the head count")?, fixed(qn, "the query head count")?);
-    if kv * g == n && n == qn { Ok(()) } else { Err(format!("{kv} KV heads x {g} are not the {qn} query heads")) }
+    if kv * g == n && n == qn {
+        Ok(())
+    } else {
+        Err(format!("{kv} KV heads x {g} are not the {qn} query heads"))
+    }
 }
 
 /// `(appends-to-cache @present ?past ?new ?q)`: @present = Concat(?past, ?new)
@@ -298,7 +310,11 @@ fn appends_to_cache(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
         ([b, kv, _, h], [b2, kv2, s, h2], [b3, n, s2, h3]) if b == b2 && b == b3 && kv == kv2 && s == s2 && h == h2 && h == h3 => {
             let (kv, n) = (fixed(kv, "the KV head count")?, fixed(n, "the query head count")?);
             fixed(h, "the head size")?;
-            if kv > 0 && n % kv == 0 { Ok(()) } else { Err(format!("{n} query heads do not group over {kv} KV heads")) }
+            if kv > 0 && n % kv == 0 {
+                Ok(())
+            } else {
+                Err(format!("{n} query heads do not group over {kv} KV heads"))
+            }
         }
         (dp, dn, dq) => Err(format!("past '{past}' {dp:?}, new '{new}' {dn:?} and query '{q}' {dq:?} are not one cache's [B, KV, len, H] and [B, N, S, H]")),
     }
@@ -366,7 +382,11 @@ fn head_size_multiple(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     let t = var(ctx, args, 0)?;
     let m = super::int_arg(args, 1)?;
     let h = fixed(dims(ctx, t)?.last().ok_or_else(|| format!("'{t}' is a scalar"))?, "the head size")?;
-    if m > 0 && h % m == 0 { Ok(()) } else { Err(format!("head size {h} is not a multiple of {m}")) }
+    if m > 0 && h % m == 0 {
+        Ok(())
+    } else {
+        Err(format!("head size {h} is not a multiple of {m}"))
+    }
 }
 
 /// `(same-batch ?a ?b)`: dim 0 of ?a and ?b is the same known dim (a mask of

@@ -109,11 +109,7 @@ impl Registry {
 pub(super) fn var<'a>(ctx: &'a MatchContext, args: &[Arg], i: usize) -> Result<&'a str, String> {
     match args.get(i) {
         Some(Arg::Var(v)) => ctx.tensor(v).ok_or_else(|| format!("?{v} is not bound")),
-        Some(Arg::Label(l)) => ctx
-            .labelled(l)
-            .and_then(|n| n.outputs.first())
-            .map(String::as_str)
-            .ok_or_else(|| format!("@{l} is not bound")),
+        Some(Arg::Label(l)) => ctx.labelled(l).and_then(|n| n.outputs.first()).map(String::as_str).ok_or_else(|| format!("@{l} is not bound")),
         _ => Err(format!("argument {} must be a ?var or @label", i + 1)),
     }
 }

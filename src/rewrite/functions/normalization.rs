@@ -52,4 +52,3 @@ fn sequence_length_of(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
         v => Err(format!("'{end}' is {v:?}, not the sequence length {seq:?} of '{ids}'")),
     }
 }
-
