@@ -1,10 +1,14 @@
 //! IR -> protobuf -> file. The protobuf message holds `Bytes` handles on the
 //! weights (no copy), and is encoded straight into the output file through a
 //! small buffer, so saving never holds a second copy of the model in memory.
-//! Files are written under a temporary name in the target folder and renamed
-//! into place: on any error nothing is left behind, and a reader never sees a
-//! half-written model. Like `cp` and `onnx.save`, saving does not fsync: the
-//! rename is atomic against the process failing, not against power loss.
+//! Files are written as unnamed files in the target folder (Linux `O_TMPFILE`)
+//! and given their name only once complete (`linkat` to a temporary name,
+//! then `rename` over the target): on any error, and when the process is killed
+//! (`SIGTERM`, `SIGKILL`) while it writes, nothing is left behind, and a reader
+//! never sees a half-written model. Where the filesystem has no `O_TMPFILE`, a
+//! named `.onnxopt-*.partial` file is used instead, removed on error (a
+//! killed process leaves it). Like `cp` and `onnx.save`, saving does not fsync:
+//! this is atomic against the process failing, not against power loss.
 
 use super::pb;
 use super::presence::{self as p, rest_of};
@@ -76,27 +80,19 @@ pub fn save(model: &Model, path: &Path, options: &SaveOptions) -> Result<SaveSum
         Some(f) if !f.as_os_str().is_empty() => f.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    // Temporary files are created 0600; the output gets the usual 0644.
-    let temp = |folder: &Path| {
-        tempfile::Builder::new()
-            .prefix(".onnxopt-")
-            .suffix(".partial")
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
-            .tempfile_in(folder)
-            .map_err(io_err)
-    };
+    let temp = |folder: &Path| PendingFile::create_in(folder).map_err(io_err);
     let mut data_file = None;
     if !layout.chunks.is_empty() {
         let mut file = temp(&folder)?;
-        layout.write(file.as_file_mut()).map_err(|source| SaveError::Io { path: data_path.clone(), source })?;
+        layout.write(file.file_mut()).map_err(|source| SaveError::Io { path: data_path.clone(), source })?;
         data_file = Some(file);
     }
     let mut model_file = temp(&folder)?;
-    let model_bytes = write_message(&proto, model_file.as_file_mut()).map_err(io_err)?;
+    let model_bytes = write_message(&proto, model_file.file_mut()).map_err(io_err)?;
 
     let external_file = match data_file {
         Some(file) => {
-            file.persist(&data_path).map_err(|e| SaveError::Io { path: data_path.clone(), source: e.error })?;
+            file.persist(&data_path).map_err(|source| SaveError::Io { path: data_path.clone(), source })?;
             Some((data_path.clone(), layout.end))
         }
         None => None,
@@ -105,9 +101,68 @@ pub fn save(model: &Model, path: &Path, options: &SaveOptions) -> Result<SaveSum
         if external_file.is_some() {
             let _ = std::fs::remove_file(&data_path);
         }
-        return Err(io_err(e.error));
+        return Err(io_err(e));
     }
     Ok(SaveSummary { model_bytes, external_file })
+}
+
+/// A file being written in its target folder, which gets a name only when
+/// [`PendingFile::persist`] is called: unnamed (`O_TMPFILE`) where the
+/// filesystem allows, else a named `.onnxopt-*.partial` temporary. Created
+/// 0644, the mode a new output usually has.
+enum PendingFile {
+    Unnamed { file: File, folder: PathBuf },
+    Named(tempfile::NamedTempFile),
+}
+
+impl PendingFile {
+    fn create_in(folder: &Path) -> io::Result<PendingFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let unnamed = std::fs::OpenOptions::new().write(true).read(true).custom_flags(libc::O_TMPFILE).mode(0o644).open(folder);
+        match unnamed {
+            Ok(file) => Ok(PendingFile::Unnamed { file, folder: folder.to_path_buf() }),
+            // no O_TMPFILE here (filesystem or kernel): a named temporary
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL | libc::ENOENT)) => tempfile::Builder::new()
+                .prefix(".onnxopt-")
+                .suffix(".partial")
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .tempfile_in(folder)
+                .map(PendingFile::Named),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn file_mut(&mut self) -> &mut File {
+        match self {
+            PendingFile::Unnamed { file, .. } => file,
+            PendingFile::Named(named) => named.as_file_mut(),
+        }
+    }
+
+    /// Gives the file its name `path`, replacing what was there.
+    fn persist(self, path: &Path) -> io::Result<()> {
+        match self {
+            PendingFile::Named(named) => named.persist(path).map(|_| ()).map_err(|e| e.error),
+            PendingFile::Unnamed { file, folder } => {
+                use std::os::unix::ffi::OsStrExt;
+                use std::os::unix::io::AsRawFd;
+                // linkat cannot replace a file: link under a fresh name, then
+                // rename over the target (the only moment a name exists for a
+                // file not yet in place is between these two calls)
+                let staging = folder.join(format!(".onnxopt-{}-{}.partial", std::process::id(), file.as_raw_fd()));
+                let source = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(io::Error::other)?;
+                let target = std::ffi::CString::new(staging.as_os_str().as_bytes()).map_err(io::Error::other)?;
+                // SAFETY: both are valid NUL-terminated paths; AT_FDCWD and the flag are plain integers
+                let linked = unsafe { libc::linkat(libc::AT_FDCWD, source.as_ptr(), libc::AT_FDCWD, target.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
+                if linked != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                std::fs::rename(&staging, path).inspect_err(|_| {
+                    let _ = std::fs::remove_file(&staging);
+                })
+            }
+        }
+    }
 }
 
 /// `model.onnx` -> `model.onnx.data`.
