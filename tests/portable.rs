@@ -193,6 +193,25 @@ fn portable_attention_needs_opset_23() {
     }
 }
 
+/// Decoders with a KV cache at opset 23: attention over the cache becomes ONNX
+/// Attention with past_key/past_value (grouped heads for Llama, Qwen2, Phi-3;
+/// plain for GPT-2), verified by the CLI (tract, prefill and decode steps),
+/// standard ops only, and the export's interface kept.
+#[test]
+fn portable_attention_with_past_at_opset_23() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    for file in ["llama-kv.optimum.onnx", "qwen2-kv.optimum.onnx", "phi3-kv.optimum.onnx", "gpt2-kv.optimum.onnx"] {
+        let o = optimize(&fixture(file), &out, &["--target", "portable", "--opset", "23"]);
+        assert!(o.status.success(), "{file}: {}", stderr(&o));
+        let model = onnx::load(&out).unwrap();
+        assert_eq!((op_count(&model, "Attention"), op_count(&model, "Softmax")), (2, 0), "{file}");
+        assert!(model.graph.nodes().all(|n| n.domain.is_empty()), "{file}: standard ops only");
+        let input = onnx::load(&fixture(file)).unwrap();
+        assert_eq!(model.graph.outputs.iter().map(|o| &o.name).collect::<Vec<_>>(), input.graph.outputs.iter().map(|o| &o.name).collect::<Vec<_>>(), "{file}");
+    }
+}
+
 /// --opset serves the other targets too: ORT's fused ops at opset 23.
 #[test]
 fn ort_target_at_opset_23() {
