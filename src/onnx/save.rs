@@ -118,18 +118,27 @@ enum PendingFile {
 impl PendingFile {
     fn create_in(folder: &Path) -> io::Result<PendingFile> {
         use std::os::unix::fs::OpenOptionsExt;
+        // naming the file later goes through /proc/self/fd (linkat with
+        // AT_EMPTY_PATH would need a capability): without /proc, a named temporary
+        if !Path::new("/proc/self/fd").is_dir() {
+            return PendingFile::named_in(folder);
+        }
         let unnamed = std::fs::OpenOptions::new().write(true).read(true).custom_flags(libc::O_TMPFILE).mode(0o644).open(folder);
         match unnamed {
             Ok(file) => Ok(PendingFile::Unnamed { file, folder: folder.to_path_buf() }),
             // no O_TMPFILE here (filesystem or kernel): a named temporary
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL | libc::ENOENT)) => tempfile::Builder::new()
-                .prefix(".onnxopt-")
-                .suffix(".partial")
-                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
-                .tempfile_in(folder)
-                .map(PendingFile::Named),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL | libc::ENOENT)) => PendingFile::named_in(folder),
             Err(e) => Err(e),
         }
+    }
+
+    fn named_in(folder: &Path) -> io::Result<PendingFile> {
+        tempfile::Builder::new()
+            .prefix(".onnxopt-")
+            .suffix(".partial")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .tempfile_in(folder)
+            .map(PendingFile::Named)
     }
 
     fn file_mut(&mut self) -> &mut File {
