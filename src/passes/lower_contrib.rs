@@ -1027,13 +1027,17 @@ impl<'m> Lowering<'m> {
     /// Splits q [B,S,N*H], k [B,T,N*H], v [B,T,N*Hv] into heads, attends, and
     /// merges the heads of the result into output 0 [B,S,N*Hv].
     fn heads_attention(&mut self, query: &str, key: &str, value: &str, num_heads: i64, rule: &ScoreRule) {
-        let q = self.reshape(query, &[0, 0, num_heads, -1], None, "q_split");
-        let q = self.transpose(&q, &[0, 2, 1, 3], None, "q_heads");
+        let q = self.split_heads(query, num_heads, "q");
         let k = self.reshape(key, &[0, 0, num_heads, -1], None, "k_split");
         let k_t = self.transpose(&k, &[0, 2, 3, 1], None, "k_heads_t");
-        let v = self.reshape(value, &[0, 0, num_heads, -1], None, "v_split");
-        let v = self.transpose(&v, &[0, 2, 1, 3], None, "v_heads");
+        let v = self.split_heads(value, num_heads, "v");
         self.attend_and_merge(&q, &k_t, &v, rule);
+    }
+
+    /// x [B,S,N*H] as heads [B,N,S,H] (`{what}_split`, `{what}_heads`).
+    fn split_heads(&mut self, x: &str, num_heads: i64, what: &str) -> String {
+        let split = self.reshape(x, &[0, 0, num_heads, -1], None, &format!("{what}_split"));
+        self.transpose(&split, &[0, 2, 1, 3], None, &format!("{what}_heads"))
     }
 
     /// MultiHeadAttention over a KV cache: the new K/V heads appended to
@@ -1042,12 +1046,9 @@ impl<'m> Lowering<'m> {
     /// attention_bias's alone (ORT 1.32 measured: a decode step and a batched
     /// 2-token step with left padding, 2e-7).
     fn cached_heads_attention(&mut self, query: &str, key: &str, value: &str, past: (&str, &str), num_heads: i64, rule: &ScoreRule) {
-        let q = self.reshape(query, &[0, 0, num_heads, -1], None, "q_split");
-        let q = self.transpose(&q, &[0, 2, 1, 3], None, "q_heads");
-        let k = self.reshape(key, &[0, 0, num_heads, -1], None, "k_split");
-        let k = self.transpose(&k, &[0, 2, 1, 3], None, "k_heads");
-        let v = self.reshape(value, &[0, 0, num_heads, -1], None, "v_split");
-        let v = self.transpose(&v, &[0, 2, 1, 3], None, "v_heads");
+        let q = self.split_heads(query, num_heads, "q");
+        let k = self.split_heads(key, num_heads, "k");
+        let v = self.split_heads(value, num_heads, "v");
         let axis = vec![("axis", AttrValue::Int(2))];
         let (present_key, present_value) = (self.used_output(1), self.used_output(2));
         let k = self.op_into("Concat", &[past.0, &k], axis.clone(), present_key, "present_key");

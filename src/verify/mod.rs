@@ -393,27 +393,21 @@ fn compare_tensors(name: &str, want: &Tensor, got: &Tensor, padded: Option<&Padd
         Some(view.iter().copied().collect())
     };
     let shape = want.shape().to_vec();
+    // values that cannot be read as numbers, or of another shape: nothing agrees
+    let unequal = |shape| OutputComparison {
+        name: name.into(),
+        shape,
+        max_abs: f64::INFINITY,
+        max_rel: f64::INFINITY,
+        cosine: 0.0,
+        within_tolerance: false,
+        cache: false,
+    };
     let (Some(a), Some(b)) = (as_f64(want), as_f64(got)) else {
-        return OutputComparison {
-            name: name.into(),
-            shape,
-            max_abs: f64::INFINITY,
-            max_rel: f64::INFINITY,
-            cosine: 0.0,
-            within_tolerance: false,
-            cache: false,
-        };
+        return unequal(shape);
     };
     if want.shape() != got.shape() {
-        return OutputComparison {
-            name: name.into(),
-            shape,
-            max_abs: f64::INFINITY,
-            max_rel: f64::INFINITY,
-            cosine: 0.0,
-            within_tolerance: false,
-            cache: false,
-        };
+        return unequal(shape);
     }
     let (mut max_abs, mut max_rel, mut dot, mut na, mut nb) = (0f64, 0f64, 0f64, 0f64, 0f64);
     // the largest |a - b| - rtol |a|, which atol (scaled) must cover
