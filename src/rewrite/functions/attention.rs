@@ -210,7 +210,7 @@ fn rows_never_fully_masked(ctx: &MatchContext, args: &[Arg]) -> Result<(), Strin
         .filter_map(|i| node_of(i))
         .find(|n| n.is_onnx("Where") && n.inputs.len() == 3)
         .ok_or_else(|| format!("no Where(keep, 0, fill) mask adds into '{s}'"))?;
-    let fill = ctx.constant(&mask.inputs[2]).and_then(|t| t.to_f32().ok()).ok_or("the mask's fill is not a constant")?;
+    let fill = super::mask_fill(ctx, mask)?;
     if fill.iter().all(|v| v.is_finite()) {
         return Ok(());
     }

@@ -352,8 +352,7 @@ fn infinite_fill(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     let mask = var(ctx, args, 0)?;
     let node = ctx.graph.producer(mask).and_then(|(id, _)| ctx.graph.node(id)).filter(|n| n.is_onnx("Where") && n.inputs.len() == 3);
     let node = node.ok_or_else(|| format!("'{mask}' is not Where(keep, 0, fill)"))?;
-    let fill = ctx.constant(&node.inputs[2]).and_then(|t| t.to_f32().ok()).ok_or("the mask's fill is not a constant")?;
-    if fill.iter().all(|v| *v == f32::NEG_INFINITY) {
+    if super::mask_fill(ctx, node)?.iter().all(|v| *v == f32::NEG_INFINITY) {
         Ok(())
     } else {
         Err(format!("'{mask}' is not filled with -inf"))

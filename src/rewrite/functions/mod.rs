@@ -121,6 +121,12 @@ pub(super) fn int_arg(args: &[Arg], i: usize) -> Result<i64, String> {
     }
 }
 
+/// The constant fill of an additive mask `Where(keep, 0, fill)`.
+pub(super) fn mask_fill(ctx: &MatchContext, mask: &crate::ir::Node) -> Result<Vec<f32>, String> {
+    let fill = mask.inputs.get(2).and_then(|f| ctx.constant(f)).and_then(|t| t.to_f32().ok());
+    fill.map(|f| f.iter().copied().collect()).ok_or_else(|| "the mask's fill is not a constant".to_string())
+}
+
 pub(super) fn dims<'a>(ctx: &'a MatchContext, tensor: &str) -> Result<&'a [Dim], String> {
     ctx.types.shape(tensor).ok_or_else(|| format!("the shape of '{tensor}' is unknown"))
 }
