@@ -13,7 +13,7 @@ use onnxopt::passes::check::rewrite_and_compare;
 use onnxopt::passes::dead_code::EliminateDeadCode;
 use onnxopt::passes::lower_contrib::lower_contrib_ops;
 use onnxopt::passes::lower_standard::lower_standard_ops;
-use onnxopt::passes::pipeline::{optimization_passes, PipelineOptions, Target};
+use onnxopt::passes::pipeline::{cleanup_passes, Target};
 use onnxopt::passes::quantize_gather_int4::QuantizeGatherInt4;
 use onnxopt::passes::quantize_int4::{activation_hessians, QuantizeInt4, Rounding};
 use onnxopt::passes::{run_pipeline, verify_rewrite, DriverOptions, Pass};
@@ -193,7 +193,7 @@ fn minilm_gptq_beats_round_to_nearest() {
 
     let original = onnx::load(&path).unwrap();
     let mut cleaned = original.clone();
-    let cleanup = optimization_passes(Target::Ort, &PipelineOptions { skip: vec!["fuse".into()], ..PipelineOptions::default() });
+    let cleanup = cleanup_passes(Target::Ort);
     run_pipeline(&mut cleaned, &cleanup, &DriverOptions::default()).unwrap();
     let hessians = activation_hessians(&cleaned, &calibration, 32, &HashSet::new()).unwrap();
     assert_eq!(hessians.len(), 6 * 4, "per layer: attention input (Q, K, V share it), context, FFN in, FFN out");
