@@ -9,10 +9,12 @@
 //! - [`calibrate`]: runs a model on text or `.npz` batches and gathers statistics of chosen tensors;
 //! - [`prune`]: sparsity (unstructured, N:M), heads, neurons and layers, with teacher-guided re-fitting;
 //! - [`inspect`]: what a model holds, for humans and JSON;
+//! - [`commands`]: one call per command (optimize, quantize, prune, verify), with its policy and report;
 //! - [`lint`]: a model checked against a runtime's documented rules (TensorRT's Q/DQ);
 //! - [`quantize`]: weight quantizers (GPTQ, round-to-nearest) the quantization passes use.
 
 pub mod calibrate;
+pub mod commands;
 pub mod inspect;
 pub mod ir;
 pub mod lint;
@@ -22,6 +24,7 @@ pub mod prune;
 pub mod quantize;
 pub mod rewrite;
 pub mod sensitivity;
+pub mod target;
 pub mod verify;
 
 /// The README's Rust example runs as a doctest.

@@ -53,47 +53,8 @@ use super::residual_sum::ResidualAddAsSum;
 use super::shape_folding::FoldShapes;
 use super::split_attention_projection::SplitAttentionProjection;
 use super::Pass;
-use std::fmt;
-use std::str::FromStr;
 
-/// What the output is for: chooses rule emissions, never the matching.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Target {
-    /// ONNX Runtime: com.microsoft fused ops.
-    Ort,
-    /// Standard ONNX only, at the model's opset (or the one `--opset` raises it to).
-    Portable,
-    /// Standard ops TensorRT parses, in the shapes its own fusions recognise.
-    TensorRt,
-}
-
-impl Target {
-    pub fn name(self) -> &'static str {
-        match self {
-            Target::Ort => "ort",
-            Target::Portable => "portable",
-            Target::TensorRt => "tensorrt",
-        }
-    }
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Target {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Target, String> {
-        match s {
-            "ort" => Ok(Target::Ort),
-            "portable" => Ok(Target::Portable),
-            "tensorrt" => Ok(Target::TensorRt),
-            other => Err(format!("unknown target '{other}' (ort, portable, tensorrt)")),
-        }
-    }
-}
+pub use crate::target::Target;
 
 /// Options that shape the pipeline.
 #[derive(Clone, Debug, Default)]

@@ -113,11 +113,11 @@
 //! The float weights are left for `eliminate-dead-code`.
 
 use super::lower_contrib::CONTRIB_DOMAIN;
-use super::pipeline::Target;
 use super::{Pass, PassError};
 use crate::calibrate::{for_each_batch, CalibrateError, CalibrationSource, Gram};
 use crate::ir::{infer_types, AttrValue, DataType, Graph, Model, Node, NodeId, Patch, Tensor};
 use crate::quantize::gptq::{gptq, GptqError, GptqOptions, Grid, Levels, QuantizedMatrix};
+use crate::target::Target;
 use bytes::Bytes;
 use faer::Mat;
 use std::collections::{BTreeMap, HashMap, HashSet};

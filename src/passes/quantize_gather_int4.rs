@@ -27,11 +27,11 @@
 //! dequantizes the whole table at run time: smaller on disk, not in memory.
 
 use super::lower_contrib::CONTRIB_DOMAIN;
-use super::pipeline::Target;
 use super::{Pass, PassError};
 use crate::ir::{AttrValue, DataType, Model, Node, Patch, Tensor};
 use crate::quantize::gptq::{round_to_nearest, Grid, Levels};
 use crate::quantize::int4::pack_nibbles;
+use crate::target::Target;
 use bytes::Bytes;
 use std::collections::HashSet;
 

@@ -60,13 +60,13 @@
 //! the check measures the rounding of the weights and nothing else.
 
 use super::lower_contrib::CONTRIB_DOMAIN;
-use super::pipeline::Target;
 use super::quantize_dynamic::quantizable_weight;
 use super::{Pass, PassError};
 use crate::calibrate::{gram_matrices, CalibrateError, CalibrationSource};
 use crate::ir::{infer_types, AttrValue, DataType, Graph, Model, Node, NodeId, Patch, Tensor};
 use crate::quantize::gptq::{gptq, round_to_nearest, GptqOptions, Grid, Levels, QuantizedMatrix};
 use crate::quantize::int4::pack_nibbles;
+use crate::target::Target;
 use bytes::Bytes;
 use faer::Mat;
 use std::collections::{HashMap, HashSet};

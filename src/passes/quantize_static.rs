@@ -65,10 +65,10 @@
 //! The float weights are left for `eliminate-dead-code`. Needs default-domain
 //! opset 13 (per-axis DequantizeLinear).
 
-use super::pipeline::Target;
 use super::{Pass, PassError};
 use crate::calibrate::{entropy_threshold, Stats};
 use crate::ir::{infer_types, AttrValue, DataType, Graph, Model, Node, NodeId, Patch, Tensor, TypeMap};
+use crate::target::Target;
 use bytes::Bytes;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
