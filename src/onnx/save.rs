@@ -155,20 +155,30 @@ impl PendingFile {
             PendingFile::Unnamed { file, folder } => {
                 use std::os::unix::ffi::OsStrExt;
                 use std::os::unix::io::AsRawFd;
-                // linkat cannot replace a file: link under a fresh name, then
-                // rename over the target (the only moment a name exists for a
-                // file not yet in place is between these two calls)
-                let staging = folder.join(format!(".onnxopt-{}-{}.partial", std::process::id(), file.as_raw_fd()));
                 let source = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(io::Error::other)?;
-                let target = std::ffi::CString::new(staging.as_os_str().as_bytes()).map_err(io::Error::other)?;
-                // SAFETY: both are valid NUL-terminated paths; AT_FDCWD and the flag are plain integers
-                let linked = unsafe { libc::linkat(libc::AT_FDCWD, source.as_ptr(), libc::AT_FDCWD, target.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
-                if linked != 0 {
-                    return Err(io::Error::last_os_error());
+                let link = |name: &Path| -> io::Result<()> {
+                    let target = std::ffi::CString::new(name.as_os_str().as_bytes()).map_err(io::Error::other)?;
+                    // SAFETY: both are valid NUL-terminated paths; AT_FDCWD and the flag are plain integers
+                    let linked = unsafe { libc::linkat(libc::AT_FDCWD, source.as_ptr(), libc::AT_FDCWD, target.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
+                    if linked != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                };
+                // a new file gets its name in one call; linkat cannot replace
+                // one, so an existing file is replaced by linking under a fresh
+                // name and renaming over it (the only moment a temporary name
+                // exists is between those two calls)
+                match link(path) {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        let staging = folder.join(format!(".onnxopt-{}-{}.partial", std::process::id(), file.as_raw_fd()));
+                        link(&staging)?;
+                        std::fs::rename(&staging, path).inspect_err(|_| {
+                            let _ = std::fs::remove_file(&staging);
+                        })
+                    }
+                    other => other,
                 }
-                std::fs::rename(&staging, path).inspect_err(|_| {
-                    let _ = std::fs::remove_file(&staging);
-                })
             }
         }
     }
