@@ -14,6 +14,7 @@ pub mod check;
 pub mod common_subexpression;
 pub mod constant_folding;
 pub mod dead_code;
+pub mod expand_attention_bias;
 pub mod fuse;
 pub mod inline_constant_if;
 pub mod layer_norm_affine;

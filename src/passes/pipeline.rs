@@ -24,15 +24,19 @@
 //!    single-use intermediates (a fusion refuses a value used outside its match).
 //! 8. `fuse`: the rules of `passes/*.rules` for the target (canonical forms,
 //!    Llama's norms and rotary, attention, layer norm, Gelu), to a fixpoint.
-//! 9. `pack-sibling-matmuls` (ORT only): MatMuls of one activation by
-//!    different weights (a decoder's Q, K and V; its MLP's gate and up) become
-//!    one MatMul and a Split: one kernel per decode step instead of three.
-//! 10. `remove-no-ops` again: the identity Transposes and same-shape Reshapes
+//! 9. `expand-attention-bias` (ORT only): a key-padding mask `[B, 1, 1, T]`
+//!    the fused Attention read is expanded to its query rows, which ORT's
+//!    kernels do not broadcast (right after `fuse`, which made the ops).
+//! 10. `pack-sibling-matmuls` (ORT only): MatMuls of one activation by
+//!     different weights (a decoder's Q, K and V; its MLP's gate and up) become
+//!     one MatMul and a Split: one kernel per decode step instead of three.
+//! 11. `remove-no-ops` again: the identity Transposes and same-shape Reshapes
 //!     fusions leave between fused ops.
-//! 11. `merge-common-subexpressions` again: fusions compute new constants
-//!     (packed QKV weights) that may repeat (all-zero biases of several layers).
-//! 12. `eliminate-dead-code` again: what only the fused nodes read, and the
-//!     duplicates 11 replaced.
+//! 12. `merge-common-subexpressions` again: fusions compute new constants
+//!     (packed QKV weights) that may repeat (all-zero biases of several layers),
+//!     and the masks' expansions of 9, one per layer, become one.
+//! 13. `eliminate-dead-code` again: what only the fused nodes read, and the
+//!     duplicates 12 replaced.
 
 use super::add_into_sum::AddIntoSum;
 use super::approximate_gelu::ApproximateGelu;
@@ -40,6 +44,7 @@ use super::attention_opset::{RaiseOpsetForAttention, ATTENTION_OPSET};
 use super::common_subexpression::MergeCommonSubexpressions;
 use super::constant_folding::FoldConstants;
 use super::dead_code::EliminateDeadCode;
+use super::expand_attention_bias::ExpandAttentionBias;
 use super::fuse::Fuse;
 use super::inline_constant_if::InlineConstantIf;
 use super::layer_norm_affine::LayerNormAffineIntoWeights;
@@ -88,6 +93,7 @@ pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box
         Box::new(MergeCommonSubexpressions),
         Box::new(EliminateDeadCode),
         Box::new(Fuse::new(target.name(), options.trace_rule.clone()).without_rules(&options.skip_rules)),
+        Box::new(ExpandAttentionBias),
         Box::new(PackSiblingMatMuls),
         // what the fusions leave: identity Transposes, Reshapes to the same shape
         Box::new(RemoveNoOps),
@@ -98,7 +104,7 @@ pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box
     let selected = all
         .into_iter()
         // one kernel for Q, K and V pays in ONNX Runtime; elsewhere it is left to the engine
-        .filter(|p| p.name() != "pack-sibling-matmuls" || target == Target::Ort)
+        .filter(|p| !["pack-sibling-matmuls", "expand-attention-bias"].contains(&p.name()) || target == Target::Ort)
         .filter(|p| options.only.as_ref().is_none_or(|only| only.iter().any(|n| n == p.name())))
         .filter(|p| !options.skip.iter().any(|n| n == p.name()));
     raise.into_iter().chain(selected).collect()
