@@ -130,7 +130,12 @@ pub fn random_inputs_with(model: &Model, seed: u64, sizes: DimSizes, mut symbols
         let name = input.name.to_lowercase();
         let value = match dtype {
             DataType::Float | DataType::Float16 | DataType::Double => {
-                let values: Vec<f32> = (0..count).map(|_| rng.normal()).collect();
+                // a float attention mask holds ones and zeros too (a model
+                // computing `(1 - mask) * min` overflows on normal values)
+                let values: Vec<f32> = match TokenInput::of(&name) {
+                    Some(TokenInput::AttentionMask) => integer_input(&name, &shape, None, &mut rng).into_iter().map(|v| v as f32).collect(),
+                    _ => (0..count).map(|_| rng.normal()).collect(),
+                };
                 let t = ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| unsupported(&e.to_string()))?.into_tensor();
                 match dtype {
                     DataType::Float16 => t.cast_to::<f16>().map_err(|e| unsupported(&e.to_string()))?.into_owned(),
