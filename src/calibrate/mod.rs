@@ -23,7 +23,7 @@ mod taps;
 
 pub use entropy::{entropy_threshold, LEVELS as ENTROPY_LEVELS};
 pub use gram::Gram;
-pub use source::{Batches, CalibrationSource};
+pub use source::{Batches, CalibrationSource, DEFAULT_BATCH, DEFAULT_MAX_LEN};
 pub use stats::{ChannelStats, Histogram, Stats, HISTOGRAM_BINS};
 pub use taps::with_taps;
 

@@ -9,6 +9,11 @@ use tokenizers::{Tokenizer, TruncationParams};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ndarray::Array2;
 
+/// Tokens per sentence at most (special tokens included), unless asked otherwise.
+pub const DEFAULT_MAX_LEN: usize = 128;
+/// Sentences (or npz rows) per batch, unless asked otherwise.
+pub const DEFAULT_BATCH: usize = 8;
+
 #[derive(Clone, Debug)]
 pub enum CalibrationSource {
     /// One sentence per non-blank line of `file`, tokenized with `tokenizer` (a

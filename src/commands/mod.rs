@@ -138,6 +138,22 @@ pub(crate) fn check_exclusions(model: &Model, exclude: &[String]) -> Result<(), 
     }
 }
 
+/// An error and its causes in one line, each cause once: the library's
+/// messages often quote their source already (`cannot read: No such file or
+/// directory`), which printing the whole chain would repeat.
+pub fn sentence(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let line = c.to_string();
+        if !text.contains(&line) {
+            text = format!("{text}: {line}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// Compares two models on the same inputs in the options' engine: the
 /// `verify` command (com.microsoft ops lowered for tract, decoders run over
 /// their KV cache; see [`crate::passes::verify_rewrite`]).

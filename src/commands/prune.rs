@@ -36,6 +36,14 @@ impl Pruning {
     }
 }
 
+impl std::str::FromStr for Pruning {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Pruning, String> {
+        let all = [Pruning::Unstructured, Pruning::NofM, Pruning::Structured, Pruning::Layers];
+        all.into_iter().find(|m| m.name() == s).ok_or_else(|| format!("unknown method '{s}' (unstructured, nm, structured, layers)"))
+    }
+}
+
 /// `structured`: the fraction of the blocks' linear-layer FLOPs kept.
 pub const DEFAULT_KEEP_FLOPS: f64 = 0.7;
 pub const DEFAULT_SPARSITY: &str = "0.5";

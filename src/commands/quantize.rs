@@ -68,8 +68,18 @@ impl QuantizeMode {
         }
     }
 
+    pub const ALL: [QuantizeMode; 5] = [QuantizeMode::Int8, QuantizeMode::Int8Dynamic, QuantizeMode::Fp16, QuantizeMode::Int8Static, QuantizeMode::Int4Weight];
+
     fn is_int8(self) -> bool {
         matches!(self, QuantizeMode::Int8 | QuantizeMode::Int8Dynamic | QuantizeMode::Int8Static)
+    }
+}
+
+impl std::str::FromStr for QuantizeMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<QuantizeMode, String> {
+        let names: Vec<&str> = QuantizeMode::ALL.iter().map(|m| m.name()).collect();
+        QuantizeMode::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| format!("unknown mode '{s}' ({})", names.join(", ")))
     }
 }
 

@@ -451,10 +451,10 @@ pub struct CalibrationArgs {
     #[arg(long)]
     calib: Option<PathBuf>,
     /// Tokens per sentence at most (special tokens included).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = onnxopt::calibrate::DEFAULT_MAX_LEN)]
     max_len: usize,
     /// Sentences (or npz rows) per batch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = onnxopt::calibrate::DEFAULT_BATCH)]
     batch: usize,
 }
 

@@ -290,20 +290,6 @@ fn write_stdout(text: &str) -> Result<()> {
     }
 }
 
-/// An error and its causes in one line, each cause once: the library's
-/// messages already quote their source (`cannot read: No such file or
-/// directory`), which `{:#}` would print a second time.
-fn sentence(e: &anyhow::Error) -> String {
-    let mut text = e.to_string();
-    for cause in e.chain().skip(1) {
-        let cause = cause.to_string();
-        if !text.contains(&cause) {
-            text = format!("{text}: {cause}");
-        }
-    }
-    text
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -314,11 +300,11 @@ fn main() -> ExitCode {
         }
         Err(Failure::Violations) => ExitCode::from(1),
         Err(Failure::Unverifiable(e)) => {
-            eprintln!("error: could not verify: {}", sentence(&e));
+            eprintln!("error: could not verify: {}", commands::sentence(e.as_ref()));
             ExitCode::from(1)
         }
         Err(Failure::BadInput(e)) => {
-            eprintln!("error: {}", sentence(&e));
+            eprintln!("error: {}", commands::sentence(e.as_ref()));
             ExitCode::from(2)
         }
     }
