@@ -292,8 +292,11 @@ fn attention_sdpa() {
     assert!(r.model.opset_imports.iter().any(|o| o.domain == "com.microsoft"));
     // a mask per head is not the [batch, 1, seq, seq] form fused here
     assert_silent(&attention_graph(2, false), "ort");
-    // cross-attention: K and V come from another input
-    assert_silent(&attention_graph(1, true), "ort");
+    // cross-attention: K and V come from another input, not one packed
+    // projection of x: MultiHeadAttention (tests/rules_attention.rs) takes it
+    let cross = fuse(&attention_graph(1, true), "ort");
+    assert_eq!((fired(&cross, "attention-sdpa"), fired(&cross, "multi-head-attention")), (0, 1), "{}", cross.snapshot);
+    assert!(cross.comparison.passed(), "{:?}", cross.comparison);
 }
 
 #[test]

@@ -33,7 +33,14 @@ fn assert_fires(model: &Model, rule: &str, case: &str) -> Rewritten {
 
 fn assert_not_fused(model: &Model) {
     let r = fuse(model, "ort");
-    assert_eq!(count(&r.model, "Attention"), 0, "nothing should fuse:\n{}", r.snapshot);
+    assert_eq!(count(&r.model, "Attention") + count(&r.model, "MultiHeadAttention"), 0, "nothing should fuse:\n{}", r.snapshot);
+}
+
+/// `rule` does not fire on `model` (another rule may, with the same numbers).
+fn assert_not_by_rule(model: &Model, rule: &str) {
+    let r = fuse(model, "ort");
+    assert_eq!(fired(&r, rule), 0, "{rule} should not fire:\n{}", r.snapshot);
+    assert!(r.comparison.passed(), "{:?}", r.comparison);
 }
 
 fn values(n: usize, scale: f32) -> Vec<f32> {
@@ -164,9 +171,10 @@ fn attention_packed_qkv() {
     // the Shape reads of q, k and the merged heads went with the match
     assert_eq!(count(&r.model, "Shape"), 0, "{}", r.snapshot);
     // K and V swapped: the packed weight's thirds are not Q, K, V in order
-    assert_not_fused(&packed_qkv_graph(Exporter::TorchScript, Flaw::SwappedKv));
+    // (multi-head-attention takes the three Split outputs as they are read)
+    assert_not_by_rule(&packed_qkv_graph(Exporter::TorchScript, Flaw::SwappedKv), "attention-packed-qkv");
     // a Shape read that is needed elsewhere is not absorbed
-    assert_not_fused(&packed_qkv_graph(Exporter::TorchScript, Flaw::ShapeLeaks));
+    assert_not_by_rule(&packed_qkv_graph(Exporter::TorchScript, Flaw::ShapeLeaks), "attention-packed-qkv");
 }
 
 #[test]
@@ -175,7 +183,7 @@ fn attention_packed_qkv_dynamo() {
     assert_eq!(fired(&r, "merge-heads-before-flatten"), 1);
     let attention = r.model.graph.nodes().find(|n| n.op_type == "Attention").unwrap();
     assert_eq!(attention.inputs[2], "", "no bias: Attention's bias input is left out");
-    assert_not_fused(&packed_qkv_graph(Exporter::Dynamo, Flaw::SwappedKv));
+    assert_not_by_rule(&packed_qkv_graph(Exporter::Dynamo, Flaw::SwappedKv), "attention-packed-qkv");
 }
 
 /// How eager attention scales Q K^T.
@@ -277,7 +285,68 @@ fn attention_sdpa_unmasked() {
     let r = assert_fires(&unmasked_sdpa_graph(false), "attention-sdpa", "attention-sdpa-unmasked");
     let attention = r.model.graph.nodes().find(|n| n.op_type == "Attention").unwrap();
     assert_eq!(attention.inputs.len(), 3, "no mask: no attention_bias, no empty inputs after the bias");
-    assert_not_fused(&unmasked_sdpa_graph(true));
+    // K and V from another input: not one projection of x (multi-head-attention takes it)
+    assert_not_by_rule(&unmasked_sdpa_graph(true), "attention-sdpa");
+}
+
+/// Whisper's encoder attention (TorchScript, eager): the query scaled by
+/// head_size^-0.5 before the head split, a key projection without bias, no
+/// scale on the product. With `vector_scale` the query's scale is a [hidden]
+/// vector: no longer one number for the fused op.
+fn whisper_graph(vector_scale: bool) -> Model {
+    let mut b = GraphBuilder::new("whisper_attention");
+    let x = b.input("x", DataType::Float, &[BATCH, SEQ, HIDDEN]);
+    let heads = ints(&mut b, "heads_shape", &[BATCH, SEQ, HEADS, HEAD]);
+    let merge = ints(&mut b, "merge_shape", &[BATCH, SEQ, HIDDEN]);
+    let project = |b: &mut GraphBuilder, name: &str, bias: bool, k: usize| {
+        let w = b.initializer_f32(&format!("w_{name}"), &[HIDDEN as usize, HIDDEN as usize], &values(64, 0.02 * k as f32));
+        let mm = b.node("MatMul", &[&x, &w]);
+        if !bias {
+            return mm;
+        }
+        let bias = b.initializer_f32(&format!("b_{name}"), &[HIDDEN as usize], &values(8, 0.01 * k as f32));
+        b.node("Add", &[&bias, &mm])
+    };
+    let q = project(&mut b, "q", true, 1);
+    let scaling = if vector_scale {
+        b.initializer_f32("scaling", &[HIDDEN as usize], &values(8, 0.05))
+    } else {
+        b.initializer_f32("scaling", &[], &[(HEAD as f32).powf(-0.5)])
+    };
+    let q = b.node("Mul", &[&q, &scaling]);
+    let k = project(&mut b, "k", false, 2);
+    let v = project(&mut b, "v", true, 3);
+    let split = |b: &mut GraphBuilder, t: &str, perm: &[i64]| {
+        let r = b.node("Reshape", &[t, &heads]);
+        transpose(b, &r, perm)
+    };
+    let (q, k, v) = (split(&mut b, &q, &[0, 2, 1, 3]), split(&mut b, &k, &[0, 2, 3, 1]), split(&mut b, &v, &[0, 2, 1, 3]));
+    let scores = b.node("MatMul", &[&q, &k]);
+    let merged = attend(&mut b, &scores, None, &v);
+    let y = b.node("Reshape", &[&merged, &merge]);
+    b.output(&y, DataType::Float, &[BATCH, SEQ, HIDDEN]);
+    b.into_model(17)
+}
+
+#[test]
+fn multi_head_attention_takes_any_projections() {
+    let r = assert_fires(&whisper_graph(false), "multi-head-attention", "multi-head-attention-whisper");
+    let mha = r.model.graph.nodes().find(|n| n.op_type == "MultiHeadAttention").unwrap();
+    assert_eq!(mha.attr_float("scale"), Some(1.0), "the query's own scale stays on q");
+    assert_eq!(count(&r.model, "Softmax"), 0);
+    // cross attention: keys and values from another input
+    let r = assert_fires(&unmasked_sdpa_graph(true), "multi-head-attention", "multi-head-attention-cross");
+    let mha = r.model.graph.nodes().find(|n| n.op_type == "MultiHeadAttention").unwrap();
+    assert_ne!(mha.inputs[0], mha.inputs[1], "q from x, k from memory");
+    // a per-channel query scale is part of the tensor q; a product scaled by a
+    // vector is not one number for the fused op
+    let mut eager = eager_graph(Scaling::Mul, 1);
+    let scale = eager.graph.initializers.iter_mut().find(|t| t.name == "scale").unwrap();
+    *scale = onnxopt::ir::Tensor::from_f32("scale", &ndarray::ArrayD::from_elem(ndarray::IxDyn(&[SEQ as usize]), 0.5));
+    assert_not_fused(&eager);
+    let r = fuse(&whisper_graph(true), "ort");
+    assert_eq!(fired(&r, "multi-head-attention"), 1, "{}", r.snapshot);
+    assert!(r.comparison.passed(), "{:?}", r.comparison);
 }
 
 /// Reshape(Transpose[0 2 1 3](softmax(s) v), target): attention's context with

@@ -133,8 +133,9 @@ fn scale_factors(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     Ok(())
 }
 
-/// `(ratio ?numerator ?denominator)`: a scalar constant divided by another, as a
-/// float attribute; an absent one (a skipped `Mul?` or `Div?`) counts as 1.
+/// `(ratio ?a ?b .. ?denominator)`: the product of scalar constants divided by
+/// the last one, as a float attribute; an absent one (a skipped `Mul?` or
+/// `Div?`) counts as 1.
 fn ratio(ctx: &MatchContext, args: &[Arg]) -> Result<AttrValue, String> {
     let scalar = |i: usize| -> Result<f32, String> {
         let t = var(ctx, args, i)?;
@@ -147,7 +148,9 @@ fn ratio(ctx: &MatchContext, args: &[Arg]) -> Result<AttrValue, String> {
             _ => Err(format!("'{t}' is not a scalar")),
         }
     };
-    let (numerator, denominator) = (scalar(0)?, scalar(1)?);
+    let Some(last) = args.len().checked_sub(1) else { return Err("usage: (ratio ?a .. ?denominator)".into()) };
+    let numerator = (0..last).map(scalar).product::<Result<f32, String>>()?;
+    let denominator = scalar(last)?;
     if denominator == 0.0 {
         return Err("the denominator is 0".into());
     }
