@@ -64,6 +64,39 @@ fn gelu_erf_inner_half() {
     assert_silent(&gelu_graph(true, 0.4, false), "ort");
 }
 
+/// y = x * Sigmoid(alpha * x) (CLIP's quick_gelu), or x * Sigmoid(x) (SiLU)
+/// when `alpha` is None; `other` feeds the Sigmoid another tensor.
+fn quick_gelu_graph(alpha: Option<f32>, other: bool) -> Model {
+    let mut b = GraphBuilder::new("quick_gelu");
+    let x = b.input("x", DataType::Float, &[2, 3, 8]);
+    let z = if other { b.input("z", DataType::Float, &[2, 3, 8]) } else { x.clone() };
+    let gate = match alpha {
+        Some(a) => {
+            let a = scalar(&mut b, "alpha", a);
+            b.node("Mul", &[&z, &a])
+        }
+        None => z,
+    };
+    let s = b.node("Sigmoid", &[&gate]);
+    let y = b.node("Mul", &[&s, &x]);
+    b.output(&y, DataType::Float, &[2, 3, 8]);
+    b.into_model(17)
+}
+
+#[test]
+fn quick_gelu() {
+    let r = assert_fires(&quick_gelu_graph(Some(1.702), false), "ort", "quick-gelu");
+    let node = r.model.graph.nodes().find(|n| n.op_type == "QuickGelu").unwrap();
+    assert_eq!(node.attr_float("alpha"), Some(1.702));
+    let silu = fuse(&quick_gelu_graph(None, false), "ort");
+    assert_eq!(fired(&silu, "quick-gelu"), 1, "SiLU: alpha 1\n{}", silu.snapshot);
+    assert!(silu.comparison.passed(), "{:?}", silu.comparison);
+    // the gate reads another tensor: x * sigmoid(z) is not QuickGelu
+    assert_silent(&quick_gelu_graph(Some(1.702), true), "ort");
+    // no standard op for it
+    assert_silent(&quick_gelu_graph(Some(1.702), false), "portable");
+}
+
 #[test]
 fn bias_gelu() {
     let r = assert_fires(&gelu_graph(true, 0.5, true), "ort", "bias-gelu");

@@ -66,11 +66,16 @@ fn copy_attr(ctx: &MatchContext, args: &[Arg]) -> Result<AttrValue, String> {
     node.attr(name).cloned().ok_or_else(|| format!("@{label} has no attribute {name}"))
 }
 
-/// `(product ?a ?b ...)`: the product of scalar constants, as a float attribute.
+/// `(product ?a ?b ...)`: the product of scalar constants, as a float attribute
+/// (an absent one, a skipped `Mul?`, counts as 1).
 fn product(ctx: &MatchContext, args: &[Arg]) -> Result<AttrValue, String> {
     let mut p = 1.0f32;
     for i in 0..args.len() {
         let t = var(ctx, args, i)?;
+        if t.is_empty() {
+            // a skipped optional factor (`Mul?`)
+            continue;
+        }
         let values = ctx.constant(t).and_then(|c| c.to_f32().ok()).ok_or_else(|| format!("'{t}' is not a float constant"))?;
         if values.len() != 1 {
             return Err(format!("'{t}' is not a scalar"));
