@@ -130,6 +130,7 @@ pub fn lower_node(model: &Model, types: &TypeMap, id: NodeId) -> Result<Patch, L
         "Gelu" => lowering.gelu(),
         "BiasGelu" => lowering.bias_gelu(),
         "FastGelu" => lowering.fast_gelu(),
+        "QuickGelu" => lowering.quick_gelu(),
         "SkipLayerNormalization" => lowering.skip_layer_norm(),
         "SimplifiedLayerNormalization" => lowering.simplified_layer_norm(),
         "SkipSimplifiedLayerNormalization" => lowering.skip_simplified_layer_norm(),
@@ -841,6 +842,19 @@ impl<'m> Lowering<'m> {
         let gate = self.op("Add", &[&tanh, &one], "gate");
         let gated = self.op("Mul", &[&x, &gate], "gated");
         self.op_into("Mul", &[&gated, &half], Vec::new(), output, "out");
+        Ok(())
+    }
+
+    /// QuickGelu: `x * Sigmoid(alpha * x)`, alpha 1.702 by default (ORT 1.32
+    /// ContribOperators.md).
+    fn quick_gelu(&mut self) -> Result<(), Refusal> {
+        let x = self.required(0, "X")?;
+        let dtype = self.float_type(x)?;
+        let output = self.used_output(0);
+        let alpha = self.float_scalar("alpha", dtype, self.float_attr("alpha", 1.702) as f64);
+        let scaled = self.op("Mul", &[x, &alpha], "scaled");
+        let gate = self.op("Sigmoid", &[&scaled], "gate");
+        self.op_into("Mul", &[x, &gate], Vec::new(), output, "out");
         Ok(())
     }
 
