@@ -323,8 +323,18 @@ fn attention_sdpa() {
     let attention = r.model.graph.nodes().find(|n| n.op_type == "Attention").unwrap();
     assert_eq!(attention.attr_int("num_heads"), Some(2));
     assert!(r.model.opset_imports.iter().any(|o| o.domain == "com.microsoft"));
-    // a mask per head is not the [batch, 1, seq, seq] form fused here
-    assert_silent(&attention_graph(2, false), "ort");
+    // a bias per head (T5's relative positions) is an attention_bias too,
+    // [batch, heads, seq, seq], which ONNX Runtime's kernel takes as it is
+    let per_head = fuse(&attention_graph(2, false), "ort");
+    assert_eq!(fired(&per_head, "attention-sdpa"), 1, "{}", per_head.snapshot);
+    assert!(per_head.comparison.passed(), "{:?}", per_head.comparison);
+    let dir = tempfile::tempdir().unwrap();
+    let (original, fused) = (dir.path().join("original.onnx"), dir.path().join("fused.onnx"));
+    onnxopt::onnx::save(&attention_graph(2, false), &original, &Default::default()).unwrap();
+    onnxopt::onnx::save(&per_head.model, &fused, &Default::default()).unwrap();
+    if let Some(cosine) = common::onnxruntime_cosine(&original, &fused) {
+        assert!(cosine > 0.99999, "ONNX Runtime: cosine {cosine}");
+    }
     // cross-attention: K and V come from another input, not one packed
     // projection of x: MultiHeadAttention (tests/rules_attention.rs) takes it
     let cross = fuse(&attention_graph(1, true), "ort");

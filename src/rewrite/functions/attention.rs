@@ -34,19 +34,23 @@ fn head_split(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     head_dims(ctx, var(ctx, args, 0)?).map(|_| ())
 }
 
-/// `(attention-mask-shape ?mask)`: the additive mask broadcasts over
-/// heads ([batch or 1, 1, seq or 1, seq]) as ORT's attention_bias requires
-/// (`(batch_size or 1, num_heads or 1, sequence_length, total_sequence_length)`,
-/// ORT 1.32 ContribOperators.md); a mask of [.., .., 1, seq] is expanded by ORT too.
-/// An absent mask (the `Add?` of the pattern skipped) passes: no attention_bias.
+/// `(attention-mask-shape ?mask)`: the additive mask is 4-D, as ORT's
+/// attention_bias must be: `(batch_size or 1, num_heads or 1,
+/// sequence_length, total_sequence_length)` (ORT 1.32 ContribOperators.md).
+/// The export adds it to the scores [batch, heads, seq, seq], so each of its
+/// dims is already 1 or the scores' own: a padding mask [batch, 1, seq, seq],
+/// a per-head bias [1, heads, seq, seq] (T5's relative positions), or a
+/// key-padding mask [batch, 1, 1, seq], whose rows `expand-attention-bias`
+/// expands for ORT. An absent mask (the `Add?` of the pattern skipped) passes:
+/// no attention_bias.
 fn attention_mask_shape(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     let mask = var(ctx, args, 0)?;
     if mask.is_empty() {
         return Ok(());
     }
     match dims(ctx, mask)? {
-        [_, h, _, _] if h.fixed() == Some(1) => Ok(()),
-        d => Err(format!("mask '{mask}' has dims {d:?}, not [batch, 1, seq, seq]")),
+        [_, _, _, _] => Ok(()),
+        d => Err(format!("mask '{mask}' has dims {d:?}, not 4-D [batch or 1, heads or 1, seq or 1, seq]")),
     }
 }
 
