@@ -183,7 +183,7 @@ pub struct QuantizeArgs {
     pub output: OutputArgs,
     /// The quantization scheme (see the modes below).
     #[arg(long)]
-    mode: QuantizeMode,
+    mode: QuantizeModeArg,
     /// int8, int8-dynamic: ort (com.microsoft ops) or portable (standard ops);
     /// int8-static: ort (uint8 activations, QDQ that ORT fuses) or tensorrt (int8 symmetric, TensorRT's placement);
     /// fp16: ort stores weights in float16 and computes in float32 (ORT's CPU provider has
@@ -366,7 +366,7 @@ impl From<ActivationArg> for ActivationScale {
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
-pub enum QuantizeMode {
+pub enum QuantizeModeArg {
     /// What most users want: fusion for the target, then int8 weights and
     /// activations for the MatMuls left. With calibration data: GPTQ-rounded
     /// weights, and per-tensor activation scales where they cost little,
@@ -385,14 +385,14 @@ pub enum QuantizeMode {
     Int4Weight,
 }
 
-impl From<QuantizeMode> for commands::QuantizeMode {
-    fn from(mode: QuantizeMode) -> commands::QuantizeMode {
+impl From<QuantizeModeArg> for commands::QuantizeMode {
+    fn from(mode: QuantizeModeArg) -> commands::QuantizeMode {
         match mode {
-            QuantizeMode::Int8 => commands::QuantizeMode::Int8,
-            QuantizeMode::Int8Dynamic => commands::QuantizeMode::Int8Dynamic,
-            QuantizeMode::Fp16 => commands::QuantizeMode::Fp16,
-            QuantizeMode::Int8Static => commands::QuantizeMode::Int8Static,
-            QuantizeMode::Int4Weight => commands::QuantizeMode::Int4Weight,
+            QuantizeModeArg::Int8 => commands::QuantizeMode::Int8,
+            QuantizeModeArg::Int8Dynamic => commands::QuantizeMode::Int8Dynamic,
+            QuantizeModeArg::Fp16 => commands::QuantizeMode::Fp16,
+            QuantizeModeArg::Int8Static => commands::QuantizeMode::Int8Static,
+            QuantizeModeArg::Int4Weight => commands::QuantizeMode::Int4Weight,
         }
     }
 }
