@@ -199,10 +199,12 @@ enum Scaling {
 
 /// BERT's eager self-attention as the TorchScript exporter writes it: separate
 /// Q, K, V projections, K^T by one Transpose, the scale after Q K^T.
-fn eager_graph(scaling: Scaling, mask_heads: i64) -> Model {
+/// `mask_dims` is the additive mask's shape, broadcast against the scores
+/// [batch, heads, seq, seq].
+fn eager_graph(scaling: Scaling, mask_dims: &[i64]) -> Model {
     let mut b = GraphBuilder::new("eager_attention");
     let x = b.input("x", DataType::Float, &[BATCH, SEQ, HIDDEN]);
-    let mask = b.input("mask", DataType::Float, &[BATCH, mask_heads, SEQ, SEQ]);
+    let mask = b.input("mask", DataType::Float, mask_dims);
     let heads = ints(&mut b, "heads_shape", &[BATCH, SEQ, HEADS, HEAD]);
     let merge = ints(&mut b, "merge_shape", &[BATCH, SEQ, HIDDEN]);
     let project = |b: &mut GraphBuilder, name: &str, perm: &[i64], k: usize| {
@@ -236,19 +238,23 @@ fn eager_graph(scaling: Scaling, mask_heads: i64) -> Model {
 
 #[test]
 fn attention_eager() {
-    let r = assert_fires(&eager_graph(Scaling::Mul, 1), "attention-eager", "attention-eager");
+    let r = assert_fires(&eager_graph(Scaling::Mul, &[BATCH, 1, SEQ, SEQ]), "attention-eager", "attention-eager");
     let attention = r.model.graph.nodes().find(|n| n.op_type == "Attention").unwrap();
     assert_eq!(attention.attr_float("scale"), Some(0.5));
-    // a mask per head is not the [batch, 1, seq, seq] form fused here
-    assert_not_fused(&eager_graph(Scaling::Mul, 2));
+    // a bias per head is ORT's attention_bias [batch, heads, seq, seq] as it is
+    let per_head = fuse(&eager_graph(Scaling::Mul, &[BATCH, HEADS, SEQ, SEQ]), "ort");
+    assert_eq!(fired(&per_head, "attention-eager"), 1, "{}", per_head.snapshot);
+    assert!(per_head.comparison.passed(), "{:?}", per_head.comparison);
+    // a 3-D mask broadcasts over the batch as [1, batch, seq, seq]: not attention_bias's layout
+    assert_not_fused(&eager_graph(Scaling::Mul, &[BATCH, SEQ, SEQ]));
 }
 
 #[test]
 fn attention_eager_div() {
-    let r = assert_fires(&eager_graph(Scaling::Div, 1), "attention-eager", "attention-eager-div");
+    let r = assert_fires(&eager_graph(Scaling::Div, &[BATCH, 1, SEQ, SEQ]), "attention-eager", "attention-eager-div");
     let attention = r.model.graph.nodes().find(|n| n.op_type == "Attention").unwrap();
     assert_eq!(attention.attr_float("scale"), Some(0.5));
-    assert_not_fused(&eager_graph(Scaling::DivInverted, 1));
+    assert_not_fused(&eager_graph(Scaling::DivInverted, &[BATCH, 1, SEQ, SEQ]));
 }
 
 /// ViT's SDPA attention (TorchScript): BERT's form without a mask; `cross`
@@ -340,7 +346,7 @@ fn multi_head_attention_takes_any_projections() {
     assert_ne!(mha.inputs[0], mha.inputs[1], "q from x, k from memory");
     // a per-channel query scale is part of the tensor q; a product scaled by a
     // vector is not one number for the fused op
-    let mut eager = eager_graph(Scaling::Mul, 1);
+    let mut eager = eager_graph(Scaling::Mul, &[BATCH, 1, SEQ, SEQ]);
     let scale = eager.graph.initializers.iter_mut().find(|t| t.name == "scale").unwrap();
     *scale = onnxopt::ir::Tensor::from_f32("scale", &ndarray::ArrayD::from_elem(ndarray::IxDyn(&[SEQ as usize]), 0.5));
     assert_not_fused(&eager);
