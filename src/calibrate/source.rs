@@ -26,6 +26,9 @@ pub enum CalibrationSource {
     /// Arrays named after the model's inputs, sharing a first (batch) axis, cut
     /// into batches of `batch` rows.
     Npz { path: PathBuf, batch: usize },
+    /// Batches already made (a part of another source's, as `auto` holds some
+    /// back to measure on): yielded as they are.
+    Batches(std::sync::Arc<Vec<Vec<NamedInput>>>),
 }
 
 /// Batches of named inputs; an error ends the calibration.
@@ -47,7 +50,20 @@ impl CalibrationSource {
         match self {
             CalibrationSource::Text { file, tokenizer, max_len, batch } => text_batches(&inputs, file, tokenizer, *max_len, *batch),
             CalibrationSource::Npz { path, batch } => npz_batches(&inputs, path, *batch),
+            CalibrationSource::Batches(batches) => {
+                if let Some(missing) = inputs.iter().find(|i| batches.first().is_some_and(|b| !b.iter().any(|n| n.name == i.name))) {
+                    let why = "the batches hold no value for it".into();
+                    return Err(CalibrateError::UnfillableInput { input: missing.name.clone(), source_kind: "the given batches", why });
+                }
+                let batches = batches.clone();
+                Ok(Batches(Box::new((0..batches.len()).map(move |i| Ok(batches[i].clone())))))
+            }
         }
+    }
+
+    /// Every batch of this source for `model`, in memory.
+    pub fn collect(&self, model: &Model) -> Result<Vec<Vec<NamedInput>>, CalibrateError> {
+        self.batches(model)?.collect()
     }
 }
 

@@ -10,11 +10,13 @@
 //! model, its report (serde types, [`report`]) and, when the check found the
 //! result beyond the request's bound, why it must not be written.
 
+pub mod auto;
 pub mod optimize;
 pub mod prune;
 pub mod quantize;
 pub mod report;
 
+pub use auto::{auto, AutoRequest, Budget, Preset};
 pub use optimize::{optimize, OptimizeRequest};
 pub use prune::{prune, PruneRequest, Pruning};
 pub use quantize::{quantize, QuantizeMode, QuantizeRequest, WeightRounding};
@@ -40,6 +42,22 @@ pub trait Observer {
 pub struct Silent;
 
 impl Observer for Silent {}
+
+/// Another observer's steps and warnings, not its lines: for a command run
+/// inside another (each of `auto`'s trials), whose caller prints one line for it.
+pub(crate) struct Quiet<'a>(pub(crate) &'a dyn Observer);
+
+impl Observer for Quiet<'_> {
+    fn begin(&self, step: &str) {
+        self.0.begin(step);
+    }
+    fn end(&self) {
+        self.0.end();
+    }
+    fn warn(&self, line: &str) {
+        self.0.warn(line);
+    }
+}
 
 /// A step of a command, from `begin` until dropped.
 pub(crate) struct Step<'a>(&'a dyn Observer);

@@ -71,12 +71,22 @@ pub struct OrtRunner {
 
 impl OrtRunner {
     pub fn new(model: &Model, label: &str) -> Result<OrtRunner, VerifyError> {
+        OrtRunner::with_level(model, label, GraphOptimizationLevel::Level1)
+    }
+
+    /// A session with every graph optimization ORT has, as a deployment loads
+    /// the model: what latency is measured on.
+    pub fn deployed(model: &Model, label: &str) -> Result<OrtRunner, VerifyError> {
+        OrtRunner::with_level(model, label, GraphOptimizationLevel::Level3)
+    }
+
+    fn with_level(model: &Model, label: &str, level: GraphOptimizationLevel) -> Result<OrtRunner, VerifyError> {
         let fail = |message: String| VerifyError::Ort { model: label.into(), stage: "load", message };
         let env = environment().map_err(|why| VerifyError::OrtMissing { why })?;
         let bytes = onnx::to_bytes(model);
         let session = Session::builder(env)
             .map_err(|e| fail(e.to_string()))?
-            .with_optimization_level(GraphOptimizationLevel::Level1)
+            .with_optimization_level(level)
             .map_err(|e| fail(e.to_string()))?
             .with_log_level(ort::logging::LogLevel::Error)
             .map_err(|e| fail(e.to_string()))?

@@ -60,6 +60,12 @@ pub enum Command {
         after_help = "Examples:\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8 --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --activations per-token\n  onnxopt quantize model.onnx -o model.qdq.onnx --mode int8-static --target tensorrt --calib data.npz\n  onnxopt quantize model.onnx -o model.fp16.onnx --mode fp16   # float16 weights, float32 compute (ORT CPU)\n  onnxopt quantize model.onnx -o model.int4.onnx --mode int4-weight --block-size 32 --rounding gptq --calib-text calib.txt --tokenizer tokenizer.json\n  onnxopt quantize model.onnx -o model.int8.onnx --mode int8-dynamic --target portable --exclude /pooler/dense/MatMul"
     )]
     Quantize(QuantizeArgs),
+    /// Choose a recipe: a preset (-O1 to -O4), or a search over fusion, int8,
+    /// int4, fp16 and pruning that keeps the fastest within an accuracy budget.
+    #[command(
+        after_help = "Examples:\n  onnxopt auto model.onnx -o model.fast.onnx -O2\n  onnxopt auto model.onnx -o model.fast.onnx --min-cosine 0.997 --calib-text calib.txt --tokenizer tokenizer.json --html auto.html\n  onnxopt auto decoder.onnx -o decoder.fast.onnx --max-perplexity-ratio 1.10 --calib-text calib.txt --tokenizer tokenizer.json --time-budget 900\n\nPresets: -O1 cleanup (exact); -O2 -O1 and fusion for the target; -O3 -O2 and GELU in its tanh form (ORT's FastGelu);\n-O4 -O3 and float16 weights (for GPUs). One int8 file serves every x86 CPU: ORT picks its AVX2, AVX-512 or VNNI kernels at load time.\n\nThe search holds back the last fifth of the calibration batches, measures each trial's fidelity on them (encoders:\nmean cosine, [batch, seq, hidden] outputs mean-pooled over real tokens; decoders: perplexity ratio) and its latency\nin ONNX Runtime (tract without it), in turn with the input's, and writes the fastest within the budget."
+    )]
+    Auto(AutoArgs),
     /// Lint a QDQ model against a runtime's quantization rules; exit 1 on violations.
     #[command(after_help = "Examples:\n  onnxopt check --target tensorrt model.qdq.onnx\n  onnxopt check --target tensorrt model.qdq.onnx --json")]
     Check {
@@ -437,6 +443,64 @@ enum PruneImportanceArg {
     Wanda,
     /// Optimal Brain Surgeon's saliency |W| / sqrt([(X^T X)^-1]_kk).
     Obs,
+}
+
+#[derive(Args)]
+pub struct AutoArgs {
+    pub input: PathBuf,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// ort (com.microsoft fused ops), portable (standard ONNX), tensorrt.
+    #[arg(long, default_value = "ort")]
+    target: Target,
+    /// A preset instead of the search: -O1, -O2, -O3 or -O4.
+    #[arg(short = 'O', value_name = "LEVEL")]
+    level: Option<commands::Preset>,
+    /// Encoders: keep trials whose outputs' mean cosine on held-back data is
+    /// at least C (default 0.99).
+    #[arg(long, value_name = "C", conflicts_with = "max_perplexity_ratio")]
+    min_cosine: Option<f64>,
+    /// Decoders: keep trials whose perplexity on held-back text is at most R
+    /// times the input's (default 1.10).
+    #[arg(long, value_name = "R")]
+    max_perplexity_ratio: Option<f64>,
+    #[command(flatten)]
+    calibration: CalibrationArgs,
+    /// Try at most N recipes.
+    #[arg(long, value_name = "N")]
+    max_trials: Option<usize>,
+    /// Start no trial after SECONDS.
+    #[arg(long, value_name = "SECONDS")]
+    time_budget: Option<u64>,
+    /// Only these recipes (comma-separated; an unknown name lists them).
+    #[arg(long, value_delimiter = ',')]
+    pub recipes: Option<Vec<String>>,
+    /// Write every trial and the choice as JSON.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Write the search as an HTML page: latency against fidelity for every
+    /// trial, the Pareto front marked.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+}
+
+impl AutoArgs {
+    pub fn request(&self) -> Result<commands::AutoRequest> {
+        let budget = match (self.min_cosine, self.max_perplexity_ratio) {
+            (Some(c), _) => Some(commands::Budget::MinCosine(c)),
+            (_, Some(r)) => Some(commands::Budget::MaxPerplexityRatio(r)),
+            _ => None,
+        };
+        Ok(commands::AutoRequest {
+            target: self.target,
+            preset: self.level,
+            budget,
+            calibration: self.calibration.optional_source()?,
+            max_trials: self.max_trials,
+            time_budget: self.time_budget.map(std::time::Duration::from_secs),
+            recipes: self.recipes.clone(),
+        })
+    }
 }
 
 #[derive(Args)]

@@ -174,6 +174,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let outcome = commands::quantize(&original, &request, &terminal).map_err(|e| command_failure(&args.input, e))?;
             finish(outcome, &args.input, &args.output, args.report.as_deref(), &terminal)?;
         }
+        Command::Auto(args) => {
+            let request = args.request()?;
+            let original = load(&args.input, &terminal, true)?;
+            let outcome = commands::auto(&original, &request, &terminal).map_err(|e| command_failure(&args.input, e))?;
+            if let Some(path) = &args.html {
+                std::fs::write(path, outcome.report.html()).with_context(|| format!("{}: cannot write the page", path.display()))?;
+            }
+            if let Some(chosen) = &outcome.report.chosen {
+                terminal.say(&format!("chosen: {chosen}"));
+            }
+            finish(outcome, &args.input, &args.output, args.report.as_deref(), &terminal)?;
+        }
         Command::Prune(args) => {
             let request = args.request()?;
             let original = load(&args.input, &terminal, true)?;

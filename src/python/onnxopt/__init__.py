@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 from . import _native
 from ._native import OnnxoptError, VerificationError
 
-__all__ = ["optimize", "quantize", "prune", "verify", "inspect", "OnnxoptError", "VerificationError"]
+__all__ = ["optimize", "quantize", "prune", "auto", "verify", "inspect", "OnnxoptError", "VerificationError"]
 
 Model = Union["onnx.ModelProto", bytes, str, "os.PathLike[str]"]  # noqa: F821
 
@@ -114,6 +114,45 @@ def quantize(
     if "exclude" in values and values["exclude"] is not None:
         values["exclude"] = list(values["exclude"])
     return _run(_native.quantize, model, output, values)
+
+
+def auto(
+    model: Model,
+    output: Optional[Union[str, "os.PathLike[str]"]] = None,
+    *,
+    target: str = "ort",
+    preset: Optional[str] = None,
+    min_cosine: Optional[float] = None,
+    max_perplexity_ratio: Optional[float] = None,
+    calib_text: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    calib: Optional[str] = None,
+    max_len: Optional[int] = None,
+    batch: Optional[int] = None,
+    max_trials: Optional[int] = None,
+    time_budget: Optional[float] = None,
+    recipes: Optional[Sequence[str]] = None,
+) -> Tuple[Any, dict]:
+    """A preset (``preset="O1"`` to ``"O4"``), or a search over recipes (fusion, int8, int4,
+    fp16, pruning) that keeps the fastest whose fidelity on held-back calibration data stays
+    within ``min_cosine`` (encoders, default 0.99) or ``max_perplexity_ratio`` (decoders,
+    default 1.10). The report lists every trial (``report["trials"]``) and the one chosen.
+    """
+    values = dict(
+        target=target,
+        preset=preset,
+        min_cosine=min_cosine,
+        max_perplexity_ratio=max_perplexity_ratio,
+        calib_text=_path(calib_text),
+        tokenizer=_path(tokenizer),
+        calib=_path(calib),
+        max_len=max_len,
+        batch=batch,
+        max_trials=max_trials,
+        time_budget=time_budget,
+        recipes=list(recipes) if recipes else None,
+    )
+    return _run(_native.auto, model, output, values)
 
 
 def prune(

@@ -339,6 +339,44 @@ fn verify(
     Ok(json.to_string())
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct AutoOptions {
+    target: Option<String>,
+    preset: Option<String>,
+    min_cosine: Option<f64>,
+    max_perplexity_ratio: Option<f64>,
+    #[serde(flatten)]
+    calibration: Calibration,
+    max_trials: Option<usize>,
+    time_budget: Option<f64>,
+    recipes: Option<Vec<String>>,
+}
+
+#[pyfunction]
+#[pyo3(signature = (data, path, output, options))]
+fn auto(py: Python<'_>, data: Option<Vec<u8>>, path: Option<PathBuf>, output: Option<PathBuf>, options: &str) -> PyResult<(Option<Py<PyBytes>>, String)> {
+    let o: AutoOptions = self::options(options)?;
+    let input = read(data, path)?;
+    let budget = match (o.min_cosine, o.max_perplexity_ratio) {
+        (Some(_), Some(_)) => return Err(bad("give min_cosine (encoders) or max_perplexity_ratio (decoders), not both")),
+        (Some(c), None) => Some(commands::Budget::MinCosine(c)),
+        (None, Some(r)) => Some(commands::Budget::MaxPerplexityRatio(r)),
+        (None, None) => None,
+    };
+    let request = commands::AutoRequest {
+        target: parsed(o.target.as_deref())?.unwrap_or(onnxopt::target::Target::Ort),
+        preset: parsed(o.preset.as_deref())?,
+        budget,
+        calibration: o.calibration.source()?,
+        max_trials: o.max_trials,
+        time_budget: o.time_budget.map(std::time::Duration::from_secs_f64),
+        recipes: o.recipes,
+    };
+    let outcome = py.detach(|| commands::auto(&input.model, &request, &Silent)).map_err(|e| failure(&input.label, e))?;
+    finish(py, outcome, &input, output)
+}
+
 /// What a model holds (`onnxopt inspect --json`), as JSON.
 #[pyfunction]
 #[pyo3(signature = (data, path))]
@@ -354,6 +392,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(optimize, m)?)?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(prune, m)?)?;
+    m.add_function(wrap_pyfunction!(auto, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     Ok(())

@@ -105,3 +105,23 @@ def test_errors_carry_the_command_lines_messages(exported):
     # a bound no int8 result meets: rejected, nothing returned
     with pytest.raises(onnxopt.VerificationError, match="beyond tolerance"):
         onnxopt.quantize(exported.read_bytes(), mode="int8-dynamic", min_cosine=1.0000001)
+
+
+def test_auto_preset_and_search(exported, tmp_path):
+    fused, report = onnxopt.auto(exported.read_bytes(), preset="O2")
+    assert report["preset"] == "O2" and report["optimize"]["verification"]["outputs"][0]["within_tolerance"]
+    assert any(n.domain == "com.microsoft" for n in onnx.load_model_from_string(fused).graph.node)
+    calib = tmp_path / "calib.npz"
+    rows = [inputs(batch=2, sequence=7, seed=s) for s in range(5)]
+    np.savez(calib, x=np.concatenate([r["x"] for r in rows]), mask=np.concatenate([r["mask"] for r in rows]))
+    chosen, report = onnxopt.auto(exported.read_bytes(), calib=calib, batch=2, min_cosine=0.99, recipes=["fuse", "int8-dynamic"])
+    assert [t["recipe"] for t in report["trials"]] == ["fuse", "int8-dynamic"]
+    assert report["chosen"] in ("fuse", "int8-dynamic")
+    assert all(t["fidelity"] is not None for t in report["trials"]), report["trials"]
+    feeds = inputs()
+    expected = run(exported.read_bytes(), feeds)
+    got = run(chosen, feeds)
+    cosine = float((got * expected).sum() / np.linalg.norm(got) / np.linalg.norm(expected))
+    assert cosine > 0.99
+    with pytest.raises(onnxopt.OnnxoptError, match="fixed recipe"):
+        onnxopt.auto(exported.read_bytes(), preset="O2", min_cosine=0.99)
