@@ -139,6 +139,8 @@ struct Trials<'a> {
     original: &'a Model,
     target: Target,
     calibration: CalibrationSource,
+    /// The input has a KV cache.
+    decoder: bool,
     fused: std::cell::OnceCell<Model>,
 }
 
@@ -195,9 +197,9 @@ fn recipes() -> Vec<Recipe> {
         Recipe { name: "fuse", what: "optimize for the target (exact)", applies: Applies::Both, build: |t, o| t.fused(o).cloned() },
         Recipe {
             name: "int8",
-            what: "quantize --mode int8: fused, int8 weights (GPTQ), per-token or per-tensor activations chosen per layer",
+            what: "quantize --mode int8: fused, int8 weights (GPTQ), per-token or per-tensor activations chosen per layer (a decoder: per token everywhere, rounded to nearest; its per-layer search would run the model once per layer and batch)",
             applies: Applies::Both,
-            build: |t, o| t.quantize(t.original, QuantizeMode::Int8, |r| r.calibration = Some(t.calibration.clone()), o),
+            build: |t, o| t.quantize(t.original, QuantizeMode::Int8, |r| r.calibration = (!t.decoder).then(|| t.calibration.clone()), o),
         },
         Recipe { name: "int4-b32", what: "fused, then int4 weights, block 32, zero points, GPTQ", applies: Applies::Decoders, build: |t, o| t.int4(32, o) },
         Recipe {
@@ -307,6 +309,7 @@ fn run_preset(original: &Model, preset: Preset, target: Target, observer: &dyn O
 /// Held-back data, the input's outputs on it, and the inputs latency is measured on.
 struct Yardstick {
     held_back: Vec<Vec<NamedInput>>,
+    /// Encoders: the input's outputs on them.
     reference_outputs: Vec<Vec<(String, Tensor)>>,
     /// Encoders: the first held-back batch; decoders: a decode step.
     timed: Vec<NamedInput>,
@@ -365,7 +368,13 @@ fn search(original: &Model, request: &AutoRequest, observer: &dyn Observer, star
         let _step = Step::begin(observer, format!("running the input on the held-back data ({})", engine.name()));
         Yardstick::new(original, held_back, decoder.as_ref(), engine)?
     };
-    let trials_state = Trials { original, target: request.target, calibration: CalibrationSource::Batches(Arc::new(batches)), fused: Default::default() };
+    let trials_state = Trials {
+        original,
+        target: request.target,
+        calibration: CalibrationSource::Batches(Arc::new(batches)),
+        decoder: decoder.is_some(),
+        fused: Default::default(),
+    };
     let chosen_recipes: Vec<Recipe> = known
         .into_iter()
         .filter(|r| request.recipes.as_ref().is_none_or(|only| only.iter().any(|n| n == r.name)))
@@ -426,16 +435,20 @@ fn search(original: &Model, request: &AutoRequest, observer: &dyn Observer, star
 impl Yardstick {
     fn new(original: &Model, held_back: Vec<Vec<NamedInput>>, decoder: Option<&CacheLayout>, engine: Engine) -> Result<Yardstick, CommandError> {
         let baseline = runner(original, "the input", engine)?;
-        let reference_outputs = held_back.iter().map(|b| baseline.run(b)).collect::<Result<Vec<_>, _>>()?;
-        let (timed, prefill, reference_perplexity) = match decoder {
+        // a decoder's outputs (logits over the vocabulary, the caches) are
+        // large: only its perplexity is kept
+        let (timed, prefill, reference_perplexity, reference_outputs) = match decoder {
             Some(layout) => {
                 let steps = layout.generate(original, &baseline, 7, DimSizes { batch: 1, sequence: DECODER_PREFILL })?;
-                let ppl = perplexity(&held_back, &reference_outputs).ok_or_else(|| {
+                let ppl = perplexity(&baseline, &held_back)?.ok_or_else(|| {
                     CommandError::Request("the decoder's perplexity needs input_ids, an attention_mask and a [batch, seq, vocab] logits output".into())
                 })?;
-                (steps[1].inputs.clone(), Some(steps[0].inputs.clone()), Some(ppl))
+                (steps[1].inputs.clone(), Some(steps[0].inputs.clone()), Some(ppl), Vec::new())
             }
-            None => (held_back[0].clone(), None, None),
+            None => {
+                let outputs = held_back.iter().map(|b| baseline.run(b)).collect::<Result<Vec<_>, _>>()?;
+                (held_back[0].clone(), None, None, outputs)
+            }
         };
         Ok(Yardstick { held_back, reference_outputs, timed, prefill, reference_perplexity, engine, baseline })
     }
@@ -444,10 +457,12 @@ impl Yardstick {
     fn measure(&self, model: &Model, name: &str, budget: Budget) -> Result<Trial, CommandError> {
         let started = Instant::now();
         let candidate = runner(model, name, self.engine)?;
-        let outputs = self.held_back.iter().map(|b| candidate.run(b)).collect::<Result<Vec<_>, _>>()?;
         let fidelity = match self.reference_perplexity {
-            Some(reference) => perplexity(&self.held_back, &outputs).map(|p| p / reference),
-            None => Some(mean_cosine(&self.held_back, &self.reference_outputs, &outputs)),
+            Some(reference) => perplexity(&candidate, &self.held_back)?.map(|p| p / reference),
+            None => {
+                let outputs = self.held_back.iter().map(|b| candidate.run(b)).collect::<Result<Vec<_>, _>>()?;
+                Some(mean_cosine(&self.held_back, &self.reference_outputs, &outputs))
+            }
         }
         .ok_or_else(|| CommandError::Request(format!("{name}: its outputs cannot be compared to the input's")))?;
         let (latency, baseline) = self.latency(&candidate, &self.timed)?;
@@ -564,33 +579,44 @@ fn mean_cosine(batches: &[Vec<NamedInput>], reference: &[Vec<(String, Tensor)>],
     worst
 }
 
-/// exp(mean negative log-likelihood) of each next real token, over the
-/// batches: `logits` (the output of that name, else the first rank-3 one)
-/// at position t predicting `input_ids` at t + 1 where the mask has both.
-fn perplexity(batches: &[Vec<NamedInput>], outputs: &[Vec<(String, Tensor)>]) -> Option<f64> {
+/// exp(mean negative log-likelihood) of each next real token over the
+/// batches, one run at a time (see [`next_token_nll`]); `None` when the model
+/// has no logits to read.
+fn perplexity(model: &ModelRunner, batches: &[Vec<NamedInput>]) -> Result<Option<f64>, CommandError> {
     let (mut nll, mut count) = (0.0f64, 0usize);
-    for (batch, out) in batches.iter().zip(outputs) {
-        let ids = token_field(batch, TokenInput::Ids)?;
-        let mask = token_field(batch, TokenInput::AttentionMask).unwrap_or_else(|| ArrayD::from_elem(ids.shape(), 1));
-        let logits = out.iter().find(|(n, _)| n == "logits").or_else(|| out.iter().find(|(_, t)| t.rank() == 3)).and_then(|(_, t)| as_f32(t))?;
-        let (rows, seq) = (ids.shape()[0], ids.shape()[1]);
-        if logits.ndim() != 3 || logits.shape()[0] != rows || logits.shape()[1] != seq {
-            return None;
-        }
-        for b in 0..rows {
-            for t in 0..seq.saturating_sub(1) {
-                if mask[[b, t]] == 0 || mask[[b, t + 1]] == 0 {
-                    continue;
-                }
-                let row = logits.index_axis(Axis(0), b);
-                let row = row.index_axis(Axis(0), t);
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-                let log_sum = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
-                let target = usize::try_from(ids[[b, t + 1]]).ok().filter(|&i| i < row.len())?;
-                nll += log_sum - row[target] as f64;
-                count += 1;
+    for batch in batches {
+        let Some((sum, n)) = next_token_nll(batch, &model.run(batch)?) else { return Ok(None) };
+        nll += sum;
+        count += n;
+    }
+    Ok((count > 0).then(|| (nll / count as f64).exp()))
+}
+
+/// The summed negative log-likelihood of a batch's next tokens and how many:
+/// `logits` (the output of that name, else the first rank-3 one) at position
+/// t predicting `input_ids` at t + 1 where the mask has both.
+fn next_token_nll(batch: &[NamedInput], outputs: &[(String, Tensor)]) -> Option<(f64, usize)> {
+    let (mut nll, mut count) = (0.0f64, 0usize);
+    let ids = token_field(batch, TokenInput::Ids)?;
+    let mask = token_field(batch, TokenInput::AttentionMask).unwrap_or_else(|| ArrayD::from_elem(ids.shape(), 1));
+    let logits = outputs.iter().find(|(n, _)| n == "logits").or_else(|| outputs.iter().find(|(_, t)| t.rank() == 3)).and_then(|(_, t)| as_f32(t))?;
+    let (rows, seq) = (ids.shape()[0], ids.shape()[1]);
+    if logits.ndim() != 3 || logits.shape()[0] != rows || logits.shape()[1] != seq {
+        return None;
+    }
+    for b in 0..rows {
+        for t in 0..seq.saturating_sub(1) {
+            if mask[[b, t]] == 0 || mask[[b, t + 1]] == 0 {
+                continue;
             }
+            let row = logits.index_axis(Axis(0), b);
+            let row = row.index_axis(Axis(0), t);
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let log_sum = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+            let target = usize::try_from(ids[[b, t + 1]]).ok().filter(|&i| i < row.len())?;
+            nll += log_sum - row[target] as f64;
+            count += 1;
         }
     }
-    (count > 0).then(|| (nll / count as f64).exp())
+    Some((nll, count))
 }
