@@ -86,12 +86,49 @@ fn the_search_keeps_the_fastest_trial_within_the_budget() {
     assert_eq!(html.matches(r#"<circle class="trial""#).count(), 4);
     assert_eq!(html.matches(r#"class="chosen""#).count(), 1);
     assert!(html.contains(r#"class="pareto""#) && html.contains(r#"class="budget""#));
+    if let Some((dom, screenshot_bytes)) = rendered_in_chromium(&html) {
+        assert_eq!(dom.matches(r#"class="trial""#).count(), 4, "the browser's DOM holds every trial");
+        assert!(dom.contains("</svg>") && dom.contains(r#"id="trials""#));
+        assert!(screenshot_bytes > 10_000, "a screenshot of the page: {screenshot_bytes} bytes");
+    }
 
     // a budget no trial meets: nothing to write, and the reason
     let strict = AutoRequest { budget: Some(Budget::MinCosine(1.5)), recipes: Some(vec!["fuse".into()]), ..request.clone() };
     let outcome = commands::auto(&original, &strict, &Silent).unwrap();
     assert!(outcome.report.chosen.is_none());
     assert!(outcome.rejected.unwrap().contains("no trial stayed within the budget"));
+}
+
+/// The page as headless Chromium parses it (its DOM) and the size of its
+/// screenshot; `None`, with a message, where no Chromium is installed.
+fn rendered_in_chromium(html: &str) -> Option<(String, u64)> {
+    let Some(browser) = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| std::process::Command::new(b).arg("--version").output().is_ok_and(|o| o.status.success()))
+    else {
+        eprintln!("skipping the headless-Chromium check of the page: no chromium here (.ci/run installs it where apt-get can)");
+        return None;
+    };
+    let dir = std::env::temp_dir().join(format!("onnxopt-auto-page-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let page = dir.join("auto.html");
+    std::fs::write(&page, html).unwrap();
+    let url = format!("file://{}", page.display());
+    let headless = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"];
+    let dom = std::process::Command::new(browser).args(headless).arg("--dump-dom").arg(&url).output().unwrap();
+    assert!(dom.status.success(), "{browser} --dump-dom: {}", String::from_utf8_lossy(&dom.stderr));
+    let png = dir.join("auto.png");
+    let shot = std::process::Command::new(browser)
+        .args(headless)
+        .arg(format!("--screenshot={}", png.display()))
+        .arg("--window-size=900,800")
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(shot.status.success(), "{browser} --screenshot: {}", String::from_utf8_lossy(&shot.stderr));
+    let bytes = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
+    std::fs::remove_dir_all(&dir).unwrap();
+    Some((String::from_utf8_lossy(&dom.stdout).into_owned(), bytes))
 }
 
 #[test]
@@ -173,7 +210,7 @@ fn the_search_bounds_a_decoders_perplexity() {
 }
 
 #[test]
-fn cli_auto_writes_the_chosen_model_and_its_page() {
+fn cli_auto_writes_a_preset_and_refuses_a_search_without_data() {
     let dir = std::env::temp_dir().join(format!("onnxopt-auto-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("bert.o2.onnx");
