@@ -404,3 +404,39 @@ fn an_unknown_node_to_keep_is_a_usage_error() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("no_such_node"), "{}", stderr(&o));
 }
+
+/// For ORT's CUDA provider (`--float16-compute`): the fused Llama decoder's
+/// GroupQueryAttention and MatMulNBits compute in float16 (ORT's CUDA
+/// GroupQueryAttention has no float32 kernel: a float32 one is placed on the
+/// CPU), the caches stay float32 at the graph's edge, and the result checks
+/// over the decoder's prefill and decode steps.
+#[test]
+fn a_fused_decoder_computes_in_float16_for_cuda() {
+    use onnxopt::commands::{self, OptimizeRequest, QuantizeMode, QuantizeRequest, Silent};
+    use onnxopt::target::Target;
+    let original = onnx::load(&fixture("llama-kv.optimum.onnx")).unwrap();
+    let fused = commands::optimize(&original, &OptimizeRequest::default(), &Silent).unwrap().model;
+    let int4 = commands::quantize(&fused, &QuantizeRequest::new(QuantizeMode::Int4Weight, Target::Ort), &Silent).unwrap().model;
+    for (label, model) in [("fused", &fused), ("int4", &int4)] {
+        let request = QuantizeRequest { float16_compute: true, atol: Some(0.1), ..QuantizeRequest::new(QuantizeMode::Fp16, Target::Ort) };
+        let outcome = commands::quantize(model, &request, &Silent).unwrap();
+        assert!(outcome.rejected.is_none(), "{label}: {:?}", outcome.rejected);
+        let types = onnxopt::ir::infer_types(&outcome.model);
+        let gqa = outcome.model.graph.nodes().find(|n| n.op_type == "GroupQueryAttention").unwrap();
+        assert_eq!(types.elem_type(&gqa.inputs[0]), Some(DataType::Float16), "{label}: {gqa:?}");
+        assert_eq!(types.elem_type(&gqa.outputs[1]), Some(DataType::Float16), "{label}: the present key");
+        if label == "int4" {
+            let nbits = outcome.model.graph.nodes().find(|n| n.op_type == "MatMulNBits").unwrap();
+            assert_eq!(types.elem_type(&nbits.outputs[0]), Some(DataType::Float16), "{nbits:?}");
+        }
+        let inputs_and_outputs = outcome.model.graph.inputs.iter().chain(&outcome.model.graph.outputs);
+        assert!(inputs_and_outputs.filter_map(|v| v.tensor_type()?.elem_type).all(|t| t != DataType::Float16), "{label}: float32 at the edge");
+        let check = outcome.report.verification.as_ref().unwrap();
+        assert!(check.passed() && check.min_cosine() > 0.999, "{label}: {check:?}");
+    }
+    // the option is for fp16 only, and for ort only
+    let refused = QuantizeRequest { float16_compute: true, ..QuantizeRequest::new(QuantizeMode::Int8Dynamic, Target::Ort) };
+    assert!(commands::quantize(&fused, &refused, &Silent).unwrap_err().to_string().contains("--float16-compute"));
+    let refused = QuantizeRequest { float16_compute: true, ..QuantizeRequest::new(QuantizeMode::Fp16, Target::Portable) };
+    assert!(commands::quantize(&fused, &refused, &Silent).unwrap_err().to_string().contains("computes in float16 already"));
+}

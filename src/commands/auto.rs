@@ -58,7 +58,7 @@ pub enum Preset {
     O2,
     /// O2 and GELU in its tanh form (ORT's FastGelu, within 5e-4).
     O3,
-    /// O3 and float16 weights (for GPUs; ORT's CPU provider computes in float32).
+    /// O3 and float16 weights and computation (for GPUs: ORT's CUDA provider).
     O4,
 }
 
@@ -300,7 +300,9 @@ fn run_preset(original: &Model, preset: Preset, target: Target, observer: &dyn O
         observer.say(&format!("-O3: the tanh GELU kernel is ORT's (FastGelu); --target {target} keeps the exact form"));
     }
     if preset == Preset::O4 {
-        let fp16 = quantize(&model, &QuantizeRequest::new(QuantizeMode::Fp16, target), observer)?;
+        // for GPUs: float16 computation too (ORT's CUDA GroupQueryAttention is float16 only)
+        let request = QuantizeRequest { float16_compute: target == Target::Ort, ..QuantizeRequest::new(QuantizeMode::Fp16, target) };
+        let fp16 = quantize(&model, &request, observer)?;
         return Ok((fp16.model, outcome.report, fp16.rejected));
     }
     Ok((model, outcome.report, None))

@@ -140,6 +140,10 @@ pub struct QuantizeRequest {
     pub accuracy_level: Option<i64>,
     /// int4-weight: embedding tables int4 too.
     pub quantize_embeddings: bool,
+    /// fp16 for ort: compute in float16 too, for ORT's CUDA provider (its
+    /// GroupQueryAttention kernel is float16 only). portable and tensorrt
+    /// always do; ORT's CPU provider would only Cast around every node.
+    pub float16_compute: bool,
     /// Check the result against the input (and reject it beyond the bound).
     pub verify: bool,
     pub engine: Engine,
@@ -168,6 +172,7 @@ impl QuantizeRequest {
             zero_point: false,
             accuracy_level: None,
             quantize_embeddings: false,
+            float16_compute: false,
             verify: true,
             engine: Engine::Auto,
             min_cosine: None,
@@ -200,6 +205,12 @@ impl QuantizeRequest {
         refuse_unused(self.block_size.is_some() && mode != Int4Weight, "--block-size", &not_for("int4-weight"))?;
         refuse_unused(self.zero_point && mode != Int4Weight, "--zero-point", &not_for("int4-weight"))?;
         refuse_unused(self.quantize_embeddings && mode != Int4Weight, "--quantize-embeddings", &not_for("int4-weight"))?;
+        refuse_unused(self.float16_compute && mode != Fp16, "--float16-compute", &not_for("fp16"))?;
+        refuse_unused(
+            self.float16_compute && self.target != Target::Ort,
+            "--float16-compute",
+            &format!("--target {} computes in float16 already", self.target),
+        )?;
         refuse_unused(self.activations.is_some() && mode == Int8, "--activations", "--mode int8 chooses per token or per tensor per layer itself")?;
         refuse_unused(self.activations.is_some() && mode != Int8Dynamic && mode != Int8, "--activations", &not_for("int8-dynamic"))?;
         refuse_unused(self.max_error.is_some() && !matches!(mode, Int8 | Int8Dynamic), "--max-error", &not_for("int8 or int8-dynamic"))?;
@@ -470,7 +481,7 @@ fn quantize_int8_or_fp16(
         let excluded = request.exclude.iter().chain(in_float).cloned().collect();
         let pipeline = match mode {
             QuantizeMode::Fp16 => {
-                let scope = if target == Target::Ort { Float16Scope::Weights } else { Float16Scope::WeightsAndCompute };
+                let scope = if target == Target::Ort && !request.float16_compute { Float16Scope::Weights } else { Float16Scope::WeightsAndCompute };
                 float16_passes(target, ConvertToFloat16::new(scope, excluded))
             }
             _ => quantization_passes(QuantizeDynamic {

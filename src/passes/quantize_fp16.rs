@@ -185,6 +185,12 @@ pub const FLOAT16_OPS: &[&str] = &[
     "com.microsoft.QuickGelu",
     "com.microsoft.BiasAdd",
     "com.microsoft.RotaryEmbedding",
+    // query, key, value, the caches, cos/sin and attention_bias are one T;
+    // seqlens_k and total_sequence_length int32 (ORT's CUDA kernel is float16
+    // or bfloat16 only: a float32 one runs on the CPU)
+    "com.microsoft.GroupQueryAttention",
+    // A, scales, bias and the output are one T1; the packed weights uint8
+    "com.microsoft.MatMulNBits",
 ];
 
 /// Ops kept in float32 although their typing would allow float16: their

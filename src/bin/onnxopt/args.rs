@@ -292,6 +292,12 @@ pub struct QuantizeArgs {
     /// 0.60x to 0.16x, at a fidelity cost (see the README).
     #[arg(long)]
     quantize_embeddings: bool,
+    /// fp16 for ort: compute in float16 too, for ORT's CUDA provider (its
+    /// GroupQueryAttention kernel is float16 only). portable and tensorrt
+    /// always compute in float16; ORT's CPU provider would only Cast around
+    /// every node.
+    #[arg(long)]
+    float16_compute: bool,
 }
 
 #[derive(Args)]
@@ -625,6 +631,7 @@ impl QuantizeArgs {
             zero_point: self.zero_point,
             accuracy_level: self.accuracy_level,
             quantize_embeddings: self.quantize_embeddings,
+            float16_compute: self.float16_compute,
             verify: !self.no_verify,
             engine: self.engine,
             min_cosine: self.min_cosine,

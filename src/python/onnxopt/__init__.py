@@ -105,7 +105,7 @@ def quantize(
     Calibration data: ``calib_text`` (one sentence a line) with ``tokenizer`` (tokenizer.json), or
     ``calib`` (an .npz of inputs). Other options as the command line's flags, with underscores:
     ``block_size``, ``zero_point``, ``rounding`` ("rtn" or "gptq"), ``accuracy_level``,
-    ``quantize_embeddings``, ``activations``, ``exclude``, ``max_error``, ``max_error_batches``,
+    ``quantize_embeddings``, ``float16_compute``, ``activations``, ``exclude``, ``max_error``, ``max_error_batches``,
     ``max_opset``, ``smoothquant``, ``calibration_method``, ``percentile``, ``weight_type``,
     ``verify``, ``engine``, ``min_cosine``, ``atol``, ``rtol``.
     """

@@ -184,6 +184,7 @@ struct QuantizeOptions {
     zero_point: bool,
     accuracy_level: Option<i64>,
     quantize_embeddings: bool,
+    float16_compute: bool,
     verify: Option<bool>,
     engine: Option<String>,
     min_cosine: Option<f64>,
@@ -237,6 +238,7 @@ fn quantize(py: Python<'_>, data: Option<Vec<u8>>, path: Option<PathBuf>, output
     request.zero_point = o.zero_point;
     request.accuracy_level = o.accuracy_level;
     request.quantize_embeddings = o.quantize_embeddings;
+    request.float16_compute = o.float16_compute;
     request.verify = o.verify.unwrap_or(true);
     request.engine = parsed(o.engine.as_deref())?.unwrap_or_default();
     request.min_cosine = o.min_cosine;
