@@ -195,6 +195,28 @@ fn reshape_to_its_own_symbolic_shape() {
     assert_eq!(proposed(&RemoveNoOps, &b.into_model(17)), 1);
 }
 
+/// Reshape(x: [?, 2, 3], [-1, 2, 3]) leaves x's shape whatever its first dim
+/// (dynamo writes it after a batched product): a no-op. [-1, 3, 2] moves
+/// elements, and [0, 2, 3] with allowzero=1 would ask for a dim of 0.
+#[test]
+fn reshape_to_minus_one_and_its_own_trailing_dims() {
+    let graph = |target: &[i64], allowzero: i64| {
+        let mut b = GraphBuilder::new("g");
+        let x = b.input_symbolic("x", DataType::Float, vec![Dim::Unknown, Dim::Fixed(2), Dim::Fixed(3)]);
+        let shape = b.initializer_i64("shape", &[3], target);
+        let r = b.node_with("Reshape", &[&x, &shape], vec![("allowzero", AttrValue::Int(allowzero))]);
+        let y = b.node("Relu", &[&r]);
+        b.output(&y, DataType::Float, &[-1, target[1], target[2]]);
+        b.into_model(17)
+    };
+    let r = rewrite(&graph(&[-1, 2, 3], 1), vec![Box::new(RemoveNoOps)]);
+    assert!(r.comparison.passed(), "{:?}", r.comparison);
+    assert_eq!(r.records[0].by_origin.get("reshape-to-same-shape"), Some(&1), "{}", r.snapshot);
+    assert_eq!(proposed(&RemoveNoOps, &graph(&[0, 2, 3], 0)), 1);
+    assert_eq!(proposed(&RemoveNoOps, &graph(&[-1, 3, 2], 0)), 0);
+    assert_eq!(proposed(&RemoveNoOps, &graph(&[0, 2, 3], 1)), 0);
+}
+
 // ---------------------------------------------------------------------------
 // FoldConstants
 // ---------------------------------------------------------------------------

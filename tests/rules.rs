@@ -5,7 +5,7 @@
 mod common;
 
 use common::fusion::{assert_silent, fired, fuse};
-use onnxopt::ir::{AttrValue, DataType, GraphBuilder, Model};
+use onnxopt::ir::{AttrValue, DataType, Dim, GraphBuilder, Model};
 use onnxopt::passes::check::Rewritten;
 
 /// Asserts the rule fired once, the numbers agree, and snapshots the rewrite.
@@ -259,6 +259,30 @@ fn transpose_through_merged_axes() {
     assert_fires(&merged_transpose_graph([2, 3, 5, 4]), "tensorrt", "transpose-through-merged-axes");
     // split back differently ([3, 2, ...]): not a transpose
     assert_silent(&merged_transpose_graph([3, 2, 5, 4]), "tensorrt");
+}
+
+/// The same with the leading dim unknown (Swin's batch of windows, dynamo):
+/// [?, 3, 4, 5] -> [-1, 4, 5] -> [-1, 5, 4] -> `split_back`.
+fn merged_transpose_graph_of_windows(split_back: [i64; 4]) -> Model {
+    let mut b = GraphBuilder::new("k_transpose_windows");
+    let y = b.input_symbolic("y", DataType::Float, vec![Dim::Unknown, Dim::Fixed(3), Dim::Fixed(4), Dim::Fixed(5)]);
+    let merged_shape = b.initializer_i64("merged_shape", &[3], &[-1, 4, 5]);
+    let out_shape = b.initializer_i64("out_shape", &[4], &split_back);
+    let m = b.node("Reshape", &[&y, &merged_shape]);
+    let t = b.node_with("Transpose", &[&m], vec![("perm", AttrValue::Ints(vec![0, 2, 1]))]);
+    let out = b.node("Reshape", &[&t, &out_shape]);
+    b.output(&out, DataType::Float, &split_back);
+    b.into_model(17)
+}
+
+#[test]
+fn transpose_through_merged_axes_of_unknown_leading_dim() {
+    // the element count forces the leading dims to agree
+    let r = fuse(&merged_transpose_graph_of_windows([-1, 3, 5, 4]), "tensorrt");
+    assert_eq!(fired(&r, "transpose-through-merged-axes"), 1, "{}", r.snapshot);
+    assert!(r.comparison.passed(), "{:?}", r.comparison);
+    // heads and sequence split back the other way: not a transpose
+    assert_silent(&merged_transpose_graph_of_windows([-1, 5, 3, 4]), "tensorrt");
 }
 
 fn double_transpose_graph(inner_used_elsewhere: bool) -> Model {

@@ -8,6 +8,8 @@
 //! - `Cast(x, to)` to the type `x` already has; `CastLike(x, t)` with `t` of that type;
 //! - `Reshape(x, shape)` and `Expand(x, shape)` whose output has the input's shape,
 //!   dim for dim, numbers or equal named symbols (types from `infer_types`);
+//!   a `Reshape(x, [-1, d1, .., dn])` of an `x` whose dims after the first
+//!   are those fixed `di` (its first is then `x`'s, by the element count);
 //! - `Transpose(x)` with the identity permutation (or none, on a rank <= 1 tensor);
 //! - `Slice(x, ...)` that takes every element of every sliced axis, in order;
 //! - `Concat(x)` of one input.
@@ -58,7 +60,7 @@ const RULES: &[NoOpRule] = &[
     // CastLike(x: T, t: T) -> x
     NoOpRule { op: "CastLike", origin: "cast-to-same-type", holds: cast_like_same_type },
     // Reshape(x: [2,3], [2,3]) -> x
-    NoOpRule { op: "Reshape", origin: "reshape-to-same-shape", holds: keeps_shape },
+    NoOpRule { op: "Reshape", origin: "reshape-to-same-shape", holds: reshape_keeps_shape },
     // Expand(x: [2,3], [1,3]) -> x
     NoOpRule { op: "Expand", origin: "expand-to-same-shape", holds: keeps_shape },
     // Transpose(x, perm=[0,1,..]) -> x
@@ -154,6 +156,29 @@ fn keeps_shape(node: &Node, facts: &Facts) -> bool {
     let shape = |name: Option<&str>| name.and_then(|n| facts.types.shape(n));
     match (shape(input(node, 0)), shape(given(node.outputs.first()))) {
         (Some(a), Some(b)) => a == b && a.iter().all(|d| !matches!(d, Dim::Unknown)),
+        _ => false,
+    }
+}
+
+/// A Reshape keeps its input's shape when the shapes are known equal, or when
+/// the target is `[-1, d1, .., dn]` (or `0` first, without allowzero) for an
+/// input `[x, d1, .., dn]` with every `di` fixed and positive: the element
+/// count leaves the first dim `x` whatever it is at run time (dynamo writes
+/// such a Reshape after a batched product of windows or heads).
+fn reshape_keeps_shape(node: &Node, facts: &Facts) -> bool {
+    if keeps_shape(node, facts) {
+        return true;
+    }
+    let (Some(dims), Some(target)) = (input(node, 0).and_then(|x| facts.types.shape(x)), input(node, 1).and_then(|t| facts.types.int_value(t))) else {
+        return false;
+    };
+    let allowzero = node.attr_int("allowzero") == Some(1);
+    match (dims.split_first(), target.split_first()) {
+        (Some((_, rest)), Some((&first, target_rest))) => {
+            (first == -1 || (first == 0 && !allowzero))
+                && rest.len() == target_rest.len()
+                && rest.iter().zip(target_rest).all(|(d, &t)| matches!(d, Dim::Fixed(v) if *v > 0 && *v == t))
+        }
         _ => false,
     }
 }

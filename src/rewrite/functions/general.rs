@@ -151,12 +151,17 @@ fn swaps_last_two(ctx: &MatchContext, args: &[Arg]) -> Result<(), String> {
     let (y, merged, out) = (var(ctx, args, 0)?, var(ctx, args, 1)?, var(ctx, args, 2)?);
     let (y_dims, merged_dims, out_dims) = (dims(ctx, y)?, dims(ctx, merged)?, dims(ctx, out)?);
     let known = |d: &Dim| !matches!(d, Dim::Unknown);
+    let positive = |d: &Dim| matches!(d, Dim::Fixed(v) if *v > 0);
     match (y_dims, merged_dims, out_dims) {
         ([a, b, c, d], [_, mc, md], [oa, ob, od, oc])
             if [a, b, c, d].iter().all(|x| known(x)) && mc == c && md == d && oa == a && ob == b && oc == c && od == d =>
         {
             Ok(())
         }
+        // the leading dims unknown (a batch of windows, read off a Shape at
+        // run time): with b, c, d fixed, a Reshape keeps the element count, so
+        // oa * b * d * c = a * b * c * d forces oa = a
+        ([_, b, c, d], [_, mc, md], [_, ob, od, oc]) if [b, c, d].iter().all(|x| positive(x)) && mc == c && md == d && ob == b && oc == c && od == d => Ok(()),
         _ => Err(format!("'{y}' {y_dims:?} -> '{merged}' {merged_dims:?} -> '{out}' {out_dims:?} is not a swap of the last two axes")),
     }
 }
