@@ -48,6 +48,19 @@ fn presets_are_fixed_recipes() {
     assert!(e.to_string().contains("fixed recipe"), "{e}");
 }
 
+/// -O3 and -O4 on all-MiniLM-L6-v2: the tanh GELU moves the outputs by about
+/// 5e-3 after six layers, within -O3's cosine bound.
+#[test]
+fn minilm_presets_o3_and_o4() {
+    let Some(path) = shared_model("model.ts.onnx") else { return };
+    let original = onnx::load(&path).unwrap();
+    for preset in [Preset::O3, Preset::O4] {
+        let outcome = commands::auto(&original, &AutoRequest { preset: Some(preset), ..AutoRequest::new(Target::Ort) }, &Silent).unwrap();
+        assert!(outcome.rejected.is_none(), "{preset:?}: {:?}", outcome.rejected);
+        assert_eq!(count(&outcome.model, "com.microsoft.FastGelu"), 6, "{preset:?}");
+    }
+}
+
 #[test]
 fn the_search_keeps_the_fastest_trial_within_the_budget() {
     let original = onnx::load(&fixture("bert.ts.onnx")).unwrap();

@@ -416,7 +416,10 @@ fn a_fused_decoder_computes_in_float16_for_cuda() {
     use onnxopt::target::Target;
     let original = onnx::load(&fixture("llama-kv.optimum.onnx")).unwrap();
     let fused = commands::optimize(&original, &OptimizeRequest::default(), &Silent).unwrap().model;
-    let int4 = commands::quantize(&fused, &QuantizeRequest::new(QuantizeMode::Int4Weight, Target::Ort), &Silent).unwrap().model;
+    // the embedding table too (GatherBlockQuantized): its output's type is known, so the layers after it convert
+    let int4_request = QuantizeRequest { quantize_embeddings: true, ..QuantizeRequest::new(QuantizeMode::Int4Weight, Target::Ort) };
+    let int4 = commands::quantize(&fused, &int4_request, &Silent).unwrap().model;
+    assert!(int4.graph.nodes().any(|n| n.op_type == "GatherBlockQuantized"));
     for (label, model) in [("fused", &fused), ("int4", &int4)] {
         let request = QuantizeRequest { float16_compute: true, atol: Some(0.1), ..QuantizeRequest::new(QuantizeMode::Fp16, Target::Ort) };
         let outcome = commands::quantize(model, &request, &Silent).unwrap();

@@ -44,6 +44,8 @@ pub const MAX_HELD_BACK_BATCHES: usize = 8;
 pub const LATENCY_ROUNDS: usize = 15;
 /// A decoder's prompt before the timed decode step (batch 1).
 pub const DECODER_PREFILL: usize = 128;
+/// -O3's bound on the outputs after GELU takes its tanh form.
+pub const APPROXIMATE_GELU_MIN_COSINE: f64 = 0.9999;
 /// The budget without one given: an encoder's outputs at mean cosine 0.99.
 pub const DEFAULT_MIN_COSINE: f64 = 0.99;
 /// The budget without one given: a decoder's perplexity at most 1.10x.
@@ -273,7 +275,8 @@ pub fn auto(original: &Model, request: &AutoRequest, observer: &dyn Observer) ->
 }
 
 /// A preset: `optimize` (cleanup only for O1), then approximate GELU (O3, O4;
-/// checked within 1e-3), then float16 (O4, checked by `quantize`'s bound).
+/// checked to cosine [`APPROXIMATE_GELU_MIN_COSINE`]), then float16 compute
+/// (O4, checked by `quantize`'s bound).
 fn run_preset(original: &Model, preset: Preset, target: Target, observer: &dyn Observer) -> Result<(Model, OptimizeReport, Option<String>), CommandError> {
     let passes = match preset {
         Preset::O1 => {
@@ -290,10 +293,16 @@ fn run_preset(original: &Model, preset: Preset, target: Target, observer: &dyn O
     if target == Target::Ort {
         let approximate: Vec<Box<dyn Pass>> = vec![Box::new(crate::passes::approximate_gelu::ApproximateGelu)];
         run_pipeline(&mut model, &approximate, &DriverOptions::default())?;
-        let within = VerifyOptions { atol: 1e-3, rtol: 1e-3, ..VerifyOptions::default() };
-        let checked = super::check(original, &model, Some(&within), observer)?;
-        if let Some(comparison) = checked.filter(|c| !c.passed()) {
-            let why = format!("approximate GELU moved the outputs by {:.3e}, beyond 1e-3; nothing written (-O2 keeps the exact form)", comparison.max_abs());
+        // each GELU moves by under 5e-4, which the layers after it carry on:
+        // bounded by the outputs' direction, as quantization is
+        let any_element = VerifyOptions { atol: f32::INFINITY, rtol: 0.0, ..VerifyOptions::default() };
+        let checked = super::check(original, &model, Some(&any_element), observer)?;
+        if let Some(comparison) = checked.filter(|c| c.min_cosine() < APPROXIMATE_GELU_MIN_COSINE) {
+            let why = format!(
+                "approximate GELU moved the outputs to cosine {:.6} (max abs {:.3e}), below {APPROXIMATE_GELU_MIN_COSINE}; nothing written (-O2 keeps the exact form)",
+                comparison.min_cosine(),
+                comparison.max_abs()
+            );
             return Ok((model, outcome.report, Some(why)));
         }
     } else {

@@ -374,6 +374,7 @@ fn infer_node(node: &Node, map: &TypeMap) -> Option<Vec<Inferred>> {
         "DynamicQuantizeMatMul" if contrib => one(Inferred::new(x.dtype(0), matmul_shape(x.shape(0), x.shape(1)))),
         "MatMulIntegerToFloat" if contrib => one(Inferred::new(x.dtype(2), matmul_shape(x.shape(0), x.shape(1)))),
         "MatMulNBits" if contrib => one(matmul_n_bits(node, &x)),
+        "GatherBlockQuantized" if contrib => one(gather_block_quantized(node, &x)),
         _ => None,
     }
 }
@@ -1430,6 +1431,20 @@ fn matmul_n_bits(node: &Node, x: &Inputs) -> Inferred {
     let n = node.attr_int("N").map_or(Dim::Unknown, Dim::Fixed);
     let shape = x.shape(0).and_then(|a| a.split_last()).map(|(_, outer)| outer.iter().cloned().chain([n]).collect());
     Inferred::new(x.dtype(0), shape)
+}
+
+/// GatherBlockQuantized (rows of a block-quantized table, gather_axis 0 and
+/// quantize_axis 1, as `quantize-gather-int4` writes): the scales' type,
+/// indices' shape then the row length, scales [V, D / block_size].
+fn gather_block_quantized(node: &Node, x: &Inputs) -> Inferred {
+    let block = node.attr_int("block_size").unwrap_or(128);
+    let row_major = node.attr_int("gather_axis").unwrap_or(0) == 0 && node.attr_int("quantize_axis").unwrap_or(1) == 1;
+    let row = match x.shape(2) {
+        Some([_, blocks]) if row_major => mul(blocks, &Dim::Fixed(block)),
+        _ => Dim::Unknown,
+    };
+    let shape = x.shape(1).filter(|_| row_major).map(|ids| ids.iter().cloned().chain([row]).collect());
+    Inferred::new(x.dtype(2), shape)
 }
 
 /// QuantizeLinear's output type: the zero point's, else `output_dtype`, else uint8.
