@@ -115,7 +115,7 @@ pub fn optimization_passes(target: Target, options: &PipelineOptions) -> Vec<Box
 /// 0.6 ms); in a float model ORT fuses them back itself and nothing changes,
 /// but behind per-token int8 products it does not, and the unfused form ran
 /// 9% faster (batch 8, 125 -> 113 ms).
-pub const INT8_UNFUSED_RULES: [&str; 2] = ["skip-layer-norm-bias", "skip-layer-norm"];
+pub const INT8_UNFUSED_RULES: [&str; 4] = ["skip-layer-norm-bias", "skip-layer-norm", "skip-layer-norm-bias-sum", "skip-layer-norm-sum"];
 
 /// The passes `onnxopt quantize --mode int8` runs before it quantizes, in
 /// order: [`optimization_passes`] for `target` without [`INT8_UNFUSED_RULES`],
