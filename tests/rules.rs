@@ -143,6 +143,61 @@ fn fast_gelu_tanh() {
     assert_silent(&fast_gelu_graph(0.05, false), "ort");
 }
 
+/// GELUTanh as TorchScript traces it (Gemma): x^3 as x * (x * x), the half last.
+fn fast_gelu_products_graph(half: f32) -> Model {
+    let mut b = GraphBuilder::new("fast_gelu_products");
+    let x = b.input("x", DataType::Float, &[2, 3, 8]);
+    let (half, c, k, one) = (scalar(&mut b, "half", half), scalar(&mut b, "c", 0.044715), scalar(&mut b, "k", 0.797_884_6), scalar(&mut b, "one", 1.0));
+    let square = b.node("Mul", &[&x, &x]);
+    let cube = b.node("Mul", &[&x, &square]);
+    let cc = b.node("Mul", &[&c, &cube]);
+    let inner = b.node("Add", &[&x, &cc]);
+    let scaled = b.node("Mul", &[&k, &inner]);
+    let t = b.node("Tanh", &[&scaled]);
+    let a = b.node("Add", &[&one, &t]);
+    let xa = b.node("Mul", &[&x, &a]);
+    let y = b.node("Mul", &[&half, &xa]);
+    b.output(&y, DataType::Float, &[2, 3, 8]);
+    b.into_model(17)
+}
+
+#[test]
+fn fast_gelu_tanh_products() {
+    assert_fires(&fast_gelu_products_graph(0.5), "ort", "fast-gelu-tanh-products");
+    // not GELU's half
+    assert_silent(&fast_gelu_products_graph(0.6), "ort");
+}
+
+/// GELUTanh as the dynamo exporter decomposes it (Gemma): x * (0.5 * (1 + tanh(..))).
+fn fast_gelu_inner_half_graph(cube: f32) -> Model {
+    let mut b = GraphBuilder::new("fast_gelu_inner_half");
+    let x = b.input("x", DataType::Float, &[2, 3, 8]);
+    let (half, c, k, one, three) = (
+        scalar(&mut b, "half", 0.5),
+        scalar(&mut b, "c", 0.044715),
+        scalar(&mut b, "k", 0.797_884_6),
+        scalar(&mut b, "one", 1.0),
+        scalar(&mut b, "three", cube),
+    );
+    let cubed = b.node("Pow", &[&x, &three]);
+    let cc = b.node("Mul", &[&c, &cubed]);
+    let inner = b.node("Add", &[&x, &cc]);
+    let scaled = b.node("Mul", &[&k, &inner]);
+    let t = b.node("Tanh", &[&scaled]);
+    let a = b.node("Add", &[&t, &one]);
+    let ha = b.node("Mul", &[&half, &a]);
+    let y = b.node("Mul", &[&x, &ha]);
+    b.output(&y, DataType::Float, &[2, 3, 8]);
+    b.into_model(17)
+}
+
+#[test]
+fn fast_gelu_tanh_inner_half() {
+    assert_fires(&fast_gelu_inner_half_graph(3.0), "ort", "fast-gelu-tanh-inner-half");
+    // a square is not GELU's cube
+    assert_silent(&fast_gelu_inner_half_graph(2.0), "ort");
+}
+
 #[test]
 fn fast_gelu_bias() {
     assert_fires(&fast_gelu_graph(0.044715, true), "ort", "fast-gelu-bias");
