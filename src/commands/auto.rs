@@ -125,7 +125,7 @@ struct Recipe {
     what: &'static str,
     /// Encoders only, decoders only, or both.
     applies: Applies,
-    build: fn(&Trials, &dyn Observer) -> Result<Model, CommandError>,
+    build: fn(&RecipeInputs, &dyn Observer) -> Result<Model, CommandError>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -137,7 +137,7 @@ enum Applies {
 
 /// What the recipes share: the input, the fused model (made once), the
 /// calibration batches the search does not hold back.
-struct Trials<'a> {
+struct RecipeInputs<'a> {
     original: &'a Model,
     target: Target,
     calibration: CalibrationSource,
@@ -146,7 +146,7 @@ struct Trials<'a> {
     fused: std::cell::OnceCell<Model>,
 }
 
-impl Trials<'_> {
+impl RecipeInputs<'_> {
     fn fused(&self, observer: &dyn Observer) -> Result<&Model, CommandError> {
         if let Some(model) = self.fused.get() {
             return Ok(model);
@@ -379,7 +379,7 @@ fn search(original: &Model, request: &AutoRequest, observer: &dyn Observer, star
         let _step = Step::begin(observer, format!("running the input on the held-back data ({})", engine.name()));
         Yardstick::new(original, held_back, decoder.as_ref(), engine)?
     };
-    let trials_state = Trials {
+    let inputs = RecipeInputs {
         original,
         target: request.target,
         calibration: CalibrationSource::Batches(Arc::new(batches)),
@@ -401,7 +401,7 @@ fn search(original: &Model, request: &AutoRequest, observer: &dyn Observer, star
         }
         let _step = Step::begin(observer, format!("trial {}/{total}: {}", index + 1, recipe.name));
         let built = Instant::now();
-        let (trial, model) = match (recipe.build)(&trials_state, &super::Quiet(observer)) {
+        let (trial, model) = match (recipe.build)(&inputs, &super::Quiet(observer)) {
             Ok(model) => match yardstick.measure(&model, recipe.name, budget) {
                 Ok(mut trial) => {
                     trial.build_seconds = built.elapsed().as_secs_f64() - trial.measure_seconds;
