@@ -205,7 +205,13 @@ fn fast_gelu_bias() {
 
 /// LayerNorm(x (+ bias) + skip) as encoders write their residual connections.
 fn skip_layer_norm_graph(bias: bool, skip_rank: usize) -> Model {
-    let mut b = GraphBuilder::new("skip_ln");
+    residual_norm_graph(bias, skip_rank, false)
+}
+
+/// The same block; with `pre_norm`, as a pre-norm block writes it: the sum is
+/// normalized for the next sublayer and also read by the next residual Add.
+fn residual_norm_graph(bias: bool, skip_rank: usize, pre_norm: bool) -> Model {
+    let mut b = GraphBuilder::new(if pre_norm { "pre_norm" } else { "skip_ln" });
     let x = b.input("x", DataType::Float, &[2, 3, 8]);
     let skip_shape: &[i64] = if skip_rank == 3 { &[2, 3, 8] } else { &[3, 8] };
     let skip = b.input("skip", DataType::Float, skip_shape);
@@ -220,7 +226,15 @@ fn skip_layer_norm_graph(bias: bool, skip_rank: usize) -> Model {
     let sum = b.node("Add", &[&h, &skip]);
     let gamma = b.initializer_f32("gamma", &[8], &values(8, 0.2));
     let beta = b.initializer_f32("beta", &[8], &values(8, 0.03));
-    let y = b.node_with("LayerNormalization", &[&sum, &gamma, &beta], vec![("epsilon", AttrValue::Float(1e-12))]);
+    let epsilon = if pre_norm { 1e-5 } else { 1e-12 };
+    let normed = b.node_with("LayerNormalization", &[&sum, &gamma, &beta], vec![("epsilon", AttrValue::Float(epsilon))]);
+    let y = if pre_norm {
+        let w2 = b.initializer_f32("w2", &[8, 8], &values(64, 0.04));
+        let f = b.node("MatMul", &[&normed, &w2]);
+        b.node("Add", &[&f, &sum])
+    } else {
+        normed
+    };
     b.output(&y, DataType::Float, &[2, 3, 8]);
     b.into_model(17)
 }
@@ -238,43 +252,18 @@ fn skip_layer_norm() {
     assert_silent(&skip_layer_norm_graph(false, 3), "portable");
 }
 
-/// A pre-norm block: the residual sum x (+ bias) + skip is normalized for the
-/// next sublayer and also read by the next residual Add.
-fn pre_norm_graph(bias: bool) -> Model {
-    let mut b = GraphBuilder::new("pre_norm");
-    let x = b.input("x", DataType::Float, &[2, 3, 8]);
-    let skip = b.input("skip", DataType::Float, &[2, 3, 8]);
-    let w = b.initializer_f32("w", &[8, 8], &values(64, 0.05));
-    let h = b.node("MatMul", &[&x, &w]);
-    let h = if bias {
-        let bias = b.initializer_f32("bias", &[8], &values(8, 0.1));
-        b.node("Add", &[&bias, &h])
-    } else {
-        h
-    };
-    let sum = b.node("Add", &[&h, &skip]);
-    let gamma = b.initializer_f32("gamma", &[8], &values(8, 0.2));
-    let beta = b.initializer_f32("beta", &[8], &values(8, 0.03));
-    let normed = b.node_with("LayerNormalization", &[&sum, &gamma, &beta], vec![("epsilon", AttrValue::Float(1e-5))]);
-    let w2 = b.initializer_f32("w2", &[8, 8], &values(64, 0.04));
-    let f = b.node("MatMul", &[&normed, &w2]);
-    let y = b.node("Add", &[&f, &sum]);
-    b.output(&y, DataType::Float, &[2, 3, 8]);
-    b.into_model(17)
-}
-
 #[test]
 fn skip_layer_norm_sum_for_pre_norm_blocks() {
-    let r = assert_fires(&pre_norm_graph(true), "ort", "skip-layer-norm-bias-sum");
+    let r = assert_fires(&residual_norm_graph(true, 3, true), "ort", "skip-layer-norm-bias-sum");
     let skip_ln = r.model.graph.nodes().find(|n| n.op_type == "SkipLayerNormalization").unwrap();
     assert_eq!(skip_ln.outputs.len(), 4, "output 3 writes the residual sum: {skip_ln:?}");
-    let r = assert_fires(&pre_norm_graph(false), "ort", "skip-layer-norm-sum");
+    let r = assert_fires(&residual_norm_graph(false, 3, true), "ort", "skip-layer-norm-sum");
     assert_eq!(fired(&r, "skip-layer-norm"), 0);
     // a sum only the norm reads: the rules without output 3 take it
     let r = fuse(&skip_layer_norm_graph(true, 3), "ort");
     assert_eq!((fired(&r, "skip-layer-norm-bias"), fired(&r, "skip-layer-norm-bias-sum")), (1, 0), "{}", r.snapshot);
     // portable keeps LayerNormalization
-    assert_silent(&pre_norm_graph(true), "portable");
+    assert_silent(&residual_norm_graph(true, 3, true), "portable");
 }
 
 #[test]
