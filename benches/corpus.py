@@ -518,6 +518,32 @@ def quantize(arch: Arch, src: Path, dst: Path, kind: str) -> None:
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
+def make_and_check(entry: Entry, path: Path, make: Callable[[], None], expected: Callable, feeds: dict, bound: float | None) -> None:
+    """Writes one file with `make`, then checks it: onnx.checker, and ORT against torch's outputs
+    (`expected()`, ready once `make` ran), held to `bound` (None: the difference is recorded, not held to anything: int8).  Every
+    failure is recorded in `entry` (status and error), never raised; the time taken too."""
+    start = time.perf_counter()
+    try:
+        make()
+    except Exception as e:  # noqa: BLE001 -- an exporter failing is a result, not a crash
+        traceback.print_exc()
+        entry.status, entry.error = "export-failed", describe(e)
+        path.unlink(missing_ok=True)
+    else:
+        try:
+            inspect_file(path, entry)
+            entry.max_abs_diff = compare_to_torch(path, expected(), feeds)
+            entry.status = "ok" if bound is None or entry.max_abs_diff < bound else "mismatch"
+            if entry.status == "mismatch":
+                entry.error = f"max abs diff {entry.max_abs_diff:.3g} >= {bound:g} (file kept)"
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            # The file is kept (for a look at it), but coverage.py skips check-failed entries.
+            entry.status, entry.error = "check-failed", describe(e)
+    entry.seconds = round(time.perf_counter() - start, 2)
+    print(f"    {entry.status} {entry.error} ({entry.seconds} s)", flush=True)
+
+
 def run_arch(arch: Arch, out: Path) -> list[Entry]:
     """Every variant of one architecture (in the child process)."""
     import logging
@@ -533,6 +559,19 @@ def run_arch(arch: Arch, out: Path) -> list[Entry]:
     check_np = make_inputs(arch, *CHECK_SHAPE, seed=SEED + 1)
     feeds = dict(zip(arch.inputs, check_np))
     expected = {}
+
+    def export(exporter: str, opset: int, attn: str, path: Path) -> None:
+        if attn not in modules:
+            torch.manual_seed(SEED)
+            model = arch.build(attn).eval()
+            jitter(model)
+            modules[attn] = make_wrapper(model, arch.inputs)
+            with torch.no_grad():
+                expected[attn] = modules[attn](*[torch.from_numpy(a) for a in check_np]).numpy()
+        args = tuple(torch.from_numpy(a) for a in example_np)
+        with torch.no_grad():
+            (export_torchscript if exporter == "torchscript" else export_dynamo)(modules[attn], arch, args, path, opset)
+
     for variant in arch.variants:
         exporter, opset, attn = parse_variant(variant)
         entry = new_entry(arch, variant)
@@ -540,36 +579,7 @@ def run_arch(arch: Arch, out: Path) -> list[Entry]:
         path = out / entry.file
         path.unlink(missing_ok=True)
         print(f"--- {entry.file}", flush=True)
-        start = time.perf_counter()
-        try:
-            if attn not in modules:
-                torch.manual_seed(SEED)
-                model = arch.build(attn).eval()
-                jitter(model)
-                modules[attn] = make_wrapper(model, arch.inputs)
-                with torch.no_grad():
-                    expected[attn] = modules[attn](*[torch.from_numpy(a) for a in check_np]).numpy()
-            module = modules[attn]
-            args = tuple(torch.from_numpy(a) for a in example_np)
-            with torch.no_grad():
-                (export_torchscript if exporter == "torchscript" else export_dynamo)(module, arch, args, path, opset)
-        except Exception as e:  # noqa: BLE001 -- an exporter failing is a result, not a crash
-            traceback.print_exc()
-            entry.status, entry.error = "export-failed", describe(e)
-            path.unlink(missing_ok=True)
-        else:
-            try:
-                inspect_file(path, entry)
-                entry.max_abs_diff = compare_to_torch(path, expected[attn], feeds)
-                entry.status = "ok" if entry.max_abs_diff < MAX_ABS_DIFF else "mismatch"
-                if entry.status == "mismatch":
-                    entry.error = f"max abs diff {entry.max_abs_diff:.3g} >= {MAX_ABS_DIFF:g} (file kept)"
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                # The file is kept (for a look at it), but coverage.py skips check-failed entries.
-                entry.status, entry.error = "check-failed", describe(e)
-        entry.seconds = round(time.perf_counter() - start, 2)
-        print(f"    {entry.status} {entry.error} ({entry.seconds} s)", flush=True)
+        make_and_check(entry, path, lambda: export(exporter, opset, attn, path), lambda: expected[attn], feeds, MAX_ABS_DIFF)
 
     # Quantized variants, from the fp32 files that exported and checked.
     for variant in arch.quantize:
@@ -584,24 +594,8 @@ def run_arch(arch: Arch, out: Path) -> list[Entry]:
             if source is None or source.status not in ("ok", "mismatch"):
                 entry.status, entry.error = "skipped", f"source {entry.source} was not exported"
                 continue
-            start = time.perf_counter()
-            try:
-                quantize(arch, out / source.file, path, kind)
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                entry.status, entry.error = "export-failed", describe(e)
-                path.unlink(missing_ok=True)
-            else:
-                try:
-                    inspect_file(path, entry)
-                    # Quantization error, recorded for information: int8 is not held to MAX_ABS_DIFF.
-                    entry.max_abs_diff = compare_to_torch(path, expected[attn], feeds)
-                    entry.status = "ok"
-                except Exception as e:  # noqa: BLE001
-                    traceback.print_exc()
-                    entry.status, entry.error = "check-failed", describe(e)
-            entry.seconds = round(time.perf_counter() - start, 2)
-            print(f"    {entry.status} {entry.error} ({entry.seconds} s)", flush=True)
+            # quantization error, recorded for information: int8 is not held to MAX_ABS_DIFF
+            make_and_check(entry, path, lambda: quantize(arch, out / source.file, path, kind), lambda: expected[attn], feeds, None)
     return entries
 
 

@@ -110,6 +110,22 @@ fn bias_gelu() {
     assert_eq!(fired(&r, "gelu-erf-inner-half"), 1);
 }
 
+/// 1 + tanh(sqrt(2/pi) * (x + c * cube)): the tanh GELU's factor, shared by its forms.
+fn tanh_gelu_factor(b: &mut GraphBuilder, x: &str, cube: &str, c: f32) -> String {
+    let (c, k, one) = (scalar(b, "c", c), scalar(b, "k", 0.797_884_6), scalar(b, "one", 1.0));
+    let cc = b.node("Mul", &[&c, cube]);
+    let inner = b.node("Add", &[x, &cc]);
+    let scaled = b.node("Mul", &[&k, &inner]);
+    let t = b.node("Tanh", &[&scaled]);
+    b.node("Add", &[&one, &t])
+}
+
+/// x^3 as Pow(x, `exponent`).
+fn power(b: &mut GraphBuilder, x: &str, exponent: f32) -> String {
+    let e = scalar(b, "three", exponent);
+    b.node("Pow", &[x, &e])
+}
+
 /// 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))), as GPT-2 exports NewGELU.
 fn fast_gelu_graph(coefficient: f32, bias: bool) -> Model {
     let mut b = GraphBuilder::new("fast_gelu");
@@ -121,17 +137,9 @@ fn fast_gelu_graph(coefficient: f32, bias: bool) -> Model {
         input
     };
     let half = scalar(&mut b, "half", 0.5);
-    let three = scalar(&mut b, "three", 3.0);
-    let c = scalar(&mut b, "c", coefficient);
-    let k = scalar(&mut b, "k", 0.797_884_6);
-    let one = scalar(&mut b, "one", 1.0);
     let hx = b.node("Mul", &[&half, &x]);
-    let cube = b.node("Pow", &[&x, &three]);
-    let cc = b.node("Mul", &[&c, &cube]);
-    let inner = b.node("Add", &[&x, &cc]);
-    let scaled = b.node("Mul", &[&k, &inner]);
-    let t = b.node("Tanh", &[&scaled]);
-    let a = b.node("Add", &[&one, &t]);
+    let cube = power(&mut b, &x, 3.0);
+    let a = tanh_gelu_factor(&mut b, &x, &cube, coefficient);
     let y = b.node("Mul", &[&hx, &a]);
     b.output(&y, DataType::Float, &[2, 3, 8]);
     b.into_model(17)
@@ -147,14 +155,10 @@ fn fast_gelu_tanh() {
 fn fast_gelu_products_graph(half: f32) -> Model {
     let mut b = GraphBuilder::new("fast_gelu_products");
     let x = b.input("x", DataType::Float, &[2, 3, 8]);
-    let (half, c, k, one) = (scalar(&mut b, "half", half), scalar(&mut b, "c", 0.044715), scalar(&mut b, "k", 0.797_884_6), scalar(&mut b, "one", 1.0));
+    let half = scalar(&mut b, "half", half);
     let square = b.node("Mul", &[&x, &x]);
     let cube = b.node("Mul", &[&x, &square]);
-    let cc = b.node("Mul", &[&c, &cube]);
-    let inner = b.node("Add", &[&x, &cc]);
-    let scaled = b.node("Mul", &[&k, &inner]);
-    let t = b.node("Tanh", &[&scaled]);
-    let a = b.node("Add", &[&one, &t]);
+    let a = tanh_gelu_factor(&mut b, &x, &cube, 0.044715);
     let xa = b.node("Mul", &[&x, &a]);
     let y = b.node("Mul", &[&half, &xa]);
     b.output(&y, DataType::Float, &[2, 3, 8]);
@@ -169,22 +173,12 @@ fn fast_gelu_tanh_products() {
 }
 
 /// GELUTanh as the dynamo exporter decomposes it (Gemma): x * (0.5 * (1 + tanh(..))).
-fn fast_gelu_inner_half_graph(cube: f32) -> Model {
+fn fast_gelu_inner_half_graph(exponent: f32) -> Model {
     let mut b = GraphBuilder::new("fast_gelu_inner_half");
     let x = b.input("x", DataType::Float, &[2, 3, 8]);
-    let (half, c, k, one, three) = (
-        scalar(&mut b, "half", 0.5),
-        scalar(&mut b, "c", 0.044715),
-        scalar(&mut b, "k", 0.797_884_6),
-        scalar(&mut b, "one", 1.0),
-        scalar(&mut b, "three", cube),
-    );
-    let cubed = b.node("Pow", &[&x, &three]);
-    let cc = b.node("Mul", &[&c, &cubed]);
-    let inner = b.node("Add", &[&x, &cc]);
-    let scaled = b.node("Mul", &[&k, &inner]);
-    let t = b.node("Tanh", &[&scaled]);
-    let a = b.node("Add", &[&t, &one]);
+    let half = scalar(&mut b, "half", 0.5);
+    let cube = power(&mut b, &x, exponent);
+    let a = tanh_gelu_factor(&mut b, &x, &cube, 0.044715);
     let ha = b.node("Mul", &[&half, &a]);
     let y = b.node("Mul", &[&x, &ha]);
     b.output(&y, DataType::Float, &[2, 3, 8]);
